@@ -1,0 +1,1 @@
+"""Checkpoint folders: converted weights (Orbax) plus the model configuration as JSON."""

@@ -1,0 +1,1 @@
+"""Text side: the T5 tokenizer as the release uses it."""
