@@ -47,3 +47,8 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: tuple[str | None, ..
           param_dtype: Dtype = jnp.float32) -> nnx.Param:
     """A free-standing annotated parameter (position tables, null tokens, norm weights)."""
     return nnx.Param(init(rngs.params(), tuple(shape), param_dtype), out_sharding=axes)
+
+
+class Buffer(nnx.Variable):
+    """A stored, non-trainable array (e.g. SD3's fixed position table): optimizers filter on
+    `nnx.Param`, so buffers travel with checkpoints but never receive updates."""
