@@ -131,8 +131,8 @@ def fresh_value(spec: TensorSpec, config: MMDiTConfig, rng: np.random.Generator)
     from unialign_jax.models.embeddings import sincos_2d_table
 
     if spec.path == ("pos_embed",):
-        return sincos_2d_table(config.width, config.pos_embed_max_size,
-                               config.sample_size // config.patch_size)[None]
+        return np.asarray(sincos_2d_table(config.width, config.pos_embed_max_size,
+                                          config.sample_size // config.patch_size))[None]
     if spec.path == ("null_image_embd",):
         return 0.02 * rng.standard_normal(spec.shape, dtype=np.float32)
     if spec.path[-1] == "kernel":

@@ -4,28 +4,27 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from unialign_jax.models import layers
 
 
-def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
-    """[sin | cos] of positions at frequencies 1/10000^(2i/dim), computed in float64."""
-    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-    out = np.outer(positions.reshape(-1).astype(np.float64), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+def sincos_1d(dim: int, positions: jax.Array) -> jax.Array:
+    """[sin | cos] of positions at frequencies 1/10000^(2i/dim)."""
+    omega = 1.0 / 10000 ** (jnp.arange(dim // 2, dtype=jnp.float32) / (dim / 2.0))
+    out = positions.reshape(-1, 1).astype(jnp.float32) * omega[None]
+    return jnp.concatenate([jnp.sin(out), jnp.cos(out)], axis=1)
 
 
-def sincos_2d_table(dim: int, grid_size: int, base_size: int) -> np.ndarray:
+def sincos_2d_table(dim: int, grid_size: int, base_size: int) -> jax.Array:
     """SD3's fixed (grid², dim) position table: first half encodes the column, second the row.
 
     Positions are scaled by base_size / grid_size as diffusers' `get_2d_sincos_pos_embed`.
+    Built with jnp so that an abstract model (`nnx.eval_shape`) never materialises it.
     """
-    coords = np.arange(grid_size, dtype=np.float32) / np.float32(grid_size / base_size)
-    rows, cols = np.meshgrid(coords, coords, indexing="ij")
-    table = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
-    return table.astype(np.float32)
+    coords = jnp.arange(grid_size, dtype=jnp.float32) / (grid_size / base_size)
+    rows, cols = jnp.meshgrid(coords, coords, indexing="ij")
+    return jnp.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
 
 
 def crop_positions(table: jax.Array, max_size: int, h: int, w: int) -> jax.Array:

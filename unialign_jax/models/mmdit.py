@@ -89,7 +89,7 @@ class MMDiT(nnx.Module):
 
         table = embeddings.sincos_2d_table(w, cfg.pos_embed_max_size,
                                            cfg.sample_size // cfg.patch_size)
-        self.pos_embed = layers.Buffer(jnp.asarray(table[None], param_dtype),
+        self.pos_embed = layers.Buffer(table[None].astype(param_dtype),
                                        out_sharding=(None, None, "embed"))
         self.patch_embed = embeddings.PatchEmbed(cfg.patch_size, cfg.in_channels, w, **kw)
         self.time_embed = embeddings.MLPEmbedder(cfg.timestep_channels, w, None, **kw)

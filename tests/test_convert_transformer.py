@@ -1,0 +1,203 @@
+"""The transformer converter: SD3 → UniAlignment port, sharded input, dtypes, and bad input
+(clear errors, nothing half-written at DST)."""
+
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import unialign_jax
+from conftest import shared_fixture
+from convert.safetensors_io import ConversionError
+from convert.transformer import convert_transformer
+from convert.transformer_keys import tensor_specs, torch_shapes
+from unialign_jax.models.mmdit import MMDiTConfig
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+SD3 = MMDiTConfig.tiny(variant="sd3", vocab_size=None, num_layers=3)
+
+
+def _diffusers_config(config: MMDiTConfig) -> dict:
+    return {"_class_name": "SD3Transformer2DModel" if config.is_sd3 else "SD3JointModelFlexible",
+            "sample_size": config.sample_size, "patch_size": config.patch_size,
+            "in_channels": config.in_channels, "out_channels": config.out_channels,
+            "num_layers": config.num_layers, "attention_head_dim": config.head_dim,
+            "num_attention_heads": config.num_heads,
+            "joint_attention_dim": config.joint_attention_dim,
+            "caption_projection_dim": config.width,
+            "pooled_projection_dim": config.pooled_projection_dim,
+            "pos_embed_max_size": config.pos_embed_max_size, "vocab_size": config.vocab_size,
+            "adapter_hidden_dim": config.adapter_hidden_dim, "teacher_dim": config.teacher_dim}
+
+
+def _write_source(folder, config: MMDiTConfig, tensors=None, shards: int = 1):
+    """A diffusers-layout folder with random tensors of `config`'s layout (optionally sharded)."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(1)
+    if tensors is None:
+        tensors = {k: rng.standard_normal(s).astype(np.float32)
+                   for k, s in torch_shapes(config).items()}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(_diffusers_config(config), f)
+    if shards == 1:
+        save_file(tensors, os.path.join(folder, WEIGHTS))
+        return tensors
+    keys = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[i::shards]
+        save_file({k: tensors[k] for k in part}, os.path.join(folder, name))
+        weight_map.update({k: name for k in part})
+    with open(os.path.join(folder, WEIGHTS + ".index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return tensors
+
+
+def _converted_tree(dst, config):
+    """Our converted parameters back in diffusers naming, to compare with the source."""
+    model = unialign_jax.load_transformer(dst)
+    from flax import nnx
+    tree = nnx.to_pure_dict(nnx.state(model))
+    out = {}
+    for spec in tensor_specs(config):
+        value = tree
+        for name in spec.path:
+            value = value[name]
+        value = np.asarray(value if spec.layer is None else value[spec.layer])
+        out[spec.torch_key] = value
+    return out
+
+
+def test_sharded_source_round_trips_exactly(tmp_path):
+    config = MMDiTConfig.tiny()
+    tensors = _write_source(tmp_path / "src", config, shards=3)
+    convert_transformer(str(tmp_path / "src"), str(tmp_path / "dst"), progress=False)
+    ours = _converted_tree(str(tmp_path / "dst"), config)
+    specs = {s.torch_key: s for s in tensor_specs(config)}
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(ours[key], specs[key].to_ours(value), err_msg=key)
+
+
+def test_bfloat16_storage(tmp_path):
+    config = MMDiTConfig.tiny()
+    tensors = _write_source(tmp_path / "src", config)
+    convert_transformer(str(tmp_path / "src"), str(tmp_path / "dst"), dtype="bfloat16",
+                        progress=False)
+    model = unialign_jax.load_transformer(str(tmp_path / "dst"), dtype=jnp.bfloat16)
+    kernel = model.context_embedder.kernel[...]
+    assert kernel.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(kernel), tensors["context_embedder.weight"].T.astype(ml_dtypes.bfloat16))
+
+
+def test_sd3_to_unialignment_port(tmp_path):
+    source = _write_source(tmp_path / "src", SD3)
+    report = convert_transformer(str(tmp_path / "src"), str(tmp_path / "dst"),
+                                 to_unialignment=True, vocab_size=50, progress=False)
+    target = SD3.as_unialignment(50)
+    last = SD3.num_layers - 1
+    expected_init = ({k for k in torch_shapes(target) if k not in source}
+                     | {f"transformer_blocks.{last}.norm1_context.linear.weight",
+                        f"transformer_blocks.{last}.norm1_context.linear.bias"})
+    assert set(report["initialised"]) == expected_init
+    assert {"image_proj_out.weight", "text_proj_out.weight", "null_image_embd",
+            f"transformer_blocks.{last}.ff_context.net.2.weight",
+            "siglip_adapter_img.fc.0.weight"} <= expected_init
+    dropped = set(report["dropped"])
+    assert {"time_text_embed.text_embedder.linear_1.weight", "norm_out.linear.weight",
+            "proj_out.weight", f"transformer_blocks.{last}.norm1_context.linear.weight"} <= dropped
+    on_disk = json.load(open(tmp_path / "dst" / "conversion.json"))
+    assert set(on_disk["initialised"]) == expected_init and set(on_disk["dropped"]) == dropped
+
+    ours = _converted_tree(str(tmp_path / "dst"), target)
+    specs = {s.torch_key: s for s in tensor_specs(target)}
+    kept = set(torch_shapes(target)) - expected_init
+    assert f"transformer_blocks.{last}.attn.to_q.weight" in kept
+    for key in kept:
+        np.testing.assert_array_equal(ours[key], specs[key].to_ours(source[key]), err_msg=key)
+    # the ported model runs every task path
+    model = unialign_jax.load_transformer(str(tmp_path / "dst"))
+    out = model(jnp.ones((1, 8, 8, 16)), jnp.ones((1,)), jnp.ones((1, 3, SD3.joint_attention_dim)),
+                block_depth=2)
+    assert out.text_logits.shape == (1, 3, 50) and np.isfinite(np.asarray(out.sample)).all()
+
+
+def _assert_fails(tmp_path, match, **kwargs):
+    dst = tmp_path / "dst"
+    with pytest.raises(ConversionError, match=match):
+        convert_transformer(str(tmp_path / "src"), str(dst), progress=False, **kwargs)
+    assert not dst.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".dst")], "partial output left"
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path):
+    config = MMDiTConfig.tiny()
+    tensors = {k: np.zeros(s, np.float32) for k, s in torch_shapes(config).items()}
+    del tensors["transformer_blocks.1.attn.to_q.weight"]
+    tensors["some.extra.weight"] = np.zeros(3, np.float32)
+    _write_source(tmp_path / "src", config, tensors)
+    _assert_fails(tmp_path, r"missing keys \(1\): transformer_blocks\.1\.attn\.to_q\.weight"
+                            r"(.|\n)*unexpected keys \(1\): some\.extra\.weight")
+
+
+def test_shape_mismatch_names_key_and_shapes(tmp_path):
+    config = MMDiTConfig.tiny()
+    tensors = {k: np.zeros(s, np.float32) for k, s in torch_shapes(config).items()}
+    tensors["context_embedder.weight"] = np.zeros((32, 31), np.float32)
+    _write_source(tmp_path / "src", config, tensors)
+    _assert_fails(tmp_path, r"shape mismatch for context_embedder\.weight: expected \(32, 32\), "
+                            r"found \(32, 31\)")
+
+
+def test_unknown_class(tmp_path):
+    _write_source(tmp_path / "src", MMDiTConfig.tiny())
+    cfg = json.load(open(tmp_path / "src" / "config.json"))
+    cfg["_class_name"] = "FluxTransformer2DModel"
+    json.dump(cfg, open(tmp_path / "src" / "config.json", "w"))
+    _assert_fails(tmp_path, "unsupported transformer class 'FluxTransformer2DModel'")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header", "empty"])
+def test_corrupt_safetensors(tmp_path, damage):
+    _write_source(tmp_path / "src", MMDiTConfig.tiny())
+    path = tmp_path / "src" / WEIGHTS
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) - 1000], "header": data[:8] + b"{not json" +
+                      data[17:], "empty": b""}[damage])
+    _assert_fails(tmp_path, {"truncate": "truncated", "header": "corrupt safetensors header",
+                             "empty": "not a safetensors file"}[damage])
+
+
+def test_non_empty_destination_needs_force(tmp_path):
+    _write_source(tmp_path / "src", MMDiTConfig.tiny())
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="--force"):
+        convert_transformer(str(tmp_path / "src"), str(tmp_path / "dst"), progress=False)
+    assert (tmp_path / "dst" / "keep.txt").read_text() == "user data"
+    convert_transformer(str(tmp_path / "src"), str(tmp_path / "dst"), force=True, progress=False)
+    assert not (tmp_path / "dst" / "keep.txt").exists()
+    assert (tmp_path / "dst" / "config.json").exists()
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, capsys):
+    from convert.cli import main
+    _write_source(tmp_path / "src", MMDiTConfig.tiny())
+    (tmp_path / "src" / "config.json").unlink()
+    assert main(["transformer", str(tmp_path / "src"), str(tmp_path / "dst")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "dst").exists()
+
+
+def test_fixture_conversion_is_complete_and_strict(tiny_transformer_dir):
+    """The released tiny layout converts strictly: nothing initialised, nothing dropped."""
+    report = json.load(open(os.path.join(tiny_transformer_dir, "conversion.json")))
+    assert report["initialised"] == [] and report["dropped"] == []
+    src = load_file(shared_fixture("unialignment_tiny", WEIGHTS))
+    assert report["num_tensors"] == len(src)
