@@ -18,7 +18,7 @@ from conftest import shared_fixture
 OUTPUTS = ("sample", "text_logits", "image_hidden", "text_hidden", "mid_image_proj",
            "mid_text_proj")
 FP32_RTOL = 1e-4   # max |ours - torch| / max |torch|, the bound
-BF16_RTOL = 5e-2   # bf16 compute (8 mantissa bits) through 4 blocks: stated bound
+BF16_RTOL = 3e-2   # bf16 compute through 4 blocks; measured worst case 1.5e-2
 
 
 @pytest.fixture(scope="module")
