@@ -32,6 +32,8 @@ def parse_args():
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--text-len", type=int, default=77)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--attention", default=None, choices=["xla", "cudnn"],
+                   help="jax.nn.dot_product_attention implementation (default: XLA's choice)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="CPU threads for both frameworks (default: all cores)")
@@ -69,7 +71,8 @@ def main():
         torch_model.save_pretrained(os.path.join(tmp, "src"))
         convert_transformer(os.path.join(tmp, "src"), os.path.join(tmp, "dst"), progress=False)
         model = unialign_jax.load_transformer(os.path.join(tmp, "dst"),
-                                              dtype=jnp.dtype(args.dtype))
+                                              dtype=jnp.dtype(args.dtype),
+                                              attention_impl=args.attention)
     torch_model = torch_model.to(torch_device, tdtype)
 
     side = args.resolution // 8
@@ -118,7 +121,7 @@ def main():
     err = float(np.abs(y_jax.transpose(0, 3, 1, 2) - y_torch).max() / np.abs(y_torch).max())
     result = {
         "preset": args.preset, "resolution": args.resolution, "batch": args.batch,
-        "dtype": args.dtype, "threads": args.threads, "iters": args.iters,
+        "dtype": args.dtype, "attention": args.attention, "threads": args.threads, "iters": args.iters,
         "jax_backend": jax.default_backend(), "jax_device": str(jax.devices()[0]),
         "torch_device": torch_device, "machine": platform.processor() or platform.machine(),
         "jax_images_per_s": args.batch / t_jax, "torch_images_per_s": args.batch / t_torch,

@@ -30,17 +30,18 @@ def read_config(path: str) -> tuple[MMDiTConfig, str]:
 
 
 def load_transformer(path: str, dtype=jnp.float32, *, param_dtype=None,
-                     remat_policy=None, shardings=None) -> MMDiT:
+                     remat_policy=None, attention_impl=None, shardings=None) -> MMDiT:
     """Builds the model of a converted folder and reads its weights into it.
 
     `dtype` is the compute dtype; parameters stay in their stored dtype unless `param_dtype`
-    is given. `shardings` (a function from the abstract model to a tree of shardings, see
+    is given. `remat_policy` and `attention_impl` are `MMDiT`'s options. `shardings` (a function from the abstract model to a tree of shardings, see
     `unialign_jax.parallel`) places each array as it is read, so no host holds it all.
     """
     config, stored_dtype = read_config(path)
     param_dtype = jnp.dtype(param_dtype or stored_dtype)
     abstract = nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0), dtype=dtype,
-                                            param_dtype=param_dtype, remat_policy=remat_policy))
+                                            param_dtype=param_dtype, remat_policy=remat_policy,
+                                            attention_impl=attention_impl))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
     placement = nnx.to_pure_dict(shardings(abstract)) if shardings is not None else None

@@ -76,11 +76,13 @@ class MMDiT(nnx.Module):
 
     `dtype` is the compute dtype (bf16 on TPU), `param_dtype` the storage dtype (fp32 for
     training). `remat_policy`: None (no rematerialisation), or a `jax.checkpoint_policies`
-    name / callable applied to every block.
+    name / callable applied to every block. `attention_impl`: passed to
+    `jax.nn.dot_product_attention` (None lets XLA choose; "cudnn" for fused attention on GPU).
     """
 
     def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, remat_policy: str | Callable | None = None):
+                 param_dtype=jnp.float32, remat_policy: str | Callable | None = None,
+                 attention_impl: str | None = None):
         self.config, self.dtype = config, dtype
         self.remat = remat_policy is not None
         self.remat_policy = _remat_policy(remat_policy)
@@ -99,13 +101,15 @@ class MMDiT(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_scanned_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def stacked_blocks(rngs):
-            return JointBlock(w, cfg.num_heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+            return JointBlock(w, cfg.num_heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                              attention_impl=attention_impl)
 
         self.blocks = stacked_blocks(rngs)
 
         if cfg.is_sd3:
             self.pooled_embed = embeddings.MLPEmbedder(cfg.pooled_projection_dim, w, None, **kw)
-            self.final_block = JointBlock(w, cfg.num_heads, context_pre_only=True, **kw)
+            self.final_block = JointBlock(w, cfg.num_heads, context_pre_only=True,
+                                          attention_impl=attention_impl, **kw)
             self.norm_out = AdaNormOut(w, **kw)
             self.proj_out = layers.dense(w, cfg.patch_size ** 2 * cfg.out_channels,
                                          ("embed", None), **kw)

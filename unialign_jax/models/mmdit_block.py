@@ -36,8 +36,8 @@ class JointAttention(nnx.Module):
     """
 
     def __init__(self, width: int, num_heads: int, *, context_pre_only: bool, rngs: nnx.Rngs,
-                 dtype, param_dtype):
-        self.num_heads = num_heads
+                 dtype, param_dtype, implementation: str | None = None):
+        self.num_heads, self.implementation = num_heads, implementation
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         qkv = lambda: layers.dense(width, width, ("embed", "heads"), **kw)  # noqa: E731
         self.to_q, self.to_k, self.to_v = qkv(), qkv(), qkv()
@@ -55,7 +55,8 @@ class JointAttention(nnx.Module):
         q = jnp.concatenate([heads(self.to_q(x)), heads(self.add_q_proj(c))], axis=1)
         k = jnp.concatenate([heads(self.to_k(x)), heads(self.add_k_proj(c))], axis=1)
         v = jnp.concatenate([heads(self.to_v(x)), heads(self.add_v_proj(c))], axis=1)
-        out = jax.nn.dot_product_attention(q, k, v).reshape(b, q.shape[1], -1)
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        out = out.reshape(b, q.shape[1], -1)
         img_out, txt_out = out[:, :n_img], out[:, n_img:]
         return self.to_out(img_out), (None if self.to_add_out is None else self.to_add_out(txt_out))
 
@@ -65,13 +66,15 @@ class JointBlock(nnx.Module):
     `context_pre_only` (its text stream feeds attention but is not carried on)."""
 
     def __init__(self, width: int, num_heads: int, *, context_pre_only: bool = False,
-                 rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+                 rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 attention_impl: str | None = None):
         self.context_pre_only = context_pre_only
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm1 = layers.dense(width, 6 * width, ("embed", "mlp"), **kw)
         self.norm1_context = layers.dense(width, (2 if context_pre_only else 6) * width,
                                           ("embed", "mlp"), **kw)
-        self.attn = JointAttention(width, num_heads, context_pre_only=context_pre_only, **kw)
+        self.attn = JointAttention(width, num_heads, context_pre_only=context_pre_only,
+                                   implementation=attention_impl, **kw)
         self.ff = FeedForward(width, **kw)
         self.ff_context = None if context_pre_only else FeedForward(width, **kw)
 
