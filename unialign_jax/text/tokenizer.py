@@ -18,12 +18,16 @@ MASK_TOKEN = "<extra_id_0>"
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """Loads a T5 tokenizer folder (tokenizer.json / spiece.model) with `</s>` as pad."""
-    from transformers import AutoTokenizer
+    """Loads a T5 tokenizer folder (tokenizer.json / spiece.model) with `</s>` as pad.
+
+    The T5 class is named directly: `AutoTokenizer` would import torch (seconds per data
+    worker) to resolve the class.
+    """
+    from transformers import T5TokenizerFast
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer folder not found: {path}")
-    tok = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+    tok = T5TokenizerFast.from_pretrained(os.fspath(path), local_files_only=True)
     tok.pad_token = tok.eos_token
     if tok.convert_tokens_to_ids(MASK_TOKEN) in (None, tok.unk_token_id):
         raise ValueError(f"tokenizer at {path} has no {MASK_TOKEN} token: not a T5 tokenizer")
@@ -61,7 +65,8 @@ def train_tiny_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(list(texts)), model_writer=model, vocab_size=vocab_size,
         model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
-        eos_piece="</s>", unk_piece="<unk>", hard_vocab_limit=False, minloglevel=2)
+        eos_piece="</s>", unk_piece="<unk>", hard_vocab_limit=False, character_coverage=1.0,
+        minloglevel=2)
     proc = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = [(proc.id_to_piece(i), float(proc.get_score(i))) for i in range(proc.get_piece_size())]
     tok = T5Tokenizer(vocab=vocab, extra_ids=extra_ids)

@@ -1,0 +1,110 @@
+"""`unialign-data`: build training shards from JSONL corpora, or write a synthetic corpus."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from unialign_jax.data.faults import DEFAULT_MAX_SKIP_FRACTION, TooManySkipped
+from unialign_jax.data.fetch import FetchOptions
+from unialign_jax.data.jsonl import DEFAULT_COMPOSE_SOURCES, KINDS
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser(
+        "build", help="JSONL corpus → ArrayRecord shards + summary.json",
+        description="Reads JSONL corpora (image paths relative to the JSONL, absolute, or "
+                    "http(s) URLs), decodes every image, converts it to RGB, resizes its short "
+                    "side (bicubic) and center-crops it, and writes ArrayRecord shards with "
+                    "the texts plus OUT/summary.json (records written, skipped samples by "
+                    "reason). Faulty samples are skipped and counted; the build fails only if "
+                    "more than --max-skip-fraction of them are skipped. An interrupted build "
+                    "resumes when rerun with the same arguments.")
+    p.add_argument("--jsonl", nargs="+", required=True, metavar="FILE", help="input JSONL files")
+    p.add_argument("--kind", choices=KINDS, required=True,
+                   help="t2i: 1 image; edit (editing and perception): source, target; "
+                        "compose: --compose-sources sources, target")
+    p.add_argument("--out", required=True, metavar="DIR", help="output shard folder")
+    p.add_argument("--resolution", type=int, default=512, help="square side in pixels (512)")
+    p.add_argument("--image-format", choices=("png", "jpeg", "raw"), default="png",
+                   help="png: lossless (default); jpeg: quality 95, ~4x smaller than png, "
+                        "~2x faster to read, not exact; raw: uint8 arrays, ~1.7x larger than "
+                        "png, ~7x faster to read")
+    p.add_argument("--records-per-shard", type=int, default=1000)
+    p.add_argument("--compose-sources", type=int, default=DEFAULT_COMPOSE_SOURCES,
+                   help="source images per composition sample (3)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (1)")
+    p.add_argument("--threads", type=int, default=8,
+                   help="threads per worker, overlapping downloads and decoding (8)")
+    p.add_argument("--url-timeout", type=float, default=10.0, help="seconds per download try")
+    p.add_argument("--url-retries", type=int, default=2, help="extra tries per download")
+    p.add_argument("--max-skip-fraction", type=float, default=DEFAULT_MAX_SKIP_FRACTION,
+                   help="fail when a larger fraction of samples is skipped (0.05)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite OUT and discard an unfinished build")
+    p.set_defaults(func=_build)
+
+
+def _build(args) -> dict:
+    from unialign_jax.data.shards import BuildOptions, build
+
+    opts = BuildOptions(
+        kind=args.kind, resolution=args.resolution, image_format=args.image_format,
+        records_per_shard=args.records_per_shard, compose_sources=args.compose_sources,
+        workers=args.workers, threads=args.threads,
+        fetch=FetchOptions(timeout=args.url_timeout, retries=args.url_retries),
+        max_skip_fraction=args.max_skip_fraction)
+    summary = build(args.jsonl, args.out, opts, force=args.force)
+    return {k: summary[k] for k in ("kind", "records", "skipped", "lines", "resolution")}
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser(
+        "synth", help="write a synthetic shape corpus in the JSONL formats",
+        description="Draws flat-coloured shape scenes with exact captions ('a red square'), "
+                    "colour edits ('make the red square blue') and segmentation requests, as "
+                    "t2i_*.jsonl and edit_*.jsonl plus images/, readable by `build`.")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--n", type=int, required=True, help="samples per kind (t2i and edit)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (64)")
+    p.add_argument("--max-shapes", type=int, default=1, help="shapes per scene, at most (1)")
+    p.add_argument("--heldout", type=float, default=0.0,
+                   help="fraction of each kind written to *_heldout.jsonl instead (0)")
+    p.add_argument("--force", action="store_true", help="overwrite DIR")
+    p.set_defaults(func=_synth)
+
+
+def _synth(args) -> dict:
+    from unialign_jax.data.synth import generate
+
+    info = generate(args.out, args.n, seed=args.seed, size=args.size,
+                    max_shapes=args.max_shapes, heldout=args.heldout, force=args.force)
+    return {k: info[k] for k in ("n", "seed", "size", "heldout", "files")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unialign-data", description="Data preparation for UniAlignment training.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_build(sub)
+    _add_synth(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = args.func(args)
+    except (TooManySkipped, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"unialign-data {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

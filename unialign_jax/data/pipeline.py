@@ -1,0 +1,150 @@
+"""Grain input pipeline: shard folders → fixed-shape training batches, alternating tasks.
+
+Per task stream (spec section 4): global shuffle with one seed on every host, then host
+`p` of `P` takes global positions p, p + P, p + 2P, ... of the (reshuffled-per-epoch)
+stream — so hosts never share a sample and together read exactly the single-host stream.
+Each record is decoded to float32 [-1, 1] channels-last images and its texts tokenised
+like the release (pad `</s>`, fixed length); records are batched per task, and the task
+streams alternate one batch each (the release: one step text-to-image, one step editing).
+
+The iterator is a `grain.DatasetIterator`: `get_state()` / `set_state()` give exact
+resume, and `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` put the same
+state into an Orbax checkpoint next to the model.
+
+A batch (B = per-host batch, L = max_length, S = resolution, D = teacher width):
+    target           (B, S, S, 3)    float32 in [-1, 1] — the image to generate
+    sources          (B, K, S, S, 3) float32 — edit: K = 1, compose: K = 3; absent for t2i
+    caption_ids      (B, L) int32    caption of the target (caption objective)
+    instruction_ids  (B, L) int32    prompt / edit instruction (t2i: equal to caption_ids)
+    task             (B,)   int32    TASK_IDS of the stream; equal within a batch
+    index            (B,)   int64    record index in the task's shard folders
+    teacher_image, teacher_text  (B, D) float32 — only when the folders have teacher features
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Mapping, Sequence
+
+import grain
+import numpy as np
+
+from unialign_jax.data import images as image_ops
+from unialign_jax.data.records import decode_record
+from unialign_jax.data.source import ShardSource
+from unialign_jax.text.tokenizer import MAX_LENGTH, load_tokenizer, tokenize
+
+TASK_IDS = {"t2i": 0, "edit": 1, "compose": 2}
+_TOKENIZER_LOCK = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    batch_size: int                   # per host
+    tokenizer: str                    # local T5 tokenizer folder
+    max_length: int = MAX_LENGTH
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None     # None: repeat forever (training)
+    process_index: int | None = None  # None: jax.process_index()
+    process_count: int | None = None  # None: jax.process_count()
+    num_workers: int = 0              # worker processes; 0 decodes in this process
+    read_threads: int = 2             # batches decoded concurrently per process
+    worker_buffer: int = 2            # finished batches each worker keeps ready
+    resolution: int | None = None     # expected shard resolution; None accepts the shards'
+
+
+class ToTrainingExample(grain.transforms.Map):
+    """One source item (record bytes, index, teacher rows) → one training example."""
+
+    def __init__(self, task: str, source: ShardSource, tokenizer: str, max_length: int):
+        self.task, self.tokenizer_path, self.max_length = task, tokenizer, max_length
+        self.image_format, self.resolution = source.image_format, source.resolution
+        self._tokenizer = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tokenizer": None}  # each worker loads its own
+
+    def _ids(self, texts: list[str]) -> np.ndarray:
+        # Read threads share one tokenizer: neither loading it (a lazy transformers import)
+        # nor calling it (it resets padding / truncation state in Rust) is thread-safe.
+        with _TOKENIZER_LOCK:
+            if self._tokenizer is None:
+                self._tokenizer = load_tokenizer(self.tokenizer_path)
+            return tokenize(self._tokenizer, texts, self.max_length)
+
+    def map(self, item: dict) -> dict:
+        fields, blobs = decode_record(item["record"])
+        pixels = [image_ops.to_model_range(
+            image_ops.decode_stored(b, self.image_format, self.resolution)) for b in blobs]
+        caption_ids, instruction_ids = self._ids([fields["caption"], fields["instruction"]])
+        example = {"target": pixels[-1], "caption_ids": caption_ids,
+                   "instruction_ids": instruction_ids,
+                   "task": np.int32(TASK_IDS[self.task]), "index": np.int64(item["index"])}
+        if len(pixels) > 1:
+            example["sources"] = np.stack(pixels[:-1])
+        example.update({k: v for k, v in item.items() if k.startswith("teacher_")})
+        return example
+
+
+def _host(cfg: PipelineConfig) -> tuple[int, int]:
+    if cfg.process_index is not None and cfg.process_count is not None:
+        index, count = cfg.process_index, cfg.process_count
+    else:
+        import jax
+        index, count = jax.process_index(), jax.process_count()
+    if not 0 <= index < count:
+        raise ValueError(f"process index {index} outside [0, {count})")
+    return index, count
+
+
+def task_batches(task: str, folders: Sequence[str], cfg: PipelineConfig, seed: int
+                 ) -> grain.MapDataset:
+    """Shuffled, host-sharded, decoded and batched stream of one task's shard folders."""
+    source = ShardSource(list(folders))
+    if source.kind != task:
+        raise ValueError(f"{folders} hold {source.kind!r} records, not {task!r}")
+    if cfg.resolution is not None and source.resolution != cfg.resolution:
+        raise ValueError(f"{folders} were built at {source.resolution} px, not {cfg.resolution}")
+    index, count = _host(cfg)
+    ds = grain.MapDataset.source(source)
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(cfg.num_epochs)[index::count]
+    ds = ds.map(ToTrainingExample(task, source, cfg.tokenizer, cfg.max_length))
+    return ds.batch(cfg.batch_size, drop_remainder=True)
+
+
+def training_dataset(corpora: Mapping[str, Sequence[str]], cfg: PipelineConfig
+                     ) -> grain.IterDataset:
+    """Batches alternating over `corpora` ({task: shard folders}) in its order."""
+    if not corpora:
+        raise ValueError("no corpora given")
+    unknown = set(corpora) - set(TASK_IDS)
+    if unknown:
+        raise ValueError(f"unknown tasks {sorted(unknown)}; expected some of {list(TASK_IDS)}")
+    streams = [task_batches(task, folders, cfg, cfg.seed + i)
+               for i, (task, folders) in enumerate(corpora.items())]
+    ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                              prefetch_buffer_size=cfg.read_threads))
+    if cfg.num_workers:
+        _allow_unparsed_absl_flags()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer))
+    return ds
+
+
+def training_iterator(corpora: Mapping[str, Sequence[str]], cfg: PipelineConfig
+                      ) -> grain.DatasetIterator:
+    """`iter(training_dataset(...))`; call `.close()` when done if it has workers."""
+    return iter(training_dataset(corpora, cfg))
+
+
+def _allow_unparsed_absl_flags() -> None:
+    """Grain's worker processes read absl flags; outside `absl.app` they were never parsed."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()

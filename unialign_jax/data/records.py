@@ -1,0 +1,35 @@
+"""Layout of one ArrayRecord entry: a JSON header followed by the stored images.
+
+    uint32 little-endian header length | UTF-8 JSON header | image 0 | image 1 | ...
+
+The header holds the texts, the sample's origin (`file:line`) and the byte length of each
+image (sources first, target last). Keeping images as raw bytes after the header avoids
+base64 or pickle and lets a reader slice them out without copying.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+_LENGTH = struct.Struct("<I")
+
+
+def encode_record(fields: dict, images: list[bytes]) -> bytes:
+    header = json.dumps({**fields, "image_bytes": [len(b) for b in images]},
+                        ensure_ascii=False).encode()
+    return b"".join([_LENGTH.pack(len(header)), header, *images])
+
+
+def decode_record(data: bytes) -> tuple[dict, list[memoryview]]:
+    """Inverse of `encode_record`: (fields, image byte views)."""
+    view = memoryview(data)
+    (n,) = _LENGTH.unpack_from(view)
+    fields = json.loads(bytes(view[_LENGTH.size:_LENGTH.size + n]))
+    images, offset = [], _LENGTH.size + n
+    for size in fields.pop("image_bytes"):
+        images.append(view[offset:offset + size])
+        offset += size
+    if offset != len(view):
+        raise ValueError(f"corrupt record: {len(view)} bytes, header describes {offset}")
+    return fields, images

@@ -1,0 +1,223 @@
+"""Shard builder: JSONL corpora → ArrayRecord shards of preprocessed samples.
+
+Every sample is read (path or URL), decoded, converted to RGB, resized and center-cropped
+once, here, so that training workers only decode and normalise. Samples are split in input
+order into shards of `records_per_shard`; each shard is written by one worker, to a
+temporary name renamed into place, with a `.stats.json` beside it that marks it done.
+The build runs in a staging folder next to the output (`.NAME.partial`): an interrupted
+build resumes from its finished shards, and the output folder appears, complete with its
+`summary.json`, only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+
+from tqdm import tqdm
+
+from unialign_jax.data import images as image_ops
+from unialign_jax.data.faults import (DEFAULT_MAX_SKIP_FRACTION, FaultLogger, SkipLog, SkipSample,
+                                      check_skipped_fraction)
+from unialign_jax.data.fetch import FetchOptions, read_image_bytes
+from unialign_jax.data.jsonl import DEFAULT_COMPOSE_SOURCES, Sample, expected_images, read_jsonl
+from unialign_jax.data.records import encode_record
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "summary.json"
+PLAN = "plan.json"
+RECORD_SUFFIX = ".array_record"
+STATS_SUFFIX = ".stats.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    kind: str
+    resolution: int = 512
+    image_format: str = "png"
+    records_per_shard: int = 1000
+    compose_sources: int = DEFAULT_COMPOSE_SOURCES
+    workers: int = 1                 # processes, one shard each at a time
+    threads: int = 8                 # per worker: overlaps downloads and decoding
+    fetch: FetchOptions = FetchOptions()
+    max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION
+
+    def __post_init__(self):
+        expected_images(self.kind, self.compose_sources)  # validates kind
+        if self.image_format not in image_ops.FORMATS:
+            raise ValueError(f"image format must be one of {image_ops.FORMATS}")
+        if self.resolution < 8 or self.records_per_shard < 1 or self.workers < 1 or self.threads < 1:
+            raise ValueError("need resolution >= 8 and records_per_shard, workers, threads >= 1")
+
+    @property
+    def num_sources(self) -> int:
+        return expected_images(self.kind, self.compose_sources) - 1
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def staging_dir(out_dir: str) -> str:
+    out_dir = os.path.abspath(out_dir)
+    return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial")
+
+
+def preprocess_sample(sample: Sample, opts: BuildOptions) -> bytes:
+    """One sample → one encoded record; raises `SkipSample` if any of its images fails."""
+    stored = []
+    for location in sample.images:
+        img = image_ops.decode_rgb(read_image_bytes(location, opts.fetch), location)
+        img = image_ops.resize_and_center_crop(img, opts.resolution)
+        stored.append(image_ops.encode(img, opts.image_format))
+    return encode_record({"caption": sample.caption, "instruction": sample.instruction,
+                          "where": sample.where}, stored)
+
+
+def _preprocess_or_fault(args):
+    try:
+        return preprocess_sample(*args)
+    except SkipSample as fault:
+        return fault
+
+
+def build_shard(folder: str, name: str, samples: list, opts: BuildOptions) -> dict:
+    """Writes `folder/name.array_record` and its stats file; returns the stats."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    path = os.path.join(folder, name + RECORD_SUFFIX)
+    skipped, records = SkipLog(), 0
+    writer = ArrayRecordWriter(f"{path}.tmp", "group_size:1")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(opts.threads) as pool:
+            results = pool.map(_preprocess_or_fault, [(s, opts) for s in samples])
+            for sample, result in zip(samples, results):
+                if isinstance(result, SkipSample):
+                    skipped.add(sample.where, result)
+                else:
+                    writer.write(result)
+                    records += 1
+    finally:
+        writer.close()
+    os.replace(f"{path}.tmp", path)
+    stats = {"file": name + RECORD_SUFFIX, "records": records, "samples": len(samples),
+             "skipped": skipped.to_json()}
+    write_json_atomic(os.path.join(folder, name + STATS_SUFFIX), stats)
+    return stats
+
+
+def _parse_inputs(paths: list[str], opts: BuildOptions) -> tuple[list[Sample], SkipLog, int]:
+    samples, faults, lines = [], SkipLog(), 0
+    for path in paths:
+        for where, item in read_jsonl(path, opts.kind, opts.compose_sources):
+            lines += 1
+            if isinstance(item, SkipSample):
+                faults.add(where, item)
+            else:
+                samples.append(item)
+    return samples, faults, lines
+
+
+def _plan(paths: list[str], opts: BuildOptions, num_shards: int) -> dict:
+    """What the shards' content depends on; a resumed build must match it exactly."""
+    inputs = [{"path": os.path.abspath(p), "bytes": os.path.getsize(p),
+               "mtime_ns": os.stat(p).st_mtime_ns} for p in paths]
+    return {"kind": opts.kind, "resolution": opts.resolution, "image_format": opts.image_format,
+            "records_per_shard": opts.records_per_shard, "num_sources": opts.num_sources,
+            "num_shards": num_shards, "inputs": inputs}
+
+
+def _open_staging(staging: str, plan: dict) -> None:
+    plan_path = os.path.join(staging, PLAN)
+    if os.path.exists(plan_path):
+        with open(plan_path) as f:
+            if json.load(f) != plan:
+                raise FileExistsError(
+                    f"{staging} holds an unfinished build of other inputs or options; "
+                    "pass --force to discard it")
+        log.info("resuming the build in %s", staging)
+        return
+    os.makedirs(staging, exist_ok=True)
+    write_json_atomic(plan_path, plan)
+
+
+def _run_shards(staging: str, jobs: list, opts: BuildOptions, total: int) -> None:
+    pending = [(name, samples) for name, samples in jobs
+               if not os.path.exists(os.path.join(staging, name + STATS_SUFFIX))]
+    done = total - sum(len(s) for _, s in pending)
+    report = FaultLogger()
+    with tqdm(total=total, initial=done, unit="sample", desc=f"build {opts.kind}") as bar:
+        if opts.workers == 1 or len(pending) <= 1:
+            for name, samples in pending:
+                stats = build_shard(staging, name, samples, opts)
+                report(stats["skipped"]["examples"])
+                bar.update(len(samples))
+            return
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(opts.workers, mp_context=ctx) as pool:
+            futures = [pool.submit(build_shard, staging, name, samples, opts)
+                       for name, samples in pending]
+            for future in concurrent.futures.as_completed(futures):
+                stats = future.result()
+                report(stats["skipped"]["examples"])
+                bar.update(stats["samples"])
+
+
+def build(jsonl_paths: list[str], out_dir: str, opts: BuildOptions, force: bool = False) -> dict:
+    """Builds the shard folder `out_dir` from JSONL files and returns its summary.
+
+    Raises `TooManySkipped` (keeping the staging folder, so a rerun with a higher
+    threshold only re-summarises) when more than `opts.max_skip_fraction` of the lines
+    were skipped.
+    """
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not force:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass --force to overwrite it")
+    for path in jsonl_paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"JSONL file not found: {path}")
+    staging = staging_dir(out_dir)
+    if force:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    samples, parse_faults, lines = _parse_inputs(jsonl_paths, opts)
+    if not lines:
+        raise ValueError(f"no samples in {', '.join(jsonl_paths)}")
+    FaultLogger()(parse_faults.examples)
+    check_skipped_fraction(parse_faults, lines, opts.max_skip_fraction, "parsing")
+
+    n = max(1, -(-len(samples) // opts.records_per_shard))
+    jobs = [(f"{opts.kind}-{i:05d}-of-{n:05d}",
+             samples[i * opts.records_per_shard:(i + 1) * opts.records_per_shard])
+            for i in range(n)]
+    _open_staging(staging, _plan(jsonl_paths, opts, n))
+    _run_shards(staging, jobs, opts, len(samples))
+
+    skipped, shards = parse_faults, []
+    for name, _ in jobs:
+        with open(os.path.join(staging, name + STATS_SUFFIX)) as f:
+            stats = json.load(f)
+        skipped.merge(SkipLog.from_json(stats["skipped"]))
+        shards.append({"file": stats["file"], "records": stats["records"]})
+    records = sum(s["records"] for s in shards)
+    summary = {"kind": opts.kind, "resolution": opts.resolution, "image_format": opts.image_format,
+               "num_sources": opts.num_sources, "lines": lines, "records": records,
+               "skipped": dict(sorted(skipped.counts.items())), "skipped_total": skipped.total,
+               "skipped_examples": skipped.examples, "shards": shards,
+               "inputs": [os.path.abspath(p) for p in jsonl_paths]}
+    check_skipped_fraction(skipped, lines, opts.max_skip_fraction, out_dir)
+    write_json_atomic(os.path.join(staging, SUMMARY), summary)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
+    os.replace(staging, out_dir)
+    return summary
