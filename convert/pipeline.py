@@ -1,0 +1,171 @@
+"""`unialign-convert pipeline`: a whole diffusers folder → one unialign_jax pipeline folder.
+
+Accepts SD3-medium's layout (T5 in `text_encoder_3/`, `tokenizer_3/`; the CLIP encoders are
+ignored; the transformer is ported into the UniAlignment layout with the tokenizer's length
+as its text vocabulary) and UniAlignment's (`text_encoder/`, `tokenizer/`). The components'
+configs, their fit with each other and every weight file's header are checked before the
+first tensor is converted, and DST appears only when every component succeeded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+from convert import param_mapping
+from convert.mask_embedding import read_mask_embedding
+from convert.safetensors_io import ConversionError, TensorSource, read_config
+from convert.t5 import config_from_transformers, write_t5
+from convert.transformer import write_transformer
+from convert.vae import config_from_diffusers, write_vae
+from unialign_jax.checkpoints import io
+from unialign_jax.checkpoints.pipeline import COMPONENT_DIRS, FORMAT, INDEX_FILE, SCHEDULER_FILE
+from unialign_jax.text.tokenizer import load_tokenizer, mask_token_id
+
+# Source sub-folder of each component, per layout.
+LAYOUTS = {
+    "sd3": {"transformer": "transformer", "text_encoder": "text_encoder_3",
+            "tokenizer": "tokenizer_3", "vae": "vae", "scheduler": "scheduler"},
+    "unialignment": {"transformer": "transformer", "text_encoder": "text_encoder",
+                     "tokenizer": "tokenizer", "vae": "vae", "scheduler": "scheduler"},
+}
+WEIGHTS_NAMES = {"transformer": "diffusion_pytorch_model", "text_encoder": "model",
+                 "vae": "diffusion_pytorch_model"}
+SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
+
+
+def detect_layout(src: str) -> str:
+    """'sd3' when the folder has SD3's third (T5) text encoder, else 'unialignment'; the
+    chosen layout's component folders must all exist."""
+    if not os.path.isdir(src):
+        raise ConversionError(f"pipeline folder not found: {src}")
+    layout = "sd3" if os.path.isdir(os.path.join(src, "text_encoder_3")) else "unialignment"
+    missing = [d for d in LAYOUTS[layout].values() if not os.path.isdir(os.path.join(src, d))]
+    if missing:
+        raise ConversionError(f"{src}: missing component folders {missing} for the {layout} "
+                              f"layout (expected {sorted(LAYOUTS[layout].values())})")
+    return layout
+
+
+def read_scheduler(folder: str) -> dict:
+    path = os.path.join(folder, "scheduler_config.json")
+    if not os.path.exists(path):
+        raise ConversionError(f"{folder}: no scheduler_config.json")
+    cfg = io.read_json(path)
+    if cfg.get("_class_name") != SCHEDULER_CLASS:
+        raise ConversionError(f"{path}: expected a {SCHEDULER_CLASS}, found "
+                              f"{cfg.get('_class_name')!r}")
+    return {"shift": float(cfg.get("shift", 1.0)),
+            "num_train_timesteps": int(cfg.get("num_train_timesteps", 1000))}
+
+
+def check_compatible(src: str, layout: str, tokenizer, mask_embedding: str | None
+                     ) -> tuple[bool, int]:
+    """Validates the components against each other from their configs, every weight file's
+    header and the mask embedding file, before anything is converted.
+
+    Returns (whether the transformer must be ported to the UniAlignment layout, mask id).
+    """
+    dirs = {k: os.path.join(src, v) for k, v in LAYOUTS[layout].items()}
+    for name, weights in WEIGHTS_NAMES.items():
+        TensorSource.from_folder(dirs[name], weights)
+    t5 = config_from_transformers(read_config(dirs["text_encoder"]), dirs["text_encoder"])
+    config_from_diffusers(read_config(dirs["vae"]), dirs["vae"])
+    transformer = read_config(dirs["transformer"])
+    vocab, mask_id = len(tokenizer), mask_token_id(tokenizer)
+    port = transformer.get("_class_name") == "SD3Transformer2DModel"
+    problems = []
+    if transformer.get("joint_attention_dim") != t5.d_model:
+        problems.append(f"transformer joint_attention_dim {transformer.get('joint_attention_dim')}"
+                        f" differs from the text encoder's d_model {t5.d_model}")
+    if vocab > t5.vocab_size:
+        problems.append(f"tokenizer has {vocab} ids but the text encoder embeds {t5.vocab_size}")
+    if not port and transformer.get("vocab_size") != vocab:
+        problems.append(f"transformer text vocabulary {transformer.get('vocab_size')} differs "
+                        f"from the tokenizer length {vocab}")
+    if problems:
+        raise ConversionError(f"{src}: components do not fit together: " + "; ".join(problems))
+    if mask_embedding:
+        read_mask_embedding(mask_embedding, t5.d_model)
+    return port, mask_id
+
+
+def write_pipeline(src: str, out_dir: str, *, dtype: str = "float32",
+                   vae_dtype: str = "float32", mask_embedding: str | None = None) -> dict:
+    """Converts the pipeline folder `src` into the existing folder `out_dir`; returns the index."""
+    layout = detect_layout(src)
+    dirs = {k: os.path.join(src, v) for k, v in LAYOUTS[layout].items()}
+    scheduler = read_scheduler(dirs["scheduler"])
+    try:
+        tokenizer = load_tokenizer(dirs["tokenizer"])
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{dirs['tokenizer']}: not a loadable T5 tokenizer ({e})") from None
+    port, mask_id = check_compatible(src, layout, tokenizer, mask_embedding)
+    out = {k: os.path.join(out_dir, v) for k, v in COMPONENT_DIRS.items()}
+
+    shutil.copytree(dirs["tokenizer"], out["tokenizer"])
+    for name in ("transformer", "text_encoder", "vae"):
+        os.makedirs(out[name])
+    print(f"[1/3] transformer ({'SD3 → UniAlignment' if port else 'UniAlignment'})",
+          file=sys.stderr)
+    report = write_transformer(dirs["transformer"], out["transformer"], dtype=dtype,
+                               to_unialignment=port, vocab_size=len(tokenizer) if port else None)
+    print("[2/3] text encoder", file=sys.stderr)
+    write_t5(dirs["text_encoder"], out["text_encoder"], dtype=dtype,
+             mask_embedding=mask_embedding, mask_token_id=mask_id)
+    print("[3/3] VAE", file=sys.stderr)
+    write_vae(dirs["vae"], out["vae"], dtype=vae_dtype)
+
+    io.write_json(os.path.join(out_dir, SCHEDULER_FILE), scheduler)
+    index = {"format": FORMAT, "source": os.path.abspath(src), "layout": layout,
+             "components": COMPONENT_DIRS, "scheduler": SCHEDULER_FILE,
+             "vocab_size": len(tokenizer), "mask_token_id": mask_id,
+             "mask_embedding": os.path.abspath(mask_embedding) if mask_embedding else None,
+             "dtype": dtype, "vae_dtype": vae_dtype,
+             "transformer_initialised": report["initialised"]}
+    io.write_json(os.path.join(out_dir, INDEX_FILE), index)
+    return index
+
+
+def convert_pipeline(src: str, dst: str, *, dtype: str = "float32", vae_dtype: str = "float32",
+                     mask_embedding: str | None = None, force: bool = False) -> dict:
+    """Converts `src` into a new pipeline folder `dst`, written atomically."""
+    with io.atomic_output_dir(dst, force) as tmp:
+        return write_pipeline(src, tmp, dtype=dtype, vae_dtype=vae_dtype,
+                              mask_embedding=mask_embedding)
+
+
+def _run(args) -> None:
+    index = convert_pipeline(args.src, args.dst, dtype=args.dtype, vae_dtype=args.vae_dtype,
+                             mask_embedding=args.mask_embedding, force=args.force)
+    print(f"converted the {index['layout']} pipeline into {args.dst} "
+          f"(load it with unialign_jax.load_pipeline)")
+    if index["transformer_initialised"]:
+        print(f"  transformer tensors initialised fresh: {len(index['transformer_initialised'])} "
+              f"(listed in {args.dst}/transformer/conversion.json)")
+    if not index["mask_embedding"]:
+        print(f"  note: no --mask-embedding; row {index['mask_token_id']} keeps T5's own "
+              "<extra_id_0> embedding", file=sys.stderr)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pipeline", help="a whole diffusers folder (SD3-medium or UniAlignment layout)",
+        description="Convert a diffusers pipeline folder into one unialign_jax folder loadable "
+                    "with unialign_jax.load_pipeline. SD3-medium layout: transformer/, vae/, "
+                    "text_encoder_3/, tokenizer_3/, scheduler/ (CLIP encoders ignored; the "
+                    "transformer is ported to the UniAlignment layout). UniAlignment layout: "
+                    "transformer/, vae/, text_encoder/, tokenizer/, scheduler/.")
+    p.add_argument("src", metavar="SRC", help="diffusers pipeline folder")
+    p.add_argument("dst", metavar="DST", help="output folder (must not exist or be empty)")
+    p.add_argument("--dtype", choices=param_mapping.DTYPE_NAMES, default="float32",
+                   help="stored dtype of the transformer and text encoder (default: %(default)s)")
+    p.add_argument("--vae-dtype", choices=param_mapping.DTYPE_NAMES, default="float32",
+                   help="stored dtype of the VAE (default: %(default)s, as SD3 runs it)")
+    p.add_argument("--mask-embedding", metavar="FILE",
+                   help="UniAlignment's learned mask embedding (.pth torch tensor as released, "
+                        ".safetensors or .npy); replaces the text encoder's row of the "
+                        "tokenizer's <extra_id_0>")
+    p.add_argument("--force", action="store_true", help="overwrite DST")
+    p.set_defaults(func=_run)
