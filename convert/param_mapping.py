@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_dtypes
@@ -94,18 +94,35 @@ def _unpermute(shape: tuple[int, ...], perm: tuple[int, ...]) -> tuple[int, ...]
     return tuple(out)
 
 
+def fits(source: TensorSource, move: TensorMove, target_shape: tuple[int, ...]) -> bool:
+    """Whether `source` holds the move's tensor with the shape its destination needs."""
+    want = target_shape if move.layer is None else target_shape[1:]
+    return move.source in source and move.placed_shape(source.shape(move.source)) == want
+
+
 def assemble(source: TensorSource, moves: Sequence[TensorMove], abstract_params: dict, dtype,
-             ignored: Sequence[str] = (), desc: str = "tensors") -> dict:
+             ignored: Sequence[str] = (), desc: str = "tensors",
+             fresh: Callable[[TensorMove, tuple[int, ...]], np.ndarray] | None = None) -> dict:
     """The nested parameter dict shaped like `abstract_params` (ShapeDtypeStruct leaves),
-    filled from `source` in `dtype` after `check_moves`."""
+    filled from `source` in `dtype`.
+
+    Strict by default (`check_moves` first). With `fresh`, a move whose tensor is absent or
+    mis-shaped in `source` gets `fresh(move, shape)` instead: porting one layout into
+    another (SD3 → UniAlignment) keeps what fits and initialises the rest.
+    """
     flat = traverse_util.flatten_dict(abstract_params)
     shapes = {path: tuple(leaf.shape) for path, leaf in flat.items()}
-    check_moves(source, moves, shapes, ignored)
+    if fresh is None:
+        check_moves(source, moves, shapes, ignored)
     out = {path: np.empty(shape, dtype) for path, shape in shapes.items()}
     for m in tqdm(moves, desc=desc, unit="tensor", leave=False):
-        value = source.get(m.source)
-        if m.perm is not None:
-            value = value.transpose(m.perm)
+        full = shapes[m.target]
+        if fresh is not None and not fits(source, m, full):
+            value = fresh(m, full if m.layer is None else full[1:])
+        else:
+            value = source.get(m.source)
+            if m.perm is not None:
+                value = value.transpose(m.perm)
         if m.layer is None:
             out[m.target][...] = value
         else:

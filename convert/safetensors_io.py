@@ -70,12 +70,11 @@ class SafetensorsFile:
     def get(self, key: str) -> np.ndarray:
         """A fresh in-memory copy of one tensor (the file is not kept open)."""
         dtype, shape, begin, end = self._entries[key]
-        with open(self.path, "rb") as f:
-            if end == begin:
-                return np.zeros(shape, dtype)
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                buf = mm[self._data_start + begin:self._data_start + end]
-        return np.frombuffer(buf, dtype=dtype).reshape(shape).copy()
+        if end == begin:
+            return np.zeros(shape, dtype)
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            count = (end - begin) // np.dtype(dtype).itemsize
+            return np.frombuffer(mm, dtype, count, self._data_start + begin).reshape(shape).copy()
 
 
 class TensorSource:

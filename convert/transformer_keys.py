@@ -6,13 +6,12 @@ parameters that `MMDiT` has for a given configuration — nothing is listed by h
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from convert.param_mapping import CONV, LINEAR, TensorMove
+from unialign_jax.models.embeddings import sincos_2d_table
 from unialign_jax.models.mmdit import MMDiT, MMDiTConfig
 
 # Our module path (inside a block) → diffusers module name.
@@ -48,99 +47,80 @@ _TOP_MODULES = {
     ("adapter_text", "fc_1"): "siglip_adapter_text.fc.0",
     ("adapter_text", "fc_2"): "siglip_adapter_text.fc.2",
 }
-# Free-standing arrays: our path → (diffusers key, layout kind).
+# Free-standing arrays: our path → (diffusers key, axis permutation).
 _ARRAYS = {
-    ("pos_embed",): ("pos_embed.pos_embed", "copy"),
-    ("patch_embed", "kernel"): ("pos_embed.proj.weight", "conv"),
-    ("patch_embed", "bias"): ("pos_embed.proj.bias", "copy"),
-    ("null_image_embd",): ("null_image_embd", "copy"),
+    ("pos_embed",): ("pos_embed.pos_embed", None),
+    ("patch_embed", "kernel"): ("pos_embed.proj.weight", CONV),
+    ("patch_embed", "bias"): ("pos_embed.proj.bias", None),
+    ("null_image_embd",): ("null_image_embd", None),
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """One diffusers tensor and where it lands: `path` in our tree, row `layer` if stacked."""
-
-    torch_key: str
-    path: tuple[str, ...]
-    layer: int | None
-    kind: str  # "linear" (transpose), "conv" (OIHW → HWIO) or "copy"
-    shape: tuple[int, ...]  # the shape in our tree, without the layer axis
-
-    @property
-    def torch_shape(self) -> tuple[int, ...]:
-        if self.kind == "linear":
-            return self.shape[::-1]
-        if self.kind == "conv":
-            return (self.shape[3], self.shape[2], self.shape[0], self.shape[1])
-        return self.shape
-
-    def to_ours(self, array: np.ndarray) -> np.ndarray:
-        if self.kind == "linear":
-            return array.T
-        if self.kind == "conv":
-            return array.transpose(2, 3, 1, 0)
-        return array
-
-
 def abstract_params(config: MMDiTConfig) -> dict:
-    """Shapes and dtypes of the model's parameter tree, without allocating it."""
+    """Shapes and dtypes of the model's whole tree (the position buffer included), without
+    allocating it."""
     model = nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0)))
     return nnx.to_pure_dict(nnx.state(model))
 
 
-def _module_key(path: tuple[str, ...], table: dict) -> tuple[str, str]:
-    """(diffusers key, kind) of a Linear's kernel/bias at `path`."""
+def _linear_key(path: tuple[str, ...], table: dict) -> tuple[str, tuple[int, ...] | None]:
+    """(diffusers key, permutation) of a Linear's kernel/bias at `path`."""
     *module, leaf = path
     name = table[tuple(module)]
-    return f"{name}.{'weight' if leaf == 'kernel' else 'bias'}", "linear" if leaf == "kernel" else "copy"
+    return (f"{name}.weight", LINEAR) if leaf == "kernel" else (f"{name}.bias", None)
 
 
-def tensor_specs(config: MMDiTConfig) -> list[TensorSpec]:
-    """Every diffusers tensor of a `config` model, in our tree's order."""
+def tensor_moves(config: MMDiTConfig) -> list[TensorMove]:
+    """Every diffusers tensor of a `config` model and where it lands, in our tree's order."""
     flat = jax.tree_util.tree_flatten_with_path(abstract_params(config))[0]
-    specs = []
+    moves = []
     last = config.num_layers - 1
     for keypath, leaf in flat:
         path = tuple(k.key for k in keypath)
-        shape = tuple(leaf.shape)
         if path[0] == "blocks":
-            name, kind = _module_key(path[1:], _BLOCK_MODULES)
-            specs += [TensorSpec(f"transformer_blocks.{i}.{name}", path, i, kind, shape[1:])
-                      for i in range(shape[0])]
+            name, perm = _linear_key(path[1:], _BLOCK_MODULES)
+            moves += [TensorMove(f"transformer_blocks.{i}.{name}", path, perm, i)
+                      for i in range(leaf.shape[0])]
         elif path[0] == "final_block":
-            name, kind = _module_key(path[1:], _BLOCK_MODULES)
-            specs.append(TensorSpec(f"transformer_blocks.{last}.{name}", path, None, kind, shape))
-        elif path in _ARRAYS:
-            name, kind = _ARRAYS[path]
-            specs.append(TensorSpec(name, path, None, kind, shape))
+            name, perm = _linear_key(path[1:], _BLOCK_MODULES)
+            moves.append(TensorMove(f"transformer_blocks.{last}.{name}", path, perm))
         else:
-            name, kind = _module_key(path, _TOP_MODULES)
-            specs.append(TensorSpec(name, path, None, kind, shape))
-    return specs
+            name, perm = _ARRAYS.get(path) or _linear_key(path, _TOP_MODULES)
+            moves.append(TensorMove(name, path, perm))
+    return moves
+
+
+def _source_shape(move: TensorMove, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The diffusers shape of a tensor whose place in our tree has `shape`."""
+    if move.perm is None:
+        return shape
+    out = [0] * len(shape)
+    for ours, theirs in enumerate(move.perm):
+        out[theirs] = shape[ours]
+    return tuple(out)
 
 
 def torch_shapes(config: MMDiTConfig) -> dict[str, tuple[int, ...]]:
     """The diffusers state-dict layout (key → shape) that a `config` model converts from."""
-    return {s.torch_key: s.torch_shape for s in tensor_specs(config)}
+    leaves = {tuple(k.key for k in kp): tuple(leaf.shape) for kp, leaf in
+              jax.tree_util.tree_flatten_with_path(abstract_params(config))[0]}
+    return {m.source: _source_shape(m, leaves[m.target][0 if m.layer is None else 1:])
+            for m in tensor_moves(config)}
 
 
-def fresh_value(spec: TensorSpec, config: MMDiTConfig, rng: np.random.Generator) -> np.ndarray:
-    """A new value for a tensor the source lacks: LeCun-normal kernels, zero biases, the
-    fixed sin-cos position table, small-normal null tokens (as `MMDiT`'s own initialisers)."""
-    from unialign_jax.models.embeddings import sincos_2d_table
+def fresh_initialiser(config: MMDiTConfig, seed: int = 0):
+    """`fresh(move, shape)` for tensors the source lacks: LeCun-normal kernels, zero biases,
+    the fixed sin-cos position table, small-normal null tokens (as `MMDiT` initialises)."""
+    rng = np.random.default_rng(seed)
 
-    if spec.path == ("pos_embed",):
-        return np.asarray(sincos_2d_table(config.width, config.pos_embed_max_size,
-                                          config.sample_size // config.patch_size))[None]
-    if spec.path == ("null_image_embd",):
-        return 0.02 * rng.standard_normal(spec.shape, dtype=np.float32)
-    if spec.path[-1] == "kernel":
-        fan_in = int(np.prod(spec.shape[:-1]))
-        return rng.standard_normal(spec.shape, dtype=np.float32) / np.sqrt(fan_in)
-    return np.zeros(spec.shape, np.float32)
+    def fresh(move: TensorMove, shape: tuple[int, ...]) -> np.ndarray:
+        if move.target == ("pos_embed",):
+            return np.asarray(sincos_2d_table(config.width, config.pos_embed_max_size,
+                                              config.sample_size // config.patch_size))[None]
+        if move.target == ("null_image_embd",):
+            return 0.02 * rng.standard_normal(shape, dtype=np.float32)
+        if move.target[-1] == "kernel":
+            return rng.standard_normal(shape, dtype=np.float32) / np.sqrt(np.prod(shape[:-1]))
+        return np.zeros(shape, np.float32)
 
-
-def empty_tree(config: MMDiTConfig, dtype) -> dict:
-    """Uninitialised host arrays for the whole output tree: the converter's one copy."""
-    return jax.tree.map(lambda a: np.empty(a.shape, jnp.dtype(dtype)), abstract_params(config))
+    return fresh

@@ -69,7 +69,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         torch_model.save_pretrained(os.path.join(tmp, "src"))
-        convert_transformer(os.path.join(tmp, "src"), os.path.join(tmp, "dst"), progress=False)
+        convert_transformer(os.path.join(tmp, "src"), os.path.join(tmp, "dst"))
         model = unialign_jax.load_transformer(os.path.join(tmp, "dst"),
                                               dtype=jnp.dtype(args.dtype),
                                               attention_impl=args.attention)

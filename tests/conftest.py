@@ -27,5 +27,5 @@ def tiny_transformer_dir(tmp_path_factory) -> str:
 
     src = shared_fixture("unialignment_tiny", "config.json")
     dst = str(tmp_path_factory.mktemp("converted") / "unialignment_tiny")
-    convert_transformer(os.path.dirname(src), dst, progress=False)
+    convert_transformer(os.path.dirname(src), dst)
     return dst

@@ -15,7 +15,7 @@ import unialign_jax
 from conftest import shared_fixture
 from convert.safetensors_io import ConversionError
 from convert.transformer import convert_transformer
-from convert.transformer_keys import tensor_specs, torch_shapes
+from convert.transformer_keys import tensor_moves, torch_shapes
 from unialign_jax.models.mmdit import MMDiTConfig
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -65,30 +65,33 @@ def _converted_tree(dst, config):
     from flax import nnx
     tree = nnx.to_pure_dict(nnx.state(model))
     out = {}
-    for spec in tensor_specs(config):
+    for move in tensor_moves(config):
         value = tree
-        for name in spec.path:
+        for name in move.target:
             value = value[name]
-        value = np.asarray(value if spec.layer is None else value[spec.layer])
-        out[spec.torch_key] = value
+        out[move.source] = np.asarray(value if move.layer is None else value[move.layer])
     return out
+
+
+def _ours(move, value):
+    """A diffusers tensor in our layout."""
+    return value if move.perm is None else value.transpose(move.perm)
 
 
 def test_sharded_source_round_trips_exactly(tmp_path):
     config = MMDiTConfig.tiny()
     tensors = _write_source(tmp_path / "src", config, shards=3)
-    convert_transformer(str(tmp_path / "src"), str(tmp_path / "dst"), progress=False)
+    convert_transformer(str(tmp_path / "src"), str(tmp_path / "dst"))
     ours = _converted_tree(str(tmp_path / "dst"), config)
-    specs = {s.torch_key: s for s in tensor_specs(config)}
+    moves = {m.source: m for m in tensor_moves(config)}
     for key, value in tensors.items():
-        np.testing.assert_array_equal(ours[key], specs[key].to_ours(value), err_msg=key)
+        np.testing.assert_array_equal(ours[key], _ours(moves[key], value), err_msg=key)
 
 
 def test_bfloat16_storage(tmp_path):
     config = MMDiTConfig.tiny()
     tensors = _write_source(tmp_path / "src", config)
-    convert_transformer(str(tmp_path / "src"), str(tmp_path / "dst"), dtype="bfloat16",
-                        progress=False)
+    convert_transformer(str(tmp_path / "src"), str(tmp_path / "dst"), dtype="bfloat16")
     model = unialign_jax.load_transformer(str(tmp_path / "dst"), dtype=jnp.bfloat16)
     kernel = model.context_embedder.kernel[...]
     assert kernel.dtype == jnp.bfloat16
@@ -99,7 +102,7 @@ def test_bfloat16_storage(tmp_path):
 def test_sd3_to_unialignment_port(tmp_path):
     source = _write_source(tmp_path / "src", SD3)
     report = convert_transformer(str(tmp_path / "src"), str(tmp_path / "dst"),
-                                 to_unialignment=True, vocab_size=50, progress=False)
+                                 to_unialignment=True, vocab_size=50)
     target = SD3.as_unialignment(50)
     last = SD3.num_layers - 1
     expected_init = ({k for k in torch_shapes(target) if k not in source}
@@ -116,11 +119,11 @@ def test_sd3_to_unialignment_port(tmp_path):
     assert set(on_disk["initialised"]) == expected_init and set(on_disk["dropped"]) == dropped
 
     ours = _converted_tree(str(tmp_path / "dst"), target)
-    specs = {s.torch_key: s for s in tensor_specs(target)}
+    moves = {m.source: m for m in tensor_moves(target)}
     kept = set(torch_shapes(target)) - expected_init
     assert f"transformer_blocks.{last}.attn.to_q.weight" in kept
     for key in kept:
-        np.testing.assert_array_equal(ours[key], specs[key].to_ours(source[key]), err_msg=key)
+        np.testing.assert_array_equal(ours[key], _ours(moves[key], source[key]), err_msg=key)
     # the ported model runs every task path
     model = unialign_jax.load_transformer(str(tmp_path / "dst"))
     out = model(jnp.ones((1, 8, 8, 16)), jnp.ones((1,)), jnp.ones((1, 3, SD3.joint_attention_dim)),
@@ -131,7 +134,7 @@ def test_sd3_to_unialignment_port(tmp_path):
 def _assert_fails(tmp_path, match, **kwargs):
     dst = tmp_path / "dst"
     with pytest.raises(ConversionError, match=match):
-        convert_transformer(str(tmp_path / "src"), str(dst), progress=False, **kwargs)
+        convert_transformer(str(tmp_path / "src"), str(dst), **kwargs)
     assert not dst.exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".dst")], "partial output left"
 
@@ -142,8 +145,8 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
     del tensors["transformer_blocks.1.attn.to_q.weight"]
     tensors["some.extra.weight"] = np.zeros(3, np.float32)
     _write_source(tmp_path / "src", config, tensors)
-    _assert_fails(tmp_path, r"missing keys \(1\): transformer_blocks\.1\.attn\.to_q\.weight"
-                            r"(.|\n)*unexpected keys \(1\): some\.extra\.weight")
+    _assert_fails(tmp_path, r"missing tensors: transformer_blocks\.1\.attn\.to_q\.weight"
+                            r"(.|\n)*unexpected tensors.*: some\.extra\.weight")
 
 
 def test_shape_mismatch_names_key_and_shapes(tmp_path):
@@ -151,8 +154,8 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path):
     tensors = {k: np.zeros(s, np.float32) for k, s in torch_shapes(config).items()}
     tensors["context_embedder.weight"] = np.zeros((32, 31), np.float32)
     _write_source(tmp_path / "src", config, tensors)
-    _assert_fails(tmp_path, r"shape mismatch for context_embedder\.weight: expected \(32, 32\), "
-                            r"found \(32, 31\)")
+    _assert_fails(tmp_path, r"shape mismatches: context_embedder\.weight \(32, 31\) "
+                            r"\(expected \(32, 32\)\)")
 
 
 def test_unknown_class(tmp_path):
@@ -179,9 +182,9 @@ def test_non_empty_destination_needs_force(tmp_path):
     (tmp_path / "dst").mkdir()
     (tmp_path / "dst" / "keep.txt").write_text("user data")
     with pytest.raises(FileExistsError, match="--force"):
-        convert_transformer(str(tmp_path / "src"), str(tmp_path / "dst"), progress=False)
+        convert_transformer(str(tmp_path / "src"), str(tmp_path / "dst"))
     assert (tmp_path / "dst" / "keep.txt").read_text() == "user data"
-    convert_transformer(str(tmp_path / "src"), str(tmp_path / "dst"), force=True, progress=False)
+    convert_transformer(str(tmp_path / "src"), str(tmp_path / "dst"), force=True)
     assert not (tmp_path / "dst" / "keep.txt").exists()
     assert (tmp_path / "dst" / "config.json").exists()
 
