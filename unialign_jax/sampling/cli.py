@@ -1,0 +1,347 @@
+"""`unialign-sample`: the five tasks from the command line, resumable, one PNG + JSON each.
+
+Every output `NNNNN.png` gets a sidecar `NNNNN.json` with everything needed to redo it
+(task, prompt, source images, seed, steps, guidance, shift, resolution, checkpoint); a
+rerun skips items whose sidecar already holds the same settings. Captions are printed,
+stored in the sidecars and gathered in `captions.jsonl`. A bad item (unreadable image,
+too many condition images, ...) is reported and skipped; the others are still written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from tqdm.auto import tqdm
+
+from unialign_jax.sampling.outputs import read_json, save_json, save_jsonl, save_png
+from unialign_jax.sampling.pipeline import (DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT,
+                                            DEFAULT_STEPS, MAX_CONDITION_IMAGES)
+from unialign_jax.sampling.preprocess import InputError, check_resolution, load_image
+
+TASKS = {
+    "t2i": "text-to-image from prompts",
+    "edit": "edit images by instructions",
+    "perceive": "perception maps (depth, segmentation, ...) through the editing path",
+    "compose": "compose 1-3 condition images into one, following an instruction",
+    "caption": "caption images, or answer a question about them (--prompt)",
+}
+EXAMPLES = """examples:
+  unialign-sample t2i --ckpt ckpt/ua --prompt "a red cube on a table" --out out/
+  unialign-sample t2i --ckpt ckpt/ua --prompts-file prompts.txt --steps 50 --out out/
+  unialign-sample edit --ckpt ckpt/ua --image cat.png --prompt "make it a tiger" --out out/
+  unialign-sample perceive --ckpt ckpt/ua --image room.jpg --prompt "depth map" --out out/
+  unialign-sample compose --ckpt ckpt/ua --image a.png --image b.png --prompt "..." --out out/
+  unialign-sample caption --ckpt ckpt/ua --image photo.jpg --out out/
+
+--prompts-file: a text file (one prompt per line), or a .jsonl file with one object per
+line: {"prompt": ..., "image": path} or {"prompt": ..., "images": [paths]}, optional
+"seed". Relative image paths are looked up beside the .jsonl file.
+Pairing of --image and prompts (edit, perceive, caption): one image with many prompts,
+many images with one prompt, or as many of each (in order).
+"""
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared with `unialign-semgen`: the checkpoint and how to run it."""
+    parser.add_argument("--ckpt", required=True,
+                        help="converted pipeline folder (unialign-convert pipeline)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype of the transformer and T5; the VAE stays float32 "
+                             "(default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="items per compiled call, split over the devices "
+                             "(default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="base seed: item i uses seed + i (default %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def load_pipeline_from_args(args):
+    """The pipeline of --ckpt, weights placed on all local devices as they are read."""
+    import jax.numpy as jnp
+
+    from unialign_jax.checkpoints.pipeline import load_pipeline
+    from unialign_jax.parallel import module_shardings
+    from unialign_jax.sampling.placement import default_mesh
+
+    if not os.path.isdir(args.ckpt):
+        raise InputError(f"checkpoint folder not found: {args.ckpt}")
+    mesh = default_mesh()
+    return load_pipeline(args.ckpt, jnp.dtype(args.dtype), shardings=module_shardings(mesh),
+                         mesh=mesh, batch_size=args.batch_size, progress=not args.no_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unialign-sample", epilog=EXAMPLES,
+        description="Text-to-image, editing, perception, composition and captioning with a "
+                    "converted UniAlignment checkpoint. Writes NNNNN.png + NNNNN.json "
+                    "(settings) per item; reruns skip finished items.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
+    for task, text in TASKS.items():
+        p = sub.add_parser(task, help=text, description=text, epilog=EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_model_args(p)
+        p.add_argument("--out", required=True, help="output folder (created)")
+        p.add_argument("--prompt", action="append", default=[],
+                       help="a prompt / instruction / question (repeatable)")
+        p.add_argument("--prompts-file",
+                       help="prompts: .txt, one a line, or .jsonl items (see below)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="redo items whose outputs already exist")
+        if task == "t2i":
+            p.add_argument("--height", type=int, default=512,
+                           help="pixels, a multiple of 16 (default %(default)s)")
+            p.add_argument("--width", type=int, default=512,
+                           help="pixels, a multiple of 16 (default %(default)s)")
+        else:
+            p.add_argument("--image", action="append", default=[],
+                           help="input image (repeatable; compose: the condition images)")
+            p.add_argument("--resolution", type=int, default=512,
+                           help="square side in pixels, a multiple of 16; inputs are resized "
+                                "(short side, bicubic) and center-cropped (default %(default)s)")
+        if task == "caption":
+            p.add_argument("--steps", type=int, default=32,
+                           help="unmasking steps, 32-64 (default %(default)s)")
+            p.add_argument("--length", type=int, default=256,
+                           help="token positions (default %(default)s)")
+        else:
+            p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                           help="Euler steps, 28-50 (default %(default)s)")
+            p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                           help="classifier-free guidance scale (default %(default)s)")
+            p.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT,
+                           help="negative prompt (default: the release's)")
+    return parser
+
+
+def _resolve(path: str, base: str) -> str:
+    """`path` as given if it exists, else relative to `base` (the .jsonl's folder)."""
+    return path if os.path.exists(path) or os.path.isabs(path) else os.path.join(base, path)
+
+
+def read_prompts_file(path: str) -> tuple[list[str], list[dict]]:
+    """(prompts, items): text lines, or .jsonl objects with their image paths resolved."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f]
+    except OSError as e:
+        raise InputError(f"cannot read prompts file {path}: {e.strerror or e}") from None
+    if not path.endswith(".jsonl"):
+        return [line for line in lines if line.strip()], []
+    base = os.path.dirname(os.path.abspath(path))
+    items = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise InputError(f"{path}:{n}: expected a JSON object")
+        images = rec.get("images", [rec["image"]] if "image" in rec else [])
+        items.append({"prompt": rec.get("prompt"), "seed": rec.get("seed"),
+                      "images": [_resolve(str(p), base) for p in images]})
+    return [], items
+
+
+def collect_items(args) -> list[dict]:
+    """One dict per output (prompt, images, seed), from the flags and the prompts file."""
+    prompts, file_items = list(args.prompt), []
+    if args.prompts_file:
+        more, file_items = read_prompts_file(args.prompts_file)
+        prompts += more
+    images = getattr(args, "image", [])
+    if args.task == "t2i":
+        if images or any(it["images"] for it in file_items):
+            raise InputError("t2i takes no images")
+        items = [{"prompt": p, "images": []} for p in prompts]
+    elif args.task == "compose":
+        if prompts and not images:
+            raise InputError("compose needs --image (the condition images)")
+        items = [{"prompt": p, "images": list(images)} for p in prompts]
+    elif args.task == "caption" and not prompts:
+        items = [{"prompt": None, "images": [im]} for im in images]
+    else:
+        items = [{"prompt": p, "images": [im]} for im, p in _pair(images, prompts)]
+    items += file_items
+    if not items:
+        raise InputError("nothing to do: give --prompt/--image or --prompts-file")
+    for i, item in enumerate(items):
+        if item.get("seed") is None:
+            item["seed"] = args.seed + i
+    return items
+
+
+def _pair(images: Sequence[str], prompts: Sequence[str]) -> list[tuple[str, str]]:
+    if not images and not prompts:
+        return []
+    if not images or not prompts:
+        raise InputError("this task needs both --image and --prompt (or a .jsonl file)")
+    if len(images) == 1:
+        return [(images[0], p) for p in prompts]
+    if len(prompts) == 1:
+        return [(im, prompts[0]) for im in images]
+    if len(images) != len(prompts):
+        raise InputError(f"{len(images)} images and {len(prompts)} prompts cannot be paired")
+    return list(zip(images, prompts))
+
+
+def settings_of(args, item: dict, index: int) -> dict:
+    """Everything that determines an output; its sidecar holds exactly these (+ results)."""
+    s = {"task": args.task, "index": index, "prompt": item["prompt"], "seed": item["seed"],
+         "images": [os.path.abspath(p) for p in item["images"]], "steps": args.steps,
+         "checkpoint": os.path.abspath(args.ckpt), "dtype": args.dtype}
+    if args.task == "t2i":
+        s.update(height=args.height, width=args.width)
+    else:
+        s.update(height=args.resolution, width=args.resolution)
+    if args.task == "caption":
+        s.update(length=args.length)
+    else:
+        s.update(guidance=args.guidance, negative_prompt=args.negative_prompt)
+    return s
+
+
+def item_problem(args, item: dict) -> str | None:
+    """Why an item cannot run, found without the model (None when it looks fine)."""
+    if args.task != "caption" and not isinstance(item["prompt"], str):
+        return "no prompt"
+    if args.task != "t2i" and not item["images"]:
+        return "no image"
+    if args.task in ("edit", "perceive", "caption") and len(item["images"]) != 1:
+        return f"{len(item['images'])} images; this task takes one"
+    if len(item["images"]) > MAX_CONDITION_IMAGES:
+        return (f"{len(item['images'])} condition images; the model takes at most "
+                f"{MAX_CONDITION_IMAGES}")
+    return None
+
+
+def run_task(pipe, args, items: list[dict]) -> None:
+    """Runs `items` in one pipeline call; each result goes to its item's writer at once."""
+    seeds = [it["seed"] for it in items]
+    common = dict(num_steps=args.steps, seed=seeds,
+                  on_result=lambda i, result: items[i]["write"](result))
+    if args.task == "t2i":
+        pipe.generate([it["prompt"] for it in items], negative_prompt=args.negative_prompt,
+                      height=args.height, width=args.width, guidance_scale=args.guidance,
+                      **common)
+    elif args.task == "caption":
+        pipe.caption([it["loaded"][0] for it in items],
+                     prompt=[it["prompt"] or "" for it in items], resolution=args.resolution,
+                     length=args.length, **common)
+    else:
+        pipe.compose([it["loaded"] for it in items], [it["prompt"] for it in items],
+                      negative_prompt=args.negative_prompt, resolution=args.resolution,
+                      guidance_scale=args.guidance, **common)
+
+
+def run_skipping_bad_items(run: Callable[[list[dict]], None], items: list[dict],
+                           report: Callable[[dict, str], None]) -> None:
+    """`run(items)`; if the pipeline rejects the batch (it checks everything before
+    compiling), the items are retried one by one so that only the bad ones are skipped."""
+    try:
+        run(items)
+    except InputError as e:
+        if len(items) == 1:
+            report(items[0], str(e))
+            return
+        for item in items:
+            run_skipping_bad_items(run, [item], report)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.task == "t2i":
+            check_resolution(args.height, args.width)
+        else:
+            check_resolution(args.resolution, args.resolution)
+        if args.steps < 1:
+            raise InputError(f"--steps must be at least 1, got {args.steps}")
+        items = collect_items(args)
+    except InputError as e:
+        parser.error(str(e))
+
+    os.makedirs(args.out, exist_ok=True)
+    written, failed, todo = [], [], []
+    already_done = 0
+
+    def report(item, message):
+        failed.append(item["settings"]["index"])
+        print(f"skipping item {item['settings']['index']}: {message}", file=sys.stderr)
+
+    for index, item in enumerate(items):
+        item["settings"] = settings_of(args, item, index)
+        stem = os.path.join(args.out, f"{index:05d}")
+        item["sidecar"] = stem + ".json"
+        if not args.overwrite and _is_done(args, item, stem):
+            already_done += 1
+            continue
+        problem = item_problem(args, item)
+        if problem is None:
+            try:
+                item["loaded"] = [load_image(p) for p in item["images"]]
+            except InputError as e:
+                problem = str(e)
+        if problem is not None:
+            report(item, problem)
+            continue
+        item["write"] = _writer(args, item, stem, written)
+        todo.append(item)
+
+    if todo:
+        try:
+            pipe = load_pipeline_from_args(args)
+        except (InputError, OSError, ValueError) as e:
+            print(f"error: cannot load {args.ckpt}: {e}", file=sys.stderr)
+            return 1
+        run_skipping_bad_items(lambda chunk: run_task(pipe, args, chunk), todo, report)
+    if args.task == "caption":
+        _gather_captions(args.out, items)
+    print(f"{len(written)} written, {already_done} already done, {len(failed)} skipped as "
+          f"bad -> {args.out}")
+    return 1 if failed else 0
+
+
+def _is_done(args, item: dict, stem: str) -> bool:
+    """A sidecar with the same settings exists (written last, so the PNG is complete)."""
+    old = read_json(item["sidecar"])
+    same = old is not None and all(old.get(k) == v for k, v in item["settings"].items())
+    return same and (args.task == "caption" or os.path.exists(stem + ".png"))
+
+
+def _writer(args, item: dict, stem: str, written: list) -> Callable[[Any], None]:
+    """Saves one result: the PNG first, then the sidecar that marks the item done."""
+    def write(result):
+        if args.task == "caption":
+            tqdm.write(f"[{item['settings']['index']}] {result}")
+            save_json({**item["settings"], "caption": result}, item["sidecar"])
+        else:
+            save_png(result, stem + ".png")
+            save_json(item["settings"], item["sidecar"])
+        written.append(item["settings"]["index"])
+
+    return write
+
+
+def _gather_captions(out: str, items: list[dict]) -> None:
+    """captions.jsonl: every finished caption in item order (rewritten whole each run)."""
+    records = []
+    for item in items:
+        side = read_json(item["sidecar"])
+        if side is not None and "caption" in side:
+            records.append({"index": side["index"], "image": side["images"][0],
+                            "prompt": side["prompt"], "caption": side["caption"]})
+    save_jsonl(records, os.path.join(out, "captions.jsonl"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""`UniAlignPipeline`: the five tasks from Python, for notebooks and the command line.
+
+Strings and PIL images (or arrays, or paths) in, PIL images and strings out. All input
+checks happen first, so bad input fails before anything compiles. Work is split into
+chunks of at most `batch_size` items (the last one padded, so every chunk reuses the same
+compiled loops), each chunk split over the mesh's batch axes. Every item has its own
+seed: an image depends on its prompt, inputs and seed, not on what it was batched with
+(bit for bit at a fixed batch size; across batch sizes up to float rounding).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from PIL import Image
+from tqdm.auto import tqdm
+
+from unialign_jax.sampling import placement
+from unialign_jax.sampling.caption import ModelDenoiser, sample_caption
+from unialign_jax.sampling.flow import sample_images
+from unialign_jax.sampling.preprocess import (InputError, check_prompts, check_resolution,
+                                              load_image, preprocess, to_pil)
+from unialign_jax.text.tokenizer import MAX_LENGTH, decode, tokenize
+
+DEFAULT_NEGATIVE_PROMPT = (
+    "low quality, blurry, low resolution, backlit, cartoon, animated, deformed, "
+    "oversaturated, undersaturated, out of frame")
+# Composition in the release uses up to 3 condition images (spec section 1).
+MAX_CONDITION_IMAGES = 3
+DEFAULT_STEPS = 28
+DEFAULT_GUIDANCE = 7.0
+
+# Called with (item index, output) as soon as an output exists, so that batch writers can
+# save each chunk before the next one runs.
+OnResult = Callable[[int, Any], None]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _call(graphdef, method: str, state, *args):
+    """A module method under jit, cached per (module structure, method, shapes)."""
+    return getattr(nnx.merge(graphdef, state), method)(*args)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _noise(keys, shape):
+    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+
+
+def _item_keys(seeds: Sequence[int], stream: int) -> jax.Array:
+    """(B,) keys of one random stream (noise, VAE posterior of condition k, ...) per item."""
+    return jnp.stack([jax.random.fold_in(jax.random.key(s), stream) for s in seeds])
+
+
+def _seeds(seed: int | Sequence[int], n: int) -> list[int]:
+    """One seed per item: `seed + i` for an int, or the given list."""
+    if isinstance(seed, (int, np.integer)):
+        return [int(seed) + i for i in range(n)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != n:
+        raise InputError(f"got {len(seeds)} seeds for {n} items")
+    return seeds
+
+
+def _check_steps(num_steps: int) -> None:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) \
+            or num_steps < 1:
+        raise InputError(f"num_steps must be a positive integer, got {num_steps!r}")
+
+
+def _per_item(text: str | Sequence[str], n: int, what: str) -> list[str]:
+    """One string per item: a lone string is repeated, a list must have length n."""
+    texts = check_prompts([text] * n if isinstance(text, str) else text, what)
+    if len(texts) != n:
+        raise InputError(f"got {len(texts)} {what}s for {n} items")
+    return texts
+
+
+class UniAlignPipeline:
+    """Text-to-image, editing, perception, composition and captioning with one model.
+
+    Args:
+      components: a `PipelineComponents` (transformer, t5, vae, tokenizer, scheduler dict
+        with 'shift' and 'num_train_timesteps', mask_token_id, path), as built by
+        `unialign_jax.load_pipeline`.
+      mesh: a `unialign_jax.parallel.make_mesh` mesh (default: every device on 'fsdp');
+        each batch is split over data × fsdp and the weights are placed by the logical-axis
+        rules (FSDP), moved there in place unless loaded with
+        `shardings=module_shardings(mesh)`, which places them as they are read.
+      batch_size: items per compiled call (rounded up to a multiple of the batch split).
+      progress: show tqdm progress bars (in steps, over all items).
+
+    Every task takes `seed` (an int: item i uses seed + i; or one seed per item) and
+    `on_result(index, output)`, called as each output is ready.
+    """
+
+    def __init__(self, components, *, mesh: Mesh | None = None, batch_size: int = 4,
+                 progress: bool = True):
+        if batch_size < 1:
+            raise InputError(f"batch_size must be at least 1, got {batch_size}")
+        self.components = components
+        self.mesh = mesh if mesh is not None else placement.default_mesh()
+        self.batch_size = batch_size
+        self.progress = progress
+        if self.mesh.size > 1:
+            for module in (components.transformer, components.t5, components.vae):
+                placement.place_module(module, self.mesh)
+        cfg = components.transformer.config
+        self.latent_channels = cfg.in_channels
+        self.downsampling = components.vae.cfg.downsample_factor
+        self.max_side = cfg.pos_embed_max_size * cfg.patch_size * self.downsampling
+        self.shift = float(components.scheduler.get("shift", 3.0))
+        self.num_train_timesteps = int(components.scheduler.get("num_train_timesteps", 1000))
+
+    # -- the five tasks -----------------------------------------------------------------
+    def generate(self, prompts: str | Sequence[str], *,
+                 negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT, height: int = 512,
+                 width: int = 512, num_steps: int = DEFAULT_STEPS,
+                 guidance_scale: float = DEFAULT_GUIDANCE, seed: int | Sequence[int] = 0,
+                 on_result: OnResult | None = None) -> list[Image.Image]:
+        """Text-to-image: one image per prompt (`negative_prompt=None`: no guidance)."""
+        prompts = check_prompts(prompts)
+        check_resolution(height, width, self.max_side)
+        return self._diffuse(prompts, [[] for _ in prompts], height, width, negative_prompt,
+                             num_steps, guidance_scale, _seeds(seed, len(prompts)), on_result)
+
+    def edit(self, images: Sequence[Any], instructions: str | Sequence[str], *,
+             negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT, resolution: int = 512,
+             num_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
+             seed: int | Sequence[int] = 0,
+             on_result: OnResult | None = None) -> list[Image.Image]:
+        """Edits each image by its instruction (one instruction may serve all images)."""
+        images = self._images(images)
+        return self.compose([[im] for im in images], instructions,
+                            negative_prompt=negative_prompt, resolution=resolution,
+                            num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
+                            on_result=on_result)
+
+    def perceive(self, images: Sequence[Any], instructions: str | Sequence[str],
+                 **kwargs) -> list[Image.Image]:
+        """Perception (depth, segmentation, ... drawn as an image): the editing path with an
+        instruction that asks for the map, e.g. "Generate the depth map of this image"."""
+        return self.edit(images, instructions, **kwargs)
+
+    def compose(self, image_lists: Sequence[Sequence[Any]], instructions: str | Sequence[str],
+                *, negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
+                resolution: int = 512, num_steps: int = DEFAULT_STEPS,
+                guidance_scale: float = DEFAULT_GUIDANCE, seed: int | Sequence[int] = 0,
+                on_result: OnResult | None = None) -> list[Image.Image]:
+        """One output per list of condition images (1 to 3 each), following the instruction."""
+        lists = [self._images(images) for images in image_lists]
+        if not lists:
+            raise InputError("the list of condition-image lists is empty")
+        for i, images in enumerate(lists):
+            if len(images) > MAX_CONDITION_IMAGES:
+                raise InputError(f"item {i} has {len(images)} condition images; the model "
+                                 f"takes at most {MAX_CONDITION_IMAGES}")
+        instructions = _per_item(instructions, len(lists), "instruction")
+        check_resolution(resolution, resolution, self.max_side)
+        return self._diffuse(instructions, lists, resolution, resolution, negative_prompt,
+                             num_steps, guidance_scale, _seeds(seed, len(lists)), on_result)
+
+    def caption(self, images: Sequence[Any], *, prompt: str | Sequence[str] | None = None,
+                resolution: int = 512, length: int = MAX_LENGTH, num_steps: int = 32,
+                seed: int | Sequence[int] = 0, on_result: OnResult | None = None) -> list[str]:
+        """Captions (or, with a question as `prompt`, answers) by masked diffusion.
+
+        The prompt's tokens stay fixed at the start of the sequence; the returned text is
+        what follows them.
+        """
+        images = self._images(images)
+        check_resolution(resolution, resolution, self.max_side)
+        _check_steps(num_steps)
+        prompts = _per_item("" if prompt is None else prompt, len(images), "prompt")
+        prefixes = self._prompt_tokens(prompts, length)
+        seeds = _seeds(seed, len(images))
+        t5_def, t5_state = nnx.split(self.components.t5)
+        tr_def, tr_state = nnx.split(self.components.transformer)
+        texts: dict[int, str] = {}
+        with self._bar(len(images) * num_steps, "caption") as bar:
+            for idx, real in self._chunks(range(len(images))):
+                pixels = preprocess([images[i] for i in idx], resolution)
+                latents = self._encode_images(pixels, [seeds[i] for i in idx], stream=1)
+                init = np.full((len(idx), length), self.components.mask_token_id, np.int32)
+                for row, i in enumerate(idx):
+                    init[row, :len(prefixes[i])] = prefixes[i]
+                out = sample_caption(ModelDenoiser(t5_def, tr_def),
+                                     (t5_state, tr_state, latents), self._shard(init),
+                                     self._shard(_item_keys([seeds[i] for i in idx], 0)),
+                                     mask_id=self.components.mask_token_id,
+                                     num_steps=num_steps)
+                ids = np.asarray(out.ids)
+                for row, i in enumerate(idx[:real]):
+                    texts[i] = decode(self.components.tokenizer,
+                                      ids[row:row + 1, len(prefixes[i]):])[0]
+                    if on_result is not None:
+                        on_result(i, texts[i])
+                bar.update(real * num_steps)
+        return [texts[i] for i in range(len(images))]
+
+    # -- shared machinery ---------------------------------------------------------------
+    def _diffuse(self, prompts: list[str], condition_images: list[list[Image.Image]],
+                 height: int, width: int, negative_prompt: str | None, num_steps: int,
+                 guidance_scale: float, seeds: list[int],
+                 on_result: OnResult | None) -> list[Image.Image]:
+        """Flow sampling for every item, chunked by number of condition images."""
+        _check_steps(num_steps)
+        if negative_prompt is not None:
+            check_prompts([negative_prompt], "negative prompt")
+        negative = (None if negative_prompt is None
+                    else self.encode_text([negative_prompt], batch=False))
+        latent_shape = (height // self.downsampling, width // self.downsampling,
+                        self.latent_channels)
+        results: dict[int, Image.Image] = {}
+        with self._bar(len(prompts) * num_steps, "sample") as bar:
+            for count in sorted({len(c) for c in condition_images}):
+                group = [i for i, c in enumerate(condition_images) if len(c) == count]
+                for items, real in self._chunks(group, len(prompts)):
+                    item_seeds = [seeds[i] for i in items]
+                    conditions = [
+                        self._encode_images(preprocess([condition_images[i][k] for i in items],
+                                                       height), item_seeds, stream=1 + k)
+                        for k in range(count)]
+                    noise = self._shard(_noise(_item_keys(item_seeds, 0), latent_shape))
+                    latents = sample_images(
+                        self.components.transformer, noise,
+                        self.encode_text([prompts[i] for i in items]), negative,
+                        num_steps=num_steps, guidance_scale=guidance_scale, shift=self.shift,
+                        conditions=conditions, num_train_timesteps=self.num_train_timesteps)
+                    decoded = to_pil(self._module_call(self.components.vae, "decode", latents))
+                    for i, image in zip(items[:real], decoded[:real]):
+                        results[i] = image
+                        if on_result is not None:
+                            on_result(i, image)
+                    bar.update(real * num_steps)
+        return [results[i] for i in range(len(prompts))]
+
+    def encode_text(self, texts: Sequence[str], batch: bool = True) -> jax.Array:
+        """(B, 256, D) T5 states, tokenized as in training (`</s>`-padded, no mask).
+
+        `batch=False` keeps the result whole on every device (the one negative prompt)."""
+        ids = self._shard(tokenize(self.components.tokenizer, list(texts), MAX_LENGTH), batch)
+        return self._module_call(self.components.t5, "__call__", ids)
+
+    def _encode_images(self, pixels: np.ndarray, seeds: list[int], stream: int) -> jax.Array:
+        """VAE posterior samples, one key per item so that no result depends on its batch."""
+        vae_def, vae_state = nnx.split(self.components.vae)
+        return _encode_each(vae_def, vae_state, self._shard(pixels),
+                            self._shard(_item_keys(seeds, stream)))
+
+    def _prompt_tokens(self, prompts: list[str], length: int) -> list[np.ndarray]:
+        """Each prompt's ids without `</s>` and padding; they must leave room to generate."""
+        if length < 1:
+            raise InputError(f"length must be at least 1, got {length}")
+        tok = self.components.tokenizer
+        vocab = self.components.transformer.config.vocab_size
+        if not 0 <= self.components.mask_token_id < vocab:
+            raise InputError(f"mask token id {self.components.mask_token_id} is outside the "
+                             f"transformer's text vocabulary ({vocab})")
+        out = []
+        for p in prompts:
+            ids = tokenize(tok, [p], max_length=length + 1)[0] if p else np.zeros(0, np.int32)
+            ids = ids[:np.argmax(ids == tok.eos_token_id)] if p else ids
+            if len(ids) >= length:
+                raise InputError(f"the prompt {p[:40]!r}… fills all {length} positions; "
+                                 "nothing would be left to generate")
+            out.append(ids)
+        return out
+
+    def _images(self, images: Sequence[Any]) -> list[Image.Image]:
+        if isinstance(images, (str, Image.Image, np.ndarray)):
+            images = [images]
+        images = [load_image(im) for im in images]
+        if not images:
+            raise InputError("the image list is empty")
+        return images
+
+    def _module_call(self, module: nnx.Module, method: str, *args) -> jax.Array:
+        graphdef, state = nnx.split(module)
+        return _call(graphdef, method, state, *args)
+
+    def _chunks(self, items: Sequence[int], total: int | None = None
+                ) -> list[tuple[list[int], int]]:
+        """(items, number of real ones) in chunks of one size for the whole call (`total`
+        items), so all chunks share compiled loops; a short chunk repeats its last item."""
+        size = placement.chunk_size(total or len(items), self.batch_size,
+                                    placement.batch_ways(self.mesh))
+        items = list(items)
+        out = []
+        for start in range(0, len(items), size):
+            chunk = items[start:start + size]
+            out.append((chunk + [chunk[-1]] * (size - len(chunk)), len(chunk)))
+        return out
+
+    def _shard(self, x, batch: bool = True) -> jax.Array:
+        """Batch arrays split over the mesh; `batch=False`: whole on every device."""
+        return placement.put(x, self.mesh, batch=batch) if self.mesh.size > 1 else jnp.asarray(x)
+
+    def _bar(self, total: int, what: str):
+        return tqdm(total=total, desc=what, unit="step", disable=not self.progress)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_each(vae_def, vae_state, pixels, keys):
+    vae = nnx.merge(vae_def, vae_state)
+    return jax.vmap(lambda x, k: vae.encode(x[None], k)[0])(pixels, keys)
