@@ -14,64 +14,33 @@ implementation asked for (the models are built once).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
-import tempfile
 import time
 
-PRESETS = {
-    # name: (layers, heads, head_dim, joint_attention_dim)
-    "small": (4, 4, 64, 512),
-    "sd3-medium": (24, 24, 64, 4096),
-}
-POOLED_DIM = 2048
+from bench_common import (POOLED_DIM, PRESETS, add_common_arguments, environment, fix_threads,
+                          load_converted, random_sd3, write_json)
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    add_common_arguments(p, default_batch=2)
     p.add_argument("--resolution", type=int, nargs="+", default=[256],
                    help="image sides in pixels (latent = side / 8)")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--text-len", type=int, default=77, help="context tokens (256 in the release)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="compute and weight dtype of both models")
     p.add_argument("--attention", nargs="+", default=["xla"], choices=["xla", "cudnn"],
                    help="jax.nn.dot_product_attention implementations to time")
     p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--threads", type=int, default=os.cpu_count(),
-                   help="CPU threads for both frameworks (default: all cores)")
-    p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args()
 
 
 def main():
     args = parse_args()
-    # Thread counts must be fixed before either framework starts.
-    os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true "
-                                       f"intra_op_parallelism_threads={args.threads}")
-    import diffusers
+    fix_threads(args.threads)
     import numpy as np
     import torch
 
-    torch.set_num_threads(args.threads)
-    layers, heads, head_dim, joint = PRESETS[args.preset]
-    config = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=layers,
-                  attention_head_dim=head_dim, num_attention_heads=heads,
-                  joint_attention_dim=joint, caption_projection_dim=heads * head_dim,
-                  pooled_projection_dim=POOLED_DIM, out_channels=16,
-                  pos_embed_max_size=max(192, max(args.resolution) // 16))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    torch.manual_seed(0)
-    torch_model = diffusers.SD3Transformer2DModel(**config).eval()
-    tmp = tempfile.TemporaryDirectory()
-    torch_model.save_pretrained(os.path.join(tmp.name, "src"))
-    torch_model = torch_model.to(device, tdtype)
-
+    torch_model, device, tdtype, folder = random_sd3(args, max(args.resolution))
+    joint = PRESETS[args.preset][3]
     rng = np.random.default_rng(0)
     inputs = {}
     for res in args.resolution:
@@ -97,7 +66,7 @@ def main():
         return (time.perf_counter() - start) / args.iters, out.float().cpu().numpy()
 
     torch_results = {res: time_torch(*inputs[res]) for res in args.resolution}
-    del torch_model
+    torch_model = None  # free the accelerator for JAX
     if device == "cuda":
         torch.cuda.empty_cache()
 
@@ -105,16 +74,9 @@ def main():
     import jax.numpy as jnp
     from flax import nnx
 
-    import unialign_jax
-    from convert.transformer import convert_transformer
-
-    convert_transformer(os.path.join(tmp.name, "src"), os.path.join(tmp.name, "dst"),
-                        dtype=args.dtype)
     results = []
     for impl in args.attention:
-        model = unialign_jax.load_transformer(os.path.join(tmp.name, "dst"),
-                                              dtype=jnp.dtype(args.dtype),
-                                              attention_impl=None if impl == "xla" else impl)
+        model = load_converted(folder, args, None if impl == "xla" else impl)
         graphdef, state = nnx.split(model)
 
         @jax.jit
@@ -144,17 +106,9 @@ def main():
             print(f"{res}px {impl}: JAX {r['jax_images_per_s']:.3f} img/s vs PyTorch "
                   f"{r['torch_images_per_s']:.3f} img/s → {r['jax_over_torch']:.2f}×",
                   file=sys.stderr)
-    tmp.cleanup()
-    summary = {"results": results, "threads": args.threads, "iters": args.iters,
-               "jax_device": str(jax.devices()[0]), "torch_device": device,
-               "torch_gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-               "machine": platform.processor() or platform.machine(),
-               "versions": {"jax": jax.__version__, "torch": torch.__version__,
-                            "diffusers": diffusers.__version__}}
-    print(json.dumps(summary, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
+    folder.cleanup()
+    write_json(args.json, {"results": results, "threads": args.threads, "iters": args.iters,
+                           **environment(device)})
 
 
 if __name__ == "__main__":

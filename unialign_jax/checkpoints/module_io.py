@@ -47,3 +47,19 @@ def restore_module(folder: str, build: Callable[[], nnx.Module], param_dtype,
     restored = io.load_params(folder, io.abstract_like(pure, param_dtype, placement))
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, restored))
     return nnx.merge(graphdef, state)
+
+
+def load_module(path: str, fmt: str, config_from_dict: Callable[[dict], Any],
+                module_cls: Callable[..., nnx.Module], dtype=jnp.float32, *, param_dtype=None,
+                shardings=None, **module_kwargs) -> nnx.Module:
+    """The model of a converted folder, built from its config and filled from its weights.
+
+    `dtype` is the compute dtype; parameters keep their stored dtype unless `param_dtype` is
+    given; `module_kwargs` go to the module's constructor (e.g. `remat_policy`).
+    """
+    fields, stored_dtype = read_config(path, fmt)
+    config, param_dtype = config_from_dict(fields), jnp.dtype(param_dtype or stored_dtype)
+    return restore_module(
+        path, lambda: module_cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                 **module_kwargs),
+        param_dtype, shardings)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
-from flax import nnx
 
 from unialign_jax.checkpoints import module_io
 from unialign_jax.models.mmdit import MMDiT, MMDiTConfig
@@ -29,9 +28,6 @@ def load_transformer(path: str, dtype=jnp.float32, *, param_dtype=None,
     function from the abstract model to a tree of shardings, see `unialign_jax.parallel`)
     places each array as it is read, so no host holds it all.
     """
-    config, stored_dtype = read_config(path)
-    param_dtype = jnp.dtype(param_dtype or stored_dtype)
-    return module_io.restore_module(
-        path, lambda: MMDiT(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                            remat_policy=remat_policy, attention_impl=attention_impl),
-        param_dtype, shardings)
+    return module_io.load_module(path, FORMAT, MMDiTConfig.from_dict, MMDiT, dtype,
+                                 param_dtype=param_dtype, shardings=shardings,
+                                 remat_policy=remat_policy, attention_impl=attention_impl)
