@@ -15,6 +15,7 @@ from flax import nnx, struct
 from unialign_jax.models import embeddings, layers
 from unialign_jax.models.mmdit_block import JointBlock, modulate
 from unialign_jax.models.mmdit_config import MMDiTConfig
+from unialign_jax.parallel.rules import constrain_batch
 
 __all__ = ["MMDiT", "MMDiTConfig", "MMDiTOutput"]
 
@@ -151,6 +152,7 @@ class MMDiT(nnx.Module):
         def body(carry, block_state):
             x, c = carry
             x, c = nnx.merge(graphdef, block_state)(x, c, temb_act)
+            x, c = constrain_batch(x), constrain_batch(c)  # batch-split under a train mesh
             means = ((x[:, :n_target].mean(1), c.mean(1)) if collect_means else None)
             return (x, c), means
 

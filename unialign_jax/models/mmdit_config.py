@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from unialign_jax.models.config_base import JsonConfig
+
 VARIANTS = ("unialignment", "sd3")
 
 
 @dataclasses.dataclass(frozen=True)
-class MMDiTConfig:
+class MMDiTConfig(JsonConfig):
     """Sizes and layout of the transformer (defaults: the released UniAlignment model).
 
     `variant="sd3"` is SD3-medium: last block context-pre-only, pooled-text term in the
@@ -54,16 +56,7 @@ class MMDiTConfig:
         """Blocks run under `scan`: all of them, except SD3's context-pre-only last block."""
         return self.num_layers - 1 if self.is_sd3 else self.num_layers
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MMDiTConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown MMDiTConfig fields: {sorted(unknown)}")
-        return cls(**d)
 
     @classmethod
     def from_diffusers(cls, d: dict[str, Any]) -> "MMDiTConfig":

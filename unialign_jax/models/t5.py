@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +17,12 @@ import numpy as np
 from flax import nnx
 
 from unialign_jax.models import layers
+from unialign_jax.models.config_base import JsonConfig
+from unialign_jax.parallel.rules import constrain_batch
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(JsonConfig):
     """Sizes of the encoder (defaults: T5 v1.1 XXL, as in SD3 and UniAlignment)."""
 
     vocab_size: int = 32128
@@ -34,15 +35,7 @@ class T5Config:
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "T5Config":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown T5Config fields: {sorted(unknown)}")
-        return cls(**d)
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
@@ -151,12 +144,12 @@ class T5Encoder(nnx.Module):
         return jnp.transpose(table[buckets], (2, 0, 1))[None]
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
-        x = jnp.take(self.embedding[...], input_ids, axis=0).astype(self.dtype)
+        x = constrain_batch(jnp.take(self.embedding[...], input_ids, axis=0).astype(self.dtype))
         bias = self.position_bias(input_ids.shape[1])
         graphdef, stacked = nnx.split(self.blocks)
 
-        def body(h, block_state):
-            return nnx.merge(graphdef, block_state)(h, bias), None
+        def body(h, block_state):  # batch-split under a train mesh (parallel.rules)
+            return constrain_batch(nnx.merge(graphdef, block_state)(h, bias)), None
 
         x, _ = jax.lax.scan(body, x, stacked)
         return layers.rms_norm(x, self.final_norm[...], self.cfg.layer_norm_epsilon)

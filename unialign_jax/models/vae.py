@@ -9,13 +9,14 @@ at a time so that 1024 px images decode within accelerator memory.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from unialign_jax.models import layers
+from unialign_jax.models.config_base import JsonConfig
 
 # Pixels processed at once by `encode`/`decode`: one 1024² image, four 512² ones. Decoding
 # one 1024² image with SD3's VAE needs about 3.5 GiB of float32 temporaries (XLA's estimate),
@@ -24,7 +25,7 @@ PIXELS_PER_CHUNK = 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(JsonConfig):
     """Sizes of the autoencoder (defaults: SD3-medium's VAE)."""
 
     in_channels: int = 3
@@ -43,15 +44,7 @@ class VAEConfig:
     def downsample_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VAEConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown VAEConfig fields: {sorted(unknown)}")
-        return cls(**d)
 
 
 def conv(cin: int, cout: int, kernel: int, *, rngs, dtype, param_dtype, stride: int = 1,
