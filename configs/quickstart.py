@@ -1,0 +1,32 @@
+"""Quickstart: a tiny UniAlignment trained from scratch on the synthetic shape corpus, on CPU.
+
+`unialign-quickstart` builds the corpus, the tokenizer and a small VAE fitted to the
+shapes, then fills in the paths below and calls the trainer; to run it by hand:
+
+  unialign-train --config configs/quickstart.py --workdir /tmp/qs \\
+      tokenizer=DIR vae_path=DIR t2i_shards="('SHARDS/t2i',)" edit_shards="('SHARDS/edit',)"
+"""
+
+from unialign_jax.training.config import TrainConfig
+
+RESOLUTION = 32
+MAX_LENGTH = 16
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        transformer=dict(num_layers=4, num_heads=4, head_dim=16, joint_attention_dim=64,
+                         in_channels=4, out_channels=4, pos_embed_max_size=8, sample_size=8,
+                         num_null_tokens=4, adapter_hidden_dim=32, teacher_dim=32),
+        t5=dict(vocab_size=512, d_model=64, num_heads=4, head_dim=16, d_ff=128, num_layers=2,
+                relative_attention_num_buckets=8, relative_attention_max_distance=16),
+        vae=dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
+                 latent_channels=4),
+        max_length=MAX_LENGTH, resolution=RESOLUTION,
+        batch_size=32, micro_batch_per_device=16, num_steps=1500,
+        lr=1e-3, warmup_steps=100, weight_decay=0.01, grad_clip_norm=2.0, ema_decay=0.99,
+        block_depth=2,
+        dtype="float32", param_dtype="float32", frozen_param_dtype="float32",
+        remat_policy=None, mesh_data=1, mesh_fsdp=-1, mesh_tensor=1,
+        log_every=10, ckpt_every=500, keep_checkpoints=2, async_checkpoints=True,
+    )

@@ -1,0 +1,1 @@
+"""UniAlignment training: objectives, sharded train step, checkpoints, the training loop."""

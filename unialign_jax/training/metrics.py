@@ -1,0 +1,102 @@
+"""Training metrics: stdout, WORKDIR/metrics.jsonl, TensorBoard, and a loss-curve plot.
+
+Only the main process writes. On resume, lines past the restored step (written after the
+last checkpoint by the interrupted run) are dropped, so metrics.jsonl always describes one
+uninterrupted history. The work dir may be a local path or a cloud URL (gs://...): files go
+through `etils.epath`, and the JSONL is rewritten whole (object stores cannot append).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def read_metrics(path: str) -> list[dict]:
+    path = epath.Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricWriter:
+    def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True,
+                 enabled: bool = True, echo=print):
+        self.enabled, self.echo = enabled, echo
+        self.path = epath.Path(workdir) / METRICS_FILE
+        self._tb = None
+        if not enabled:
+            return
+        self._lines = [json.dumps(m) for m in read_metrics(self.path) if m["step"] <= resume_step]
+        self._flush()
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                log.warning("tensorboardX is not installed: no TensorBoard logs "
+                            "(pip install tensorboardX)")
+            else:
+                self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
+                                         purge_step=resume_step + 1)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in sorted(metrics.items())}}
+        self._lines.append(json.dumps(record))
+        self._flush()
+        self.echo(f"step {step}: " + " ".join(f"{k}={_fmt(v)}" for k, v in record.items()
+                                              if k != "step"))
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step":
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
+    def _flush(self) -> None:
+        tmp = self.path.parent / (self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in self._lines))
+        tmp.replace(self.path)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if math.isfinite(v) else str(v)
+
+
+def plot_losses(metrics_path: str, png_path: str, keys: tuple[str, ...] | None = None) -> bool:
+    """Loss curves (one panel per loss term) as a PNG; False when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no loss plot (pip install matplotlib)")
+        return False
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return False
+    keys = keys or tuple(k for k in rows[0] if k.startswith("loss"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
+    steps = [r["step"] for r in rows]
+    for ax, key in zip(axes[0], keys):
+        ax.plot(steps, [r.get(key, float("nan")) for r in rows], lw=1)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return True

@@ -1,0 +1,58 @@
+"""Train state (step, parameters, AdamW state, EMA, PRNG) and its shardings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from unialign_jax.parallel import rules
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array        # int32 scalar: optimizer updates done
+    params: Any            # trained transformer parameters (nested dict, param_dtype)
+    opt_state: Any         # optax state: clipping + AdamW moments
+    ema_params: Any        # exponential moving average of `params`
+    rng: jax.Array         # uint32 PRNG key data, split once per step
+
+
+def learning_rate(cfg) -> optax.Schedule:
+    """Linear warmup from 0 over `warmup_steps`, then constant (diffusers'
+    'constant_with_warmup')."""
+    if cfg.warmup_steps == 0:
+        return optax.constant_schedule(cfg.lr)
+    return optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with torch's defaults (decoupled weight decay on all
+    parameters, as torch.optim.AdamW)."""
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip_norm),
+        optax.adamw(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay))
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    """Step 0: fresh optimizer moments, EMA = the initial parameters."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params),
+                      ema_params=jax.tree.map(jnp.copy, params),
+                      rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def state_shardings(abstract_state: TrainState, param_shardings: Any,
+                    optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """Parameters, EMA and the optimizer's per-parameter moments sharded like the
+    parameters; counters and the PRNG replicated."""
+    repl = rules.replicated(mesh)
+    opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state,
+                                param_shardings, transform_non_params=lambda _: repl)
+    return TrainState(step=repl, params=param_shardings, opt_state=opt,
+                      ema_params=param_shardings, rng=repl)
