@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
@@ -163,6 +164,16 @@ def test_unialignment_layout(tmp_path):
     assert rel_err(out.text_logits, ref["gen.text_logits"]) <= 1e-4
     check_t5(components, torch_parts["t5"], mask)
     check_vae(components, torch_parts["vae"], "posterior_mean")
+
+    # bf16 inference: transformer and T5 weights stored in bf16, the VAE kept in float32
+    light = load_components(str(tmp_path / "dst"), jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert light.transformer.context_embedder.kernel[...].dtype == jnp.bfloat16
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(nnx.state(light.t5)))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(light.vae)))
+    out16 = light.transformer(jnp.asarray(ref["latents"].transpose(0, 2, 3, 1)),
+                              jnp.asarray(ref["timestep"][:batch]),
+                              jnp.asarray(ref["context"][:batch]))
+    assert rel_err(np.asarray(out16.sample).transpose(0, 3, 1, 2), ref["gen.sample"]) <= 3e-2
 
 
 # --- bad input ---------------------------------------------------------------------------
