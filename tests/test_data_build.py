@@ -90,7 +90,6 @@ def faulty_corpus(tmp_path_factory, server):
     url, served = server
     d = tmp_path_factory.mktemp("corpus")
     os.makedirs(d / "img")
-    good = []
     for i, size in enumerate([(40, 60), (61, 37), (32, 32), (50, 50), (45, 80), (70, 33)]):
         _png(d / "img" / f"g{i}.png", size, (40 * i, 10, 200), mode=["RGB", "L", "RGBA"][i % 3])
     _png(served / "remote.png", (48, 36), (0, 128, 255))

@@ -2,7 +2,6 @@
 and with worker processes through Orbax), and images equal to PIL's resize + crop."""
 
 import json
-import os
 
 import grain
 import numpy as np

@@ -17,13 +17,11 @@ Dtype = jnp.dtype
 
 def dense(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
           rngs: nnx.Rngs, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-          use_bias: bool = True, precision=None, kernel_init=None) -> nnx.Linear:
+          use_bias: bool = True) -> nnx.Linear:
     """`nnx.Linear` whose kernel is annotated `axes` = (input axis, output axis)."""
-    kernel_init = kernel_init or nnx.initializers.lecun_normal()
     return nnx.Linear(
         in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-        precision=precision,
-        kernel_init=nnx.with_partitioning(kernel_init, axes),
+        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), axes),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
         rngs=rngs)
 
