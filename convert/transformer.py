@@ -21,7 +21,8 @@ from unialign_jax.models.mmdit_config import MMDiTConfig
 WEIGHTS_NAME = "diffusion_pytorch_model"
 
 
-def _configs(src: str, to_unialignment: bool, vocab_size: int | None):
+def _configs(src: str, to_unialignment: bool, vocab_size: int | None,
+             adapter_widths: tuple[int, int] | None):
     """(source config, output config) from the folder's config.json and the port options."""
     if not os.path.isdir(src):
         raise ConversionError(f"{src}: no such transformer folder")
@@ -32,7 +33,9 @@ def _configs(src: str, to_unialignment: bool, vocab_size: int | None):
     if to_unialignment:
         if not vocab_size:
             raise ConversionError("--to unialignment needs --vocab-size (the tokenizer's length)")
-        return source_config, source_config.as_unialignment(vocab_size)
+        return source_config, source_config.as_unialignment(vocab_size, adapter_widths)
+    if adapter_widths:
+        raise ConversionError("--adapter-widths only applies with --to unialignment")
     if vocab_size and vocab_size != source_config.vocab_size:
         raise ConversionError(f"--vocab-size {vocab_size} given but the source model has "
                               f"vocab_size {source_config.vocab_size}; use --to unialignment")
@@ -41,14 +44,14 @@ def _configs(src: str, to_unialignment: bool, vocab_size: int | None):
 
 def write_transformer(src: str, out_dir: str, *, dtype: str = "float32",
                       to_unialignment: bool = False, vocab_size: int | None = None,
-                      seed: int = 0) -> dict:
+                      adapter_widths: tuple[int, int] | None = None, seed: int = 0) -> dict:
     """Converts the diffusers folder `src` into the existing folder `out_dir`; returns a report.
 
     Tensors are read one at a time straight into the single output tree, so peak host memory
     is about one copy of the output.
     """
     out_dtype = param_mapping.output_dtype(dtype)
-    source_config, config = _configs(src, to_unialignment, vocab_size)
+    source_config, config = _configs(src, to_unialignment, vocab_size, adapter_widths)
     source = TensorSource.from_folder(src, WEIGHTS_NAME)
     abstract = abstract_params(config)
     moves = tensor_moves(config)
@@ -74,17 +77,20 @@ def write_transformer(src: str, out_dir: str, *, dtype: str = "float32",
 
 def convert_transformer(src: str, dst: str, *, dtype: str = "float32",
                         to_unialignment: bool = False, vocab_size: int | None = None,
+                        adapter_widths: tuple[int, int] | None = None,
                         force: bool = False) -> dict:
     """Converts `src` into `dst` atomically (nothing appears at `dst` if anything fails)."""
     with io.atomic_output_dir(dst, force=force) as tmp:
         return write_transformer(src, tmp, dtype=dtype, to_unialignment=to_unialignment,
-                                 vocab_size=vocab_size)
+                                 vocab_size=vocab_size, adapter_widths=adapter_widths)
 
 
 def _run(args) -> None:
     report = convert_transformer(args.src, args.dst, dtype=args.dtype,
                                  to_unialignment=args.to == "unialignment",
-                                 vocab_size=args.vocab_size, force=args.force)
+                                 vocab_size=args.vocab_size,
+                                 adapter_widths=tuple(args.adapter_widths or ()) or None,
+                                 force=args.force)
     print(f"converted {report['num_tensors']} tensors ({report['source_variant']} → "
           f"{report['variant']}, {report['dtype']}) into {args.dst}")
     if report["initialised"] or report["dropped"]:
@@ -108,5 +114,10 @@ def add_parser(subparsers) -> None:
                         "embedder and the old output head")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="text-head vocabulary (the tokenizer's length, 32100 for T5)")
+    p.add_argument("--adapter-widths", type=int, nargs=2, metavar=("HIDDEN", "TEACHER"),
+                   default=None,
+                   help="with --to unialignment: hidden and output widths of the fresh "
+                        "alignment adapters (default: the release's 2048 3584; the output "
+                        "width must equal the teacher's feature size)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty DST")
     p.set_defaults(func=_run)

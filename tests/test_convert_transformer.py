@@ -130,6 +130,18 @@ def test_sd3_to_unialignment_port(tmp_path):
     assert out.text_logits.shape == (1, 3, 50) and np.isfinite(np.asarray(out.sample)).all()
 
 
+def test_port_with_chosen_adapter_widths_through_the_cli(tmp_path):
+    from convert.cli import main
+    _write_source(tmp_path / "src", SD3)
+    assert main(["transformer", str(tmp_path / "src"), str(tmp_path / "dst"), "--to",
+                 "unialignment", "--vocab-size", "50", "--adapter-widths", "12", "20"]) == 0
+    model = unialign_jax.load_transformer(str(tmp_path / "dst"))
+    assert model.adapter_img.fc_1.kernel.shape == (SD3.width, 12)
+    assert model.adapter_text.fc_2.kernel.shape == (12, 20)
+    with pytest.raises(ConversionError, match="only applies with --to unialignment"):
+        convert_transformer(str(tmp_path / "src"), str(tmp_path / "dst2"), adapter_widths=(4, 4))
+
+
 def _assert_fails(tmp_path, match, **kwargs):
     dst = tmp_path / "dst"
     with pytest.raises(ConversionError, match=match):

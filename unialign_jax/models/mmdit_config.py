@@ -85,9 +85,13 @@ class MMDiTConfig(JsonConfig):
             teacher_dim=d.get("teacher_dim", defaults.teacher_dim),
             pooled_projection_dim=d.get("pooled_projection_dim", defaults.pooled_projection_dim))
 
-    def as_unialignment(self, vocab_size: int) -> "MMDiTConfig":
-        """The UniAlignment layout with this model's sizes (the SD3 → UniAlignment port)."""
-        return dataclasses.replace(self, variant="unialignment", vocab_size=vocab_size)
+    def as_unialignment(self, vocab_size: int,
+                        adapter_widths: tuple[int, int] | None = None) -> "MMDiTConfig":
+        """The UniAlignment layout with this model's sizes (the SD3 → UniAlignment port);
+        `adapter_widths` = (hidden, teacher) of the alignment adapters, else the release's."""
+        hidden, teacher = adapter_widths or (self.adapter_hidden_dim, self.teacher_dim)
+        return dataclasses.replace(self, variant="unialignment", vocab_size=vocab_size,
+                                   adapter_hidden_dim=hidden, teacher_dim=teacher)
 
     @classmethod
     def tiny(cls, **overrides) -> "MMDiTConfig":
