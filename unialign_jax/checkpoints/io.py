@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,10 +44,28 @@ def atomic_output_dir(dst: str, force: bool = False):
     os.replace(tmp, dst)
 
 
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """Calls `write(tmp)` and renames `tmp` to `path`: a reader (or a resumed run) sees the
+    whole file or none, never a truncated one."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.partial-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    """`obj` as indented JSON (UTF-8, keys sorted), written atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
+            f.write("\n")
+
+    write_atomic(path, write)
 
 
 def read_json(path: str) -> Any:

@@ -21,6 +21,7 @@ import shutil
 
 from tqdm import tqdm
 
+from unialign_jax.checkpoints.io import write_json
 from unialign_jax.data import images as image_ops
 from unialign_jax.data.faults import (DEFAULT_MAX_SKIP_FRACTION, FaultLogger, SkipLog, SkipSample,
                                       check_skipped_fraction)
@@ -58,14 +59,6 @@ class BuildOptions:
     @property
     def num_sources(self) -> int:
         return expected_images(self.kind, self.compose_sources) - 1
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def staging_dir(out_dir: str) -> str:
@@ -112,7 +105,7 @@ def build_shard(folder: str, name: str, samples: list, opts: BuildOptions) -> di
     os.replace(f"{path}.tmp", path)
     stats = {"file": name + RECORD_SUFFIX, "records": records, "samples": len(samples),
              "skipped": skipped.to_json()}
-    write_json_atomic(os.path.join(folder, name + STATS_SUFFIX), stats)
+    write_json(os.path.join(folder, name + STATS_SUFFIX), stats)
     return stats
 
 
@@ -148,7 +141,7 @@ def _open_staging(staging: str, plan: dict) -> None:
         log.info("resuming the build in %s", staging)
         return
     os.makedirs(staging, exist_ok=True)
-    write_json_atomic(plan_path, plan)
+    write_json(plan_path, plan)
 
 
 def _run_shards(staging: str, jobs: list, opts: BuildOptions, total: int) -> None:
@@ -216,7 +209,7 @@ def build(jsonl_paths: list[str], out_dir: str, opts: BuildOptions, force: bool 
                "skipped_examples": skipped.examples, "shards": shards,
                "inputs": [os.path.abspath(p) for p in jsonl_paths]}
     check_skipped_fraction(skipped, lines, opts.max_skip_fraction, out_dir)
-    write_json_atomic(os.path.join(staging, SUMMARY), summary)
+    write_json(os.path.join(staging, SUMMARY), summary)
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
     os.replace(staging, out_dir)

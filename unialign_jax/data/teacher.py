@@ -16,7 +16,7 @@ import shutil
 
 import numpy as np
 
-from unialign_jax.data.shards import write_json_atomic
+from unialign_jax.checkpoints.io import write_json
 
 FOLDER = "teacher"
 META = "teacher.json"
@@ -52,7 +52,7 @@ class TeacherWriter:
             for key in KEYS:
                 np.lib.format.open_memmap(self._path(key), "w+", DTYPE, (self.records, dim)).flush()
             progress = {"identity": identity, "done": 0}
-            write_json_atomic(progress_path, progress)
+            write_json(progress_path, progress)
         self.identity, self.done = identity, progress["done"]
         self._progress_path = progress_path
         self._arrays = {k: np.load(self._path(k), mmap_mode="r+") for k in KEYS}
@@ -69,14 +69,14 @@ class TeacherWriter:
             self._arrays[key][self.done:self.done + n] = rows
             self._arrays[key].flush()
         self.done += n
-        write_json_atomic(self._progress_path, {"identity": self.identity, "done": self.done})
+        write_json(self._progress_path, {"identity": self.identity, "done": self.done})
 
     def finish(self) -> None:
         if self.done != self.records:
             raise RuntimeError(f"only {self.done} of {self.records} teacher rows were written")
         self._arrays.clear()
         os.remove(self._progress_path)
-        write_json_atomic(os.path.join(self.staging, META), {**self.identity, "dtype": "float16"})
+        write_json(os.path.join(self.staging, META), {**self.identity, "dtype": "float16"})
         shutil.rmtree(self.final, ignore_errors=True)
         os.replace(self.staging, self.final)
 

@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from unialign_jax.sampling.outputs import read_json, save_json, save_jsonl, save_png
+from unialign_jax.checkpoints.io import write_json
+from unialign_jax.sampling.outputs import read_json, save_jsonl, save_png
 from unialign_jax.sampling.pipeline import (DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT,
                                             DEFAULT_STEPS, MAX_CONDITION_IMAGES)
 from unialign_jax.sampling.preprocess import InputError, check_resolution, load_image
@@ -325,10 +326,10 @@ def _writer(args, item: dict, stem: str, written: list) -> Callable[[Any], None]
     def write(result):
         if args.task == "caption":
             tqdm.write(f"[{item['settings']['index']}] {result}")
-            save_json({**item["settings"], "caption": result}, item["sidecar"])
+            write_json(item["sidecar"], {**item["settings"], "caption": result})
         else:
             save_png(result, stem + ".png")
-            save_json(item["settings"], item["sidecar"])
+            write_json(item["sidecar"], item["settings"])
         written.append(item["settings"]["index"])
 
     return write

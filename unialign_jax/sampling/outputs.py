@@ -7,36 +7,15 @@ an interrupted run never leaves a truncated PNG or JSON that a resumed run would
 from __future__ import annotations
 
 import json
-import os
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image
 
-
-def write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """Calls `write(tmp)` and renames `tmp` to `path`; on failure nothing appears at `path`."""
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.partial-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+from unialign_jax.checkpoints.io import write_atomic
 
 
 def save_png(image: Image.Image, path: str) -> None:
     write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
-def save_json(obj: Any, path: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-
-    write_atomic(path, write)
 
 
 def save_jsonl(records: list[Any], path: str) -> None:

@@ -16,10 +16,11 @@ import os
 import sys
 from typing import Sequence
 
+from unialign_jax.checkpoints.io import write_json
 from unialign_jax.data.images import resize_and_center_crop
 from unialign_jax.sampling.cli import (add_model_args, load_pipeline_from_args,
                                        run_skipping_bad_items)
-from unialign_jax.sampling.outputs import save_json, save_jsonl, save_png
+from unialign_jax.sampling.outputs import save_jsonl, save_png
 from unialign_jax.sampling.pipeline import DEFAULT_NEGATIVE_PROMPT
 from unialign_jax.sampling.preprocess import InputError, check_resolution, load_image
 
@@ -102,11 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as e:
         parser.error(str(e))
     fullset = os.path.join(args.out, "fullset")
-    save_json({"bench": os.path.abspath(args.bench), "checkpoint": os.path.abspath(args.ckpt),
-               "resolution": args.resolution, "steps": args.steps, "guidance": args.guidance,
-               "negative_prompt": args.negative_prompt, "dtype": args.dtype,
-               "seed": f"{args.seed} + row index (0-based, order of {BENCH_FILE})"},
-              os.path.join(fullset, "settings.json"))
+    write_json(os.path.join(fullset, "settings.json"),
+               {"bench": os.path.abspath(args.bench), "checkpoint": os.path.abspath(args.ckpt),
+                "resolution": args.resolution, "steps": args.steps, "guidance": args.guidance,
+                "negative_prompt": args.negative_prompt, "dtype": args.dtype,
+                "seed": f"{args.seed} + row index (0-based, order of {BENCH_FILE})"})
 
     work = {task: pending_items(task, rows, args, fullset, report) for task in args.tasks}
     written = []
