@@ -1,13 +1,18 @@
 """Quickstart: a tiny UniAlignment trained from scratch on the synthetic shape corpus, on CPU.
 
-`unialign-quickstart` builds the corpus, the tokenizer and a small VAE fitted to the
-shapes, then fills in the paths below and calls the trainer; to run it by hand:
+`unialign-quickstart` builds the corpus, the tokenizer, the stand-in teacher features and a
+small VAE fitted to the shapes, then fills in the paths below and calls the trainer; to run
+it by hand:
 
-  unialign-train --config configs/quickstart.py --workdir /tmp/qs \\
-      tokenizer=DIR vae_path=DIR t2i_shards="('SHARDS/t2i',)" edit_shards="('SHARDS/edit',)"
+  unialign-train --config quickstart --workdir /tmp/qs models.tokenizer=DIR \\
+      models.vae_path=DIR data.t2i_shards="('SHARDS/t2i',)" data.edit_shards="('SHARDS/edit',)"
 """
 
-from unialign_jax.training.config import TrainConfig
+from unialign_jax.models.mmdit_config import MMDiTConfig
+from unialign_jax.models.t5 import T5Config
+from unialign_jax.models.vae import VAEConfig
+from unialign_jax.training.config import (ComputeConfig, DataConfig, LossConfig, ModelsConfig,
+                                          OptimizerConfig, RunConfig, TrainConfig)
 
 RESOLUTION = 32
 MAX_LENGTH = 16
@@ -15,24 +20,28 @@ MAX_LENGTH = 16
 
 def get_config() -> TrainConfig:
     return TrainConfig(
-        transformer=dict(num_layers=4, num_heads=4, head_dim=16, joint_attention_dim=64,
-                         in_channels=4, out_channels=4, pos_embed_max_size=8, sample_size=8,
-                         num_null_tokens=4, adapter_hidden_dim=32, teacher_dim=32),
-        # The random frozen T5 is the caption stream's only source of word order: 64 buckets
-        # give every offset of the 16 tokens its own (bidirectional T5 keeps offsets below
-        # num_buckets / 4 exact).
-        t5=dict(vocab_size=512, d_model=64, num_heads=4, head_dim=16, d_ff=128, num_layers=2,
-                relative_attention_num_buckets=64, relative_attention_max_distance=32),
-        vae=dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
-                 latent_channels=4),
-        max_length=MAX_LENGTH, resolution=RESOLUTION,
-        batch_size=32, micro_batch_per_device=32, num_steps=2000,
-        lr=1e-3, warmup_steps=100, weight_decay=0.01, grad_clip_norm=2.0, ema_decay=0.99,
-        block_depth=2,
-        # Not the release's 0.2: captions are the slower learner here and are evaluated too
-        # (held-out caption token accuracy after 1500 steps: 0.66 at weight 1, 0.78 at 3).
-        caption_weight=3.0,
-        dtype="float32", param_dtype="float32", frozen_param_dtype="float32",
-        remat_policy=None, mesh_data=1, mesh_fsdp=-1, mesh_tensor=1,
-        log_every=10, ckpt_every=500, keep_checkpoints=2, async_checkpoints=True,
+        models=ModelsConfig(
+            transformer=MMDiTConfig(
+                num_layers=4, num_heads=4, head_dim=16, joint_attention_dim=64, in_channels=4,
+                out_channels=4, pos_embed_max_size=8, sample_size=8, vocab_size=None,
+                num_null_tokens=4, adapter_hidden_dim=32, teacher_dim=32),
+            # The random frozen T5 is the caption stream's only source of word order: 64
+            # buckets give every offset of the 16 tokens its own (bidirectional T5 keeps
+            # offsets below num_buckets / 4 exact).
+            t5=T5Config(vocab_size=512, d_model=64, num_heads=4, head_dim=16, d_ff=128,
+                        num_layers=2, relative_attention_num_buckets=64,
+                        relative_attention_max_distance=32),
+            vae=VAEConfig(block_out_channels=(16, 32, 32), layers_per_block=1,
+                          norm_num_groups=8, latent_channels=4)),
+        compute=ComputeConfig(dtype="float32", param_dtype="float32",
+                              frozen_param_dtype="float32", remat_policy="none"),
+        data=DataConfig(resolution=RESOLUTION, max_length=MAX_LENGTH),
+        optimizer=OptimizerConfig(lr=1e-3, warmup_steps=100, weight_decay=0.01,
+                                  grad_clip_norm=2.0, ema_decay=0.99),
+        # Not the release's caption weight 0.2: captions are the slower learner here and are
+        # evaluated too (held-out caption token accuracy after 1500 steps: 0.66 at weight 1,
+        # 0.78 at 3). The alignment terms run against the stand-in teacher's features.
+        loss=LossConfig(block_depth=2, caption_weight=3.0),
+        run=RunConfig(batch_size=32, micro_batch_per_device=32, num_steps=2000, log_every=10,
+                      ckpt_every=500, keep_checkpoints=2, async_checkpoints=True),
     )

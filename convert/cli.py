@@ -1,37 +1,122 @@
-"""`unialign-convert`: turn released PyTorch weights into unialign_jax checkpoints.
+"""`unialign-convert`: released PyTorch weights ↔ unialign_jax checkpoints.
 
-Each converter module contributes one subcommand through its `add_parser(subparsers)`.
+Every subcommand is one row of `COMMANDS`: its texts, its options and the function that
+runs it; the argument parser is built from the table, so all subcommands share SRC DST,
+--force, the dtype choices and the error handling.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
+from typing import Any
 
-from convert.safetensors_io import ConversionError
+from unialign_convert.mask_embedding import DEFAULT_MASK_TOKEN_ID
+from unialign_convert.param_mapping import DTYPE_NAMES
+from unialign_convert.safetensors_io import ConversionError
 from unialign_jax.checkpoints.io import CheckpointError
 
-SUBCOMMANDS = ("transformer", "t5", "vae", "pipeline")
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    flags: tuple[str, ...]
+    kwargs: dict[str, Any]
+
+
+def option(*flags: str, **kwargs) -> Option:
+    return Option(flags, kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    module: str          # unialign_convert.<module>.run(args) does the work
+    help: str
+    description: str
+    src: str             # what SRC is
+    options: tuple[Option, ...] = ()
+
+
+DTYPE = option("--dtype", choices=DTYPE_NAMES, default="float32",
+               help="stored parameter dtype (default: %(default)s)")
+MASK_EMBEDDING = option(
+    "--mask-embedding", metavar="FILE",
+    help="UniAlignment's learned mask embedding (.pth torch tensor as released, .safetensors "
+         "or .npy); replaces the text encoder's row of the mask token <extra_id_0>")
+
+COMMANDS = {
+    "transformer": Command(
+        "transformer", "an SD3Transformer2DModel or SD3JointModelFlexible folder",
+        "Convert a diffusers transformer folder (config.json + safetensors, sharded or not) "
+        "into an Orbax checkpoint folder loadable by unialign_jax.load_transformer.",
+        "diffusers transformer folder",
+        (DTYPE,
+         option("--to", choices=["unialignment"], default=None,
+                help="port an SD3 model into the UniAlignment layout: keep same-name, "
+                     "same-shape weights, initialise the rest, drop the pooled-text embedder "
+                     "and the old output head"),
+         option("--vocab-size", type=int, default=None,
+                help="text-head vocabulary (the tokenizer's length, 32100 for T5)"),
+         option("--adapter-widths", type=int, nargs=2, metavar=("HIDDEN", "TEACHER"),
+                default=None,
+                help="with --to unialignment: hidden and output widths of the fresh alignment "
+                     "adapters (default: the release's 2048 3584; the output width must equal "
+                     "the teacher's feature size)"))),
+    "t5": Command(
+        "t5", "T5 v1.1 text encoder (transformers T5EncoderModel folder)",
+        "Convert a transformers T5EncoderModel folder (config.json + model.safetensors, or "
+        "sharded with model.safetensors.index.json) into a unialign_jax T5 checkpoint "
+        "loadable with unialign_jax.load_t5.",
+        "transformers T5EncoderModel folder",
+        (DTYPE, MASK_EMBEDDING,
+         option("--mask-token-id", type=int, default=DEFAULT_MASK_TOKEN_ID,
+                help="row replaced by --mask-embedding (default: %(default)s, <extra_id_0>)"))),
+    "vae": Command(
+        "vae", "SD3 VAE (diffusers AutoencoderKL folder)",
+        "Convert a diffusers AutoencoderKL folder (config.json + "
+        "diffusion_pytorch_model.safetensors) with 16 latent channels and no quant convs into "
+        "a unialign_jax VAE checkpoint loadable with unialign_jax.load_vae.",
+        "diffusers AutoencoderKL folder", (DTYPE,)),
+    "pipeline": Command(
+        "pipeline", "a whole diffusers folder (SD3-medium or UniAlignment layout)",
+        "Convert a diffusers pipeline folder into one unialign_jax folder loadable with "
+        "unialign_jax.load_pipeline. SD3-medium layout: transformer/, vae/, text_encoder_3/, "
+        "tokenizer_3/, scheduler/ (CLIP encoders ignored; the transformer is ported to the "
+        "UniAlignment layout). UniAlignment layout: transformer/, vae/, text_encoder/, "
+        "tokenizer/, scheduler/.",
+        "diffusers pipeline folder",
+        (option("--dtype", choices=DTYPE_NAMES, default="float32",
+                help="stored dtype of the transformer and text encoder (default: %(default)s)"),
+         option("--vae-dtype", choices=DTYPE_NAMES, default="float32",
+                help="stored dtype of the VAE (default: %(default)s, as SD3 runs it)"),
+         MASK_EMBEDDING)),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unialign-convert",
         description="Convert diffusers / transformers PyTorch folders (safetensors) into "
-                    "unialign_jax checkpoint folders (Orbax parameters + JSON configuration). "
-                    "Tensors are streamed one at a time; nothing is written at DST unless the "
-                    "whole conversion succeeds.")
+                    "unialign_jax checkpoint folders (Orbax parameters + JSON configuration), "
+                    "and back. Tensors are streamed one at a time; nothing is written at DST "
+                    "unless the whole conversion succeeds.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        importlib.import_module(f"convert.{name}").add_parser(sub)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.description)
+        p.add_argument("src", metavar="SRC", help=command.src)
+        p.add_argument("dst", metavar="DST", help="output folder (must not exist or be empty)")
+        for opt in command.options:
+            p.add_argument(*opt.flags, **opt.kwargs)
+        p.add_argument("--force", action="store_true", help="overwrite DST")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    run = importlib.import_module(f"unialign_convert.{COMMANDS[args.command].module}").run
     try:
-        args.func(args)
+        run(args)
     except (ConversionError, CheckpointError, FileExistsError, FileNotFoundError) as e:
         print(f"unialign-convert {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from convert.safetensors_io import ConversionError, SafetensorsFile
+from unialign_convert.safetensors_io import ConversionError, SafetensorsFile
 
 DEFAULT_MASK_TOKEN_ID = 32099  # <extra_id_0> in the T5 vocabulary
 

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx, traverse_util
 from tqdm import tqdm
 
-from convert.safetensors_io import ConversionError, TensorSource
+from unialign_convert.safetensors_io import ConversionError, TensorSource
 
 Path = tuple[Any, ...]
 

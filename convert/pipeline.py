@@ -13,13 +13,12 @@ import os
 import shutil
 import sys
 
-from convert import param_mapping
-from convert.mask_embedding import read_mask_embedding
-from convert.safetensors_io import ConversionError, TensorSource, read_config
-from convert.t5 import config_from_transformers, write_t5
-from convert.transformer import write_transformer
-from convert.vae import config_from_diffusers, write_vae
-from unialign_jax.checkpoints import io
+from unialign_convert.mask_embedding import read_mask_embedding
+from unialign_convert.safetensors_io import ConversionError, TensorSource, read_config
+from unialign_convert.t5 import config_from_transformers, write_t5
+from unialign_convert.transformer import write_transformer
+from unialign_convert.vae import config_from_diffusers, write_vae
+from unialign_jax import files
 from unialign_jax.checkpoints.pipeline import COMPONENT_DIRS, FORMAT, INDEX_FILE, SCHEDULER_FILE
 from unialign_jax.text.tokenizer import load_tokenizer, mask_token_id
 
@@ -52,7 +51,10 @@ def read_scheduler(folder: str) -> dict:
     path = os.path.join(folder, "scheduler_config.json")
     if not os.path.exists(path):
         raise ConversionError(f"{folder}: no scheduler_config.json")
-    cfg = io.read_json(path)
+    try:
+        cfg = files.read_json(path)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     if cfg.get("_class_name") != SCHEDULER_CLASS:
         raise ConversionError(f"{path}: expected a {SCHEDULER_CLASS}, found "
                               f"{cfg.get('_class_name')!r}")
@@ -117,26 +119,26 @@ def write_pipeline(src: str, out_dir: str, *, dtype: str = "float32",
     print("[3/3] VAE", file=sys.stderr)
     write_vae(dirs["vae"], out["vae"], dtype=vae_dtype)
 
-    io.write_json(os.path.join(out_dir, SCHEDULER_FILE), scheduler)
+    files.write_json(os.path.join(out_dir, SCHEDULER_FILE), scheduler)
     index = {"format": FORMAT, "source": os.path.abspath(src), "layout": layout,
              "components": COMPONENT_DIRS, "scheduler": SCHEDULER_FILE,
              "vocab_size": len(tokenizer), "mask_token_id": mask_id,
              "mask_embedding": os.path.abspath(mask_embedding) if mask_embedding else None,
              "dtype": dtype, "vae_dtype": vae_dtype,
              "transformer_initialised": report["initialised"]}
-    io.write_json(os.path.join(out_dir, INDEX_FILE), index)
+    files.write_json(os.path.join(out_dir, INDEX_FILE), index)
     return index
 
 
 def convert_pipeline(src: str, dst: str, *, dtype: str = "float32", vae_dtype: str = "float32",
                      mask_embedding: str | None = None, force: bool = False) -> dict:
     """Converts `src` into a new pipeline folder `dst`, written atomically."""
-    with io.atomic_output_dir(dst, force) as tmp:
+    with files.atomic_output_dir(dst, force) as tmp:
         return write_pipeline(src, tmp, dtype=dtype, vae_dtype=vae_dtype,
                               mask_embedding=mask_embedding)
 
 
-def _run(args) -> None:
+def run(args) -> None:
     index = convert_pipeline(args.src, args.dst, dtype=args.dtype, vae_dtype=args.vae_dtype,
                              mask_embedding=args.mask_embedding, force=args.force)
     print(f"converted the {index['layout']} pipeline into {args.dst} "
@@ -147,25 +149,3 @@ def _run(args) -> None:
     if not index["mask_embedding"]:
         print(f"  note: no --mask-embedding; row {index['mask_token_id']} keeps T5's own "
               "<extra_id_0> embedding", file=sys.stderr)
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "pipeline", help="a whole diffusers folder (SD3-medium or UniAlignment layout)",
-        description="Convert a diffusers pipeline folder into one unialign_jax folder loadable "
-                    "with unialign_jax.load_pipeline. SD3-medium layout: transformer/, vae/, "
-                    "text_encoder_3/, tokenizer_3/, scheduler/ (CLIP encoders ignored; the "
-                    "transformer is ported to the UniAlignment layout). UniAlignment layout: "
-                    "transformer/, vae/, text_encoder/, tokenizer/, scheduler/.")
-    p.add_argument("src", metavar="SRC", help="diffusers pipeline folder")
-    p.add_argument("dst", metavar="DST", help="output folder (must not exist or be empty)")
-    p.add_argument("--dtype", choices=param_mapping.DTYPE_NAMES, default="float32",
-                   help="stored dtype of the transformer and text encoder (default: %(default)s)")
-    p.add_argument("--vae-dtype", choices=param_mapping.DTYPE_NAMES, default="float32",
-                   help="stored dtype of the VAE (default: %(default)s, as SD3 runs it)")
-    p.add_argument("--mask-embedding", metavar="FILE",
-                   help="UniAlignment's learned mask embedding (.pth torch tensor as released, "
-                        ".safetensors or .npy); replaces the text encoder's row of the "
-                        "tokenizer's <extra_id_0>")
-    p.add_argument("--force", action="store_true", help="overwrite DST")
-    p.set_defaults(func=_run)

@@ -9,12 +9,12 @@ import os
 
 from flax import nnx
 
-from convert import param_mapping
-from convert.mask_embedding import DEFAULT_MASK_TOKEN_ID, apply_mask_embedding, read_mask_embedding
-from convert.param_mapping import LINEAR, TensorMove
-from convert.safetensors_io import ConversionError, TensorSource, read_config
-from unialign_jax.checkpoints import io, module_io
-from unialign_jax.checkpoints.t5 import FORMAT
+from unialign_convert import param_mapping
+from unialign_convert.mask_embedding import DEFAULT_MASK_TOKEN_ID, apply_mask_embedding, read_mask_embedding
+from unialign_convert.param_mapping import LINEAR, TensorMove
+from unialign_convert.safetensors_io import ConversionError, TensorSource, read_config
+from unialign_jax import files
+from unialign_jax.checkpoints import io, registry
 from unialign_jax.models.t5 import T5Config, T5Encoder
 
 EMBEDDING_KEYS = ("shared.weight", "encoder.embed_tokens.weight")  # tied: either may be stored
@@ -72,8 +72,8 @@ def write_t5(src: str, out_dir: str, *, dtype: str = "float32", mask_embedding: 
         param_mapping.output_dtype(dtype), ignored=EMBEDDING_KEYS, desc="T5 tensors")
     if vector is not None:
         apply_mask_embedding(params["embedding"], vector, mask_token_id)
-    module_io.write_config(out_dir, FORMAT, cfg.to_dict(), dtype)
-    io.write_json(os.path.join(out_dir, "conversion.json"), {
+    registry.write_config(out_dir, "t5", cfg, dtype)
+    files.write_json(os.path.join(out_dir, "conversion.json"), {
         "source": os.path.abspath(src), "dtype": dtype,
         "mask_embedding": None if vector is None else {
             "file": os.path.abspath(mask_embedding), "token_id": mask_token_id}})
@@ -84,27 +84,12 @@ def write_t5(src: str, out_dir: str, *, dtype: str = "float32", mask_embedding: 
 def convert_t5(src: str, dst: str, *, dtype: str = "float32", mask_embedding: str | None = None,
                mask_token_id: int = DEFAULT_MASK_TOKEN_ID, force: bool = False) -> T5Config:
     """Converts `src` into a new checkpoint folder `dst`, written atomically."""
-    with io.atomic_output_dir(dst, force) as tmp:
+    with files.atomic_output_dir(dst, force) as tmp:
         return write_t5(src, tmp, dtype=dtype, mask_embedding=mask_embedding,
                         mask_token_id=mask_token_id)
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "t5", help="T5 v1.1 text encoder (transformers T5EncoderModel folder)",
-        description="Convert a transformers T5EncoderModel folder (config.json + "
-                    "model.safetensors, or sharded with model.safetensors.index.json) into a "
-                    "unialign_jax T5 checkpoint loadable with unialign_jax.load_t5.")
-    p.add_argument("src", metavar="SRC", help="transformers T5EncoderModel folder")
-    p.add_argument("dst", metavar="DST", help="output folder (must not exist or be empty)")
-    p.add_argument("--dtype", choices=param_mapping.DTYPE_NAMES, default="float32",
-                   help="stored parameter dtype (default: %(default)s)")
-    p.add_argument("--mask-embedding", metavar="FILE",
-                   help="vector (.pth torch tensor as released, .safetensors or .npy) that "
-                        "replaces the mask token's input-embedding row")
-    p.add_argument("--mask-token-id", type=int, default=DEFAULT_MASK_TOKEN_ID,
-                   help="row replaced by --mask-embedding (default: %(default)s, <extra_id_0>)")
-    p.add_argument("--force", action="store_true", help="overwrite DST")
-    p.set_defaults(func=lambda a: convert_t5(a.src, a.dst, dtype=a.dtype,
-                                             mask_embedding=a.mask_embedding,
-                                             mask_token_id=a.mask_token_id, force=a.force))
+def run(args) -> None:
+    convert_t5(args.src, args.dst, dtype=args.dtype, mask_embedding=args.mask_embedding,
+               mask_token_id=args.mask_token_id, force=args.force)
+    print(f"converted the T5 encoder into {args.dst} (load it with unialign_jax.load_t5)")

@@ -11,11 +11,11 @@ import os
 
 from flax import traverse_util
 
-from convert import param_mapping
-from convert.safetensors_io import ConversionError, TensorSource, read_config
-from convert.transformer_keys import abstract_params, fresh_initialiser, tensor_moves
-from unialign_jax.checkpoints import io
-from unialign_jax.checkpoints.transformer import write_config
+from unialign_convert import param_mapping
+from unialign_convert.safetensors_io import ConversionError, TensorSource, read_config
+from unialign_convert.transformer_keys import abstract_params, fresh_initialiser, tensor_moves
+from unialign_jax import files
+from unialign_jax.checkpoints import io, registry
 from unialign_jax.models.mmdit_config import MMDiTConfig
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
@@ -70,8 +70,8 @@ def write_transformer(src: str, out_dir: str, *, dtype: str = "float32",
     report = {"source": os.path.abspath(src), "source_variant": source_config.variant,
               "variant": config.variant, "dtype": dtype, "num_tensors": len(moves),
               "initialised": initialised, "dropped": dropped}
-    write_config(out_dir, config, dtype)
-    io.write_json(os.path.join(out_dir, "conversion.json"), report)
+    registry.write_config(out_dir, "transformer", config, dtype)
+    files.write_json(os.path.join(out_dir, "conversion.json"), report)
     return report
 
 
@@ -80,12 +80,12 @@ def convert_transformer(src: str, dst: str, *, dtype: str = "float32",
                         adapter_widths: tuple[int, int] | None = None,
                         force: bool = False) -> dict:
     """Converts `src` into `dst` atomically (nothing appears at `dst` if anything fails)."""
-    with io.atomic_output_dir(dst, force=force) as tmp:
+    with files.atomic_output_dir(dst, force=force) as tmp:
         return write_transformer(src, tmp, dtype=dtype, to_unialignment=to_unialignment,
                                  vocab_size=vocab_size, adapter_widths=adapter_widths)
 
 
-def _run(args) -> None:
+def run(args) -> None:
     report = convert_transformer(args.src, args.dst, dtype=args.dtype,
                                  to_unialignment=args.to == "unialignment",
                                  vocab_size=args.vocab_size,
@@ -96,28 +96,3 @@ def _run(args) -> None:
     if report["initialised"] or report["dropped"]:
         print(f"  initialised fresh: {len(report['initialised'])} tensors; dropped from the "
               f"source: {len(report['dropped'])} (lists in {args.dst}/conversion.json)")
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "transformer", help="an SD3Transformer2DModel or SD3JointModelFlexible folder",
-        description="Convert a diffusers transformer folder (config.json + safetensors, sharded "
-                    "or not) into an Orbax checkpoint folder loadable by "
-                    "unialign_jax.load_transformer.")
-    p.add_argument("src", help="diffusers transformer folder")
-    p.add_argument("dst", help="output folder (must be empty or absent unless --force)")
-    p.add_argument("--dtype", choices=param_mapping.DTYPE_NAMES, default="float32",
-                   help="storage dtype of the converted parameters (default float32)")
-    p.add_argument("--to", choices=["unialignment"], default=None,
-                   help="port an SD3 model into the UniAlignment layout: keep same-name, "
-                        "same-shape weights, initialise the rest, drop the pooled-text "
-                        "embedder and the old output head")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="text-head vocabulary (the tokenizer's length, 32100 for T5)")
-    p.add_argument("--adapter-widths", type=int, nargs=2, metavar=("HIDDEN", "TEACHER"),
-                   default=None,
-                   help="with --to unialignment: hidden and output widths of the fresh "
-                        "alignment adapters (default: the release's 2048 3584; the output "
-                        "width must equal the teacher's feature size)")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty DST")
-    p.set_defaults(func=_run)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from convert.param_mapping import CONV, LINEAR, TensorMove
+from unialign_convert.param_mapping import CONV, LINEAR, TensorMove
 from unialign_jax.models.embeddings import sincos_2d_table
 from unialign_jax.models.mmdit import MMDiT, MMDiTConfig
 

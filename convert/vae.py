@@ -6,11 +6,11 @@ import os
 
 from flax import nnx, traverse_util
 
-from convert import param_mapping
-from convert.param_mapping import CONV, LINEAR, TensorMove
-from convert.safetensors_io import ConversionError, TensorSource, read_config
-from unialign_jax.checkpoints import io, module_io
-from unialign_jax.checkpoints.vae import FORMAT
+from unialign_convert import param_mapping
+from unialign_convert.param_mapping import CONV, LINEAR, TensorMove
+from unialign_convert.safetensors_io import ConversionError, TensorSource, read_config
+from unialign_jax import files
+from unialign_jax.checkpoints import io, registry
 from unialign_jax.models.vae import AutoencoderKL, VAEConfig
 
 # Our module names that diffusers spells differently (its one-element ModuleLists).
@@ -66,8 +66,8 @@ def write_vae(src: str, out_dir: str, *, dtype: str = "float32") -> VAEConfig:
         nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0))))
     params = param_mapping.assemble(source, tensor_moves(shapes), shapes,
                                     param_mapping.output_dtype(dtype), desc="VAE tensors")
-    module_io.write_config(out_dir, FORMAT, cfg.to_dict(), dtype)
-    io.write_json(os.path.join(out_dir, "conversion.json"),
+    registry.write_config(out_dir, "vae", cfg, dtype)
+    files.write_json(os.path.join(out_dir, "conversion.json"),
                   {"source": os.path.abspath(src), "dtype": dtype})
     io.save_params(out_dir, params)
     return cfg
@@ -75,20 +75,10 @@ def write_vae(src: str, out_dir: str, *, dtype: str = "float32") -> VAEConfig:
 
 def convert_vae(src: str, dst: str, *, dtype: str = "float32", force: bool = False) -> VAEConfig:
     """Converts `src` into a new checkpoint folder `dst`, written atomically."""
-    with io.atomic_output_dir(dst, force) as tmp:
+    with files.atomic_output_dir(dst, force) as tmp:
         return write_vae(src, tmp, dtype=dtype)
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "vae", help="SD3 VAE (diffusers AutoencoderKL folder)",
-        description="Convert a diffusers AutoencoderKL folder (config.json + "
-                    "diffusion_pytorch_model.safetensors) with 16 latent channels and no quant "
-                    "convs into a unialign_jax VAE checkpoint loadable with unialign_jax.load_vae.")
-    p.add_argument("src", metavar="SRC", help="diffusers AutoencoderKL folder")
-    p.add_argument("dst", metavar="DST", help="output folder (must not exist or be empty)")
-    p.add_argument("--dtype", choices=param_mapping.DTYPE_NAMES, default="float32",
-                   help="stored parameter dtype (default: %(default)s; SD3 runs its VAE in "
-                        "float32)")
-    p.add_argument("--force", action="store_true", help="overwrite DST")
-    p.set_defaults(func=lambda a: convert_vae(a.src, a.dst, dtype=a.dtype, force=a.force))
+def run(args) -> None:
+    convert_vae(args.src, args.dst, dtype=args.dtype, force=args.force)
+    print(f"converted the VAE into {args.dst} (load it with unialign_jax.load_vae)")

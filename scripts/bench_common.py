@@ -65,7 +65,7 @@ def load_converted(folder, args, attention_impl=None):
     import jax.numpy as jnp
 
     import unialign_jax
-    from convert.transformer import convert_transformer
+    from unialign_convert.transformer import convert_transformer
 
     src, dst = os.path.join(folder.name, "src"), os.path.join(folder.name, "dst")
     if not os.path.exists(dst):

@@ -115,8 +115,8 @@ def main() -> None:
         src, dst = os.path.join(work, "src"), os.path.join(work, "dst")
         num_params = write_source(src, args.size_gb)
         output_bytes = num_params * (4 if args.dtype == "float32" else 2)
-        base, _ = peak_rss_of("import jax, orbax.checkpoint, convert.cli, unialign_jax.models.t5")
-        peak, seconds = peak_rss_of("from convert.t5 import convert_t5\n"
+        base, _ = peak_rss_of("import jax, orbax.checkpoint, unialign_convert.cli, unialign_jax.models.t5")
+        peak, seconds = peak_rss_of("from unialign_convert.t5 import convert_t5\n"
                                     f"convert_t5({src!r}, {dst!r}, dtype={args.dtype!r})")
         results = {
             "num_params": num_params, "source_bytes": num_params * 4, "dtype": args.dtype,

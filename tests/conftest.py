@@ -23,7 +23,7 @@ def shared_fixture(*parts: str) -> str:
 @pytest.fixture(scope="session")
 def tiny_transformer_dir(tmp_path_factory) -> str:
     """The released-layout tiny UniAlignment transformer, converted once per session."""
-    from convert.transformer import convert_transformer
+    from unialign_convert.transformer import convert_transformer
 
     src = shared_fixture("unialignment_tiny", "config.json")
     dst = str(tmp_path_factory.mktemp("converted") / "unialignment_tiny")

@@ -22,7 +22,7 @@ from safetensors.numpy import load_file  # noqa: E402
 
 import unialign_jax  # noqa: E402
 from conftest import shared_fixture  # noqa: E402
-from convert import cli  # noqa: E402
+from unialign_convert import cli  # noqa: E402
 from test_t5 import random_t5  # noqa: E402
 from test_vae import random_vae  # noqa: E402
 from unialign_jax.checkpoints.pipeline import load_components  # noqa: E402
@@ -105,8 +105,8 @@ def check_vae(components, torch_vae, output):
             ours = nnx.jit(lambda m, x: m.posterior(x)[0])
         else:
             x = np.random.RandomState(1).randn(1, 16, 2, 3).astype(np.float32)
-            ref = torch_vae.decode(torch.from_numpy(x) / vae.cfg.scaling_factor
-                                   + vae.cfg.shift_factor).sample.numpy()
+            ref = torch_vae.decode(torch.from_numpy(x) / vae.config.scaling_factor
+                                   + vae.config.shift_factor).sample.numpy()
             ours = nnx.jit(lambda m, z: m.decode(z))
     out = ours(vae, jnp.asarray(x.transpose(0, 2, 3, 1)))
     assert rel_err(np.asarray(out).transpose(0, 3, 1, 2), ref) <= 1e-4

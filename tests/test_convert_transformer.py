@@ -12,9 +12,9 @@ from safetensors.numpy import load_file, save_file
 
 import unialign_jax
 from conftest import shared_fixture
-from convert.safetensors_io import ConversionError
-from convert.transformer import convert_transformer
-from convert.transformer_keys import tensor_moves, torch_shapes
+from unialign_convert.safetensors_io import ConversionError
+from unialign_convert.transformer import convert_transformer
+from unialign_convert.transformer_keys import tensor_moves, torch_shapes
 from unialign_jax.models.mmdit import MMDiTConfig
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -131,7 +131,7 @@ def test_sd3_to_unialignment_port(tmp_path):
 
 
 def test_port_with_chosen_adapter_widths_through_the_cli(tmp_path):
-    from convert.cli import main
+    from unialign_convert.cli import main
     _write_source(tmp_path / "src", SD3)
     assert main(["transformer", str(tmp_path / "src"), str(tmp_path / "dst"), "--to",
                  "unialignment", "--vocab-size", "50", "--adapter-widths", "12", "20"]) == 0
@@ -201,7 +201,7 @@ def test_non_empty_destination_needs_force(tmp_path):
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
-    from convert.cli import main
+    from unialign_convert.cli import main
     _write_source(tmp_path / "src", MMDiTConfig.tiny())
     (tmp_path / "src" / "config.json").unlink()
     assert main(["transformer", str(tmp_path / "src"), str(tmp_path / "dst")]) == 2

@@ -97,10 +97,11 @@ class _Crashing:
 
 
 def test_precomputed_features_match_the_spec_and_resume(setup):
-    from unialign_jax.data.teacher_qwen import QwenTeacher, precompute
+    from unialign_jax.data.teacher import precompute
+    from unialign_jax.data.teacher_qwen import QwenTeacher
 
     root, shards = setup
-    teacher = QwenTeacher(str(root / "qwen"))
+    teacher = QwenTeacher(str(root / "qwen"), pooling="clean")
     with pytest.raises(RuntimeError, match="preempted"):
         precompute(shards, _Crashing(teacher), batch_size=3)
     assert not os.path.exists(teacher_dir(shards))
@@ -115,6 +116,26 @@ def test_precomputed_features_match_the_spec_and_resume(setup):
     np.testing.assert_allclose(stored["text"], text, rtol=2e-3, atol=2e-3)
     with pytest.raises(FileExistsError):
         precompute(shards, teacher)
+
+
+def test_release_text_pooling_pads_the_batch_together_and_averages_the_pads(setup):
+    """The release: processor(text=captions_of_the_batch, padding=True), embedding rows
+    averaged over every position, pads included."""
+    from unialign_jax.data.teacher_qwen import QwenTeacher
+
+    root, _ = setup
+    texts = ["a red square", "make the cyan circle yellow", "a green triangle"]
+    teacher = QwenTeacher(str(root / "qwen"), pooling="release")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(root / "qwen"))
+    inputs = tokenizer(texts, padding=True, return_tensors="pt")
+    assert (inputs["attention_mask"] == 0).any(), "the texts must need padding"
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(root / "qwen")).eval()
+    with torch.no_grad():
+        want = model.get_input_embeddings()(inputs["input_ids"]).mean(1).numpy()
+    np.testing.assert_allclose(teacher.text_features(texts), want, rtol=1e-5, atol=1e-6)
+    clean = QwenTeacher(str(root / "qwen"), pooling="clean").text_features(texts)
+    assert np.abs(clean - want).max() > 1e-3
 
 
 def test_pipeline_yields_teacher_rows_by_record_index(tmp_path):

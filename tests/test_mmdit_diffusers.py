@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 import unialign_jax  # noqa: E402
-from convert.cli import main as convert_main  # noqa: E402
+from unialign_convert.cli import main as convert_main  # noqa: E402
 
 RTOL = 1e-4  # max |ours - torch| / max |torch| in float32
 

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from conftest import shared_fixture
-from convert.transformer_keys import abstract_params, torch_shapes
+from unialign_convert.transformer_keys import abstract_params, torch_shapes
 from unialign_jax.models import embeddings
 from unialign_jax.models.mmdit import MMDiT, MMDiTConfig
 

@@ -16,14 +16,12 @@ TOLERANCE = 1e-5
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**overrides):
-    import dataclasses
+def tiny_config(*overrides):
+    from unialign_jax import configlib
     from unialign_jax.training.config import load_config
 
-    cfg = load_config(os.path.join(REPO, "configs", "tiny.py"))
-    transformer = dict(cfg.transformer, vocab_size=64)
-    return dataclasses.replace(cfg, transformer=transformer, batch_size=16,
-                               tokenizer="unused", t2i_shards=("unused",), **overrides)
+    return configlib.apply_overrides(load_config("tiny"), [
+        "models.transformer.vocab_size=64", "run.batch_size=16", *overrides])
 
 
 def edit_batch(seed=0):
@@ -38,22 +36,69 @@ def edit_batch(seed=0):
             "teacher_text": rng.normal(size=(16, 40)).astype(np.float32)}
 
 
-def run(mesh_shape, devices):
+def run(mesh_shape, devices, *overrides):
     import jax
-    from unialign_jax.parallel import make_mesh
+    from unialign_jax.parallel import make_mesh, replicated
     from unialign_jax.training.models import build_models
-    from unialign_jax.training.step import TrainStep
+    from unialign_jax.training.step import FrozenModels, make_train_step
 
     mesh = make_mesh(*mesh_shape, devices=devices)
     per_device = 16 // 2 // (mesh.shape["data"] * mesh.shape["fsdp"])  # 2 micro-batches
-    cfg = tiny_config(micro_batch_per_device=per_device)
-    trainer = TrainStep(build_models(cfg, mesh, None), cfg, mesh, mask_id=63,
-                        null_ids=np.ones((1, 8), np.int32))
+    cfg = tiny_config(f"run.micro_batch_per_device={per_device}", *overrides)
+    models = build_models(cfg.models, cfg.compute, mesh, None, seed=cfg.run.seed)
+    frozen = FrozenModels.of(models, jax.device_put(np.ones((1, 8), np.int32),
+                                                    replicated(mesh)))
+    trainer = make_train_step(models, frozen, mesh, optimizer=cfg.optimizer, loss=cfg.loss,
+                              run=cfg.run, mask_id=63)
     assert trainer.num_micro == 2
-    state = trainer.init_state()
+    state = trainer.init()
     initial = jax.device_get(state.params)
-    state, m = trainer.step(state, trainer.frozen, trainer.put_batch(edit_batch()))
+    state, m = trainer.step(state, frozen, trainer.put_batch(edit_batch()))
     return state, initial, [{k: float(v) for k, v in jax.device_get(m).items()}]
+
+
+def contrastive_scopes() -> dict:
+    """The objective with explicit draws on a batch split over 8 devices: "device" scopes
+    (one group per device, as the release contrasts and stratifies per GPU) and "global"."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from unialign_jax.models.mmdit import MMDiT, MMDiTConfig
+    from unialign_jax.parallel import ActivationSharding, batch_sharding, batch_ways, make_mesh
+    from unialign_jax.training import objective
+    from unialign_jax.training.config import LossConfig
+
+    mesh = make_mesh(2, 4, 1)
+    groups = objective.Groups.for_mesh(LossConfig(), batch_ways(mesh))
+    rng = np.random.default_rng(3)
+    b = 16
+    inputs = objective.Inputs(
+        latents=jnp.asarray(rng.normal(size=(b, 8, 8, 16)), jnp.float32),
+        caption_latents=jnp.asarray(rng.normal(size=(b, 8, 8, 16)), jnp.float32),
+        conditions=(), instruction_ids=jnp.asarray(rng.integers(0, 60, (b, 8)), jnp.int32),
+        caption_ids=jnp.asarray(rng.integers(0, 60, (b, 8)), jnp.int32))
+    draws = objective.Draws.sample(jax.random.key(5), (b, 8, 8, 16), 8)
+    null = jnp.zeros((1, 8, 32))
+    t5 = lambda ids: jnp.tanh(ids[..., None].astype(jnp.float32) / 7 + jnp.arange(32) / 9)
+
+    def contrastive(model, inputs, draws, groups):
+        return objective.objective(model, t5, inputs, draws, null, LossConfig(block_depth=1),
+                                   63, groups)[1]["loss_contrastive"]
+
+    config = MMDiTConfig.tiny(vocab_size=64)
+    single = MMDiT(config, rngs=nnx.Rngs(0))
+    sharded = MMDiT(config, rngs=nnx.Rngs(0), activation_sharding=ActivationSharding(mesh))
+    put = lambda tree: jax.device_put(tree, batch_sharding(mesh))
+    whole = objective.Groups()
+    on_mesh = nnx.jit(contrastive, static_argnums=3)(sharded, put(inputs), put(draws), groups)
+    per_block = [float(contrastive(single, *jax.tree.map(lambda x: x[d * 2:(d + 1) * 2],
+                                                         (inputs, draws)), whole))
+                 for d in range(8)]
+    return {"groups": [groups.contrastive, groups.antithetic], "device_scope": float(on_mesh),
+            "mean_of_blocks": float(np.mean(per_block)),
+            "global_on_mesh": float(nnx.jit(contrastive, static_argnums=3)(
+                sharded, put(inputs), put(draws), whole)),
+            "global_one_device": float(contrastive(single, inputs, draws, whole))}
 
 
 def _max_diff(a, b):
@@ -67,8 +112,10 @@ def worker() -> dict:
     from jax.sharding import PartitionSpec as P
 
     assert jax.device_count() == 8, jax.devices()
-    one, one_init, one_metrics = run((1, 1, 1), jax.devices()[:1])
-    many, many_init, many_metrics = run((2, 4, 1), jax.devices())
+    # With both scopes global the objective does not depend on the mesh.
+    whole = ("loss.contrastive_scope=global", "loss.antithetic_scope=global")
+    one, one_init, one_metrics = run((1, 1, 1), jax.devices()[:1], *whole)
+    many, many_init, many_metrics = run((2, 4, 1), jax.devices(), *whole)
 
     kernel = many.params["blocks"]["ff"]["proj_in"]["kernel"]        # (layers, embed, mlp)
     mu = many.opt_state[1][0].mu["blocks"]["ff"]["proj_in"]["kernel"]
@@ -90,6 +137,7 @@ def worker() -> dict:
         "kernel_shape": list(kernel.shape),
         "sharded_leaves": sharded_leaves, "num_leaves": len(jax.tree.leaves(many.params)),
         "fsdp_spec_ok": kernel.sharding.spec == P(None, "fsdp", None),
+        "contrastive": contrastive_scopes(),
     }
 
 
@@ -119,6 +167,13 @@ def test_eight_devices_match_one_device():
     assert result["mu_spec"] == result["kernel_spec"] == result["ema_spec"]
     assert result["kernel_shard_shape"][1] * 4 == result["kernel_shape"][1]
     assert result["sharded_leaves"] > result["num_leaves"] // 2
+    # Contrastive scope: "device" on 8 devices = the mean of the 8 per-device losses, each
+    # computed alone; "global" on 8 devices = the whole batch on one device.
+    c = result["contrastive"]
+    assert c["groups"] == [8, 8]
+    np.testing.assert_allclose(c["device_scope"], c["mean_of_blocks"], rtol=1e-5)
+    np.testing.assert_allclose(c["global_on_mesh"], c["global_one_device"], rtol=1e-5)
+    assert abs(c["device_scope"] - c["global_one_device"]) > 1e-3
 
 
 if __name__ == "__main__":

@@ -101,9 +101,19 @@ def test_batch_sharding_splits_over_data_and_fsdp():
     assert rules.batch_sharding(mesh).spec == P(("data", "fsdp"))
 
 
-def test_constrain_batch_is_the_identity_outside_a_train_mesh():
+def test_activation_rules_split_the_batch_and_keep_the_width_whole():
+    m = FakeMesh(data=2, fsdp=4, tensor=2)
+    tokens = ("activation_batch", "activation_length", "activation_embed")
+    assert rules.logical_to_mesh(tokens, (16, 1280, 1536), m) == P(("data", "fsdp"), None, None)
+    heads = ("activation_batch", "activation_length", "activation_heads", None)
+    assert rules.logical_to_mesh(heads, (16, 1280, 24, 64), m) == \
+        P(("data", "fsdp"), None, "tensor", None)
+    # A batch the batch axes do not divide stays whole (sampling one image on 8 devices).
+    assert rules.logical_to_mesh(tokens, (1, 1280, 1536), m) == P(None, None, None)
+
+
+def test_activation_sharding_is_the_identity_on_one_device():
     x = jax.numpy.ones((4, 3))
-    assert rules.constrain_batch(x) is x
-    with rules.activation_sharding(mesh_lib.make_mesh(devices=jax.devices()[:1])):
-        assert rules.constrain_batch(x) is x  # batch axes of size 1: nothing to split
-    assert not rules._ACTIVATION_MESH
+    shard = rules.ActivationSharding(mesh_lib.make_mesh(devices=jax.devices()[:1]))
+    assert shard(x, ("activation_batch", None)) is x
+    assert hash(shard) == hash(rules.ActivationSharding(shard.mesh))  # a static jit key

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unialign_jax.sampling.caption import (NEG_INF, sample_caption, subs_log_probs,
-                                           unmask_step)
+from unialign_jax.diffusion.masked import NEG_INF, subs_log_probs, unmask_step
+from unialign_jax.sampling.caption import sample_caption
 
 VOCAB, MASK, LENGTH = 12, 11, 10
 

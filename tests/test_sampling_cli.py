@@ -1,5 +1,5 @@
-"""`unialign-sample` and `unialign-semgen` end to end on a tiny pipeline: files, sidecars,
-resuming, and bad items reported and skipped while the rest is written."""
+"""`unialign-sample` end to end on a tiny pipeline: files, sidecars, resuming, and bad items
+reported and skipped while the rest is written."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from test_sampling_pipeline import tiny_components
-from unialign_jax.sampling import cli, semgen
+from unialign_jax.sampling import cli
 from unialign_jax.sampling.pipeline import DEFAULT_NEGATIVE_PROMPT, UniAlignPipeline
 
 FAST = ["--steps", "2", "--batch-size", "2", "--no-progress"]
@@ -32,7 +32,6 @@ def loads(monkeypatch, tiny_pipe):
         return tiny_pipe
 
     monkeypatch.setattr(cli, "load_pipeline_from_args", load)
-    monkeypatch.setattr(semgen, "load_pipeline_from_args", load)
     return calls
 
 
@@ -54,7 +53,7 @@ def test_t2i_writes_pngs_and_sidecars_and_resumes(tmp_path, loads, capsys):
     side = json.loads((out / "00002.json").read_text())
     assert side == {"task": "t2i", "index": 2, "prompt": "a blue ball", "seed": 7,
                     "images": [], "steps": 2, "checkpoint": str(tmp_path), "dtype": "float32",
-                    "height": 64, "width": 48, "guidance": 7.0,
+                    "attention": "auto", "height": 64, "width": 48, "guidance": 7.0,
                     "negative_prompt": DEFAULT_NEGATIVE_PROMPT}
     assert Image.open(out / "00000.png").size == (48, 64)
     assert not [f for f in os.listdir(out) if f.startswith(".")], "no temporary files left"
@@ -134,42 +133,6 @@ def test_bad_arguments_exit_before_loading_anything(tmp_path, loads, capsys, arg
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert loads == []
-
-
-def test_semgen_writes_the_fullset_layout_skips_bad_rows_and_resumes(tmp_path, loads, capsys):
-    bench = tmp_path / "bench"
-    (bench / "images").mkdir(parents=True)
-    save_picture(bench / "images" / "a.png")
-    rows = [
-        {"image_id": "a1", "image_path": "images/a.png", "t2i_long": "a long prompt",
-         "t2i_complex": "a complex prompt", "edit_multi": "make it red", "edit_complex": "x"},
-        {"image_id": "b2", "image_path": "/nowhere/b.png", "t2i_long": "another",
-         "t2i_complex": "", "edit_multi": "y", "edit_complex": "z"},
-    ]
-    (bench / "semgen_bench.jsonl").write_text(
-        "\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
-    out = tmp_path / "out"
-    argv = ["--bench", str(bench), "--ckpt", str(tmp_path), "--out", str(out),
-            "--resolution", "64", *FAST]
-    assert semgen.main(argv) == 1
-    full = out / "fullset"
-    written = sorted(str(p.relative_to(full)) for p in full.rglob("*.png"))
-    assert written == ["edit_complex/a1.png", "edit_complex/a1_SRCIMG.png",
-                       "edit_multi/a1.png", "edit_multi/a1_SRCIMG.png",
-                       "t2i_complex/a1.png", "t2i_long/a1.png", "t2i_long/b2.png"]
-    assert Image.open(full / "edit_multi" / "a1_SRCIMG.png").size == (64, 64)
-    failures = [json.loads(l) for l in (full / "failures.jsonl").read_text().splitlines()]
-    assert {(f["where"], f["task"]) for f in failures} == {
-        ("line 3", None), ("image_id b2", "t2i_complex"), ("image_id b2", "edit_multi"),
-        ("image_id b2", "edit_complex")}
-    settings = json.loads((full / "settings.json").read_text())
-    assert settings["steps"] == 2 and settings["negative_prompt"] == DEFAULT_NEGATIVE_PROMPT
-    assert "5 images written, 4 skipped as bad" in capsys.readouterr().out
-
-    os.remove(full / "t2i_long" / "b2.png")
-    semgen.main(argv)
-    assert "1 images written" in capsys.readouterr().out
-    assert (full / "t2i_long" / "b2.png").exists()
 
 
 def test_real_converted_checkpoint_end_to_end(tmp_path, capsys):

@@ -45,9 +45,12 @@ def test_preprocess_is_square_channels_last_in_model_range():
     np.testing.assert_allclose(out[1], -1.0, atol=1e-6)
 
 
-def test_to_pil_inverts_the_model_range_with_rounding_and_clipping():
-    x = np.array([[[[-1.0, 0.0, 1.0], [-3.0, 0.004, 7.0]]]], np.float32)
-    assert np.asarray(to_pil(x)[0]).tolist() == [[[0, 128, 255], [0, 128, 255]]]
+def test_to_pil_converts_as_the_release_clamping_and_truncating():
+    """The release: (clamp(x * 0.5 + 0.5, 0, 1) * 255).astype(uint8) — truncation, so 0.0
+    gives 127 (not 128) and 0.999 gives 254."""
+    x = np.array([[[[-1.0, 0.0, 1.0], [-3.0, 0.004, 7.0], [0.999, -0.999, 0.5]]]], np.float32)
+    assert np.asarray(to_pil(x)[0]).tolist() == [[[0, 127, 255], [0, 128, 255],
+                                                  [254, 0, 191]]]
 
 
 @pytest.mark.parametrize("height, width, message", [

@@ -19,10 +19,10 @@ import jax.numpy as jnp  # noqa: E402
 
 import unialign_jax  # noqa: E402
 from conftest import shared_fixture  # noqa: E402
-from convert import cli  # noqa: E402
-from convert.mask_embedding import read_mask_embedding  # noqa: E402
-from convert.safetensors_io import ConversionError  # noqa: E402
-from convert.t5 import convert_t5  # noqa: E402
+from unialign_convert import cli  # noqa: E402
+from unialign_convert.mask_embedding import read_mask_embedding  # noqa: E402
+from unialign_convert.safetensors_io import ConversionError  # noqa: E402
+from unialign_convert.t5 import convert_t5  # noqa: E402
 from unialign_jax.models.t5 import relative_position_buckets  # noqa: E402
 
 PAD_ID, MASK_ID = 1, 99

@@ -1,61 +1,93 @@
-"""Configs and the `unialign-train` command line: files, overrides, clear errors, --help."""
+"""Configs and the `unialign-train` command line: nested sections, files and names, dotted
+overrides with types, clear errors, --help and --print-config listing every key."""
 
+import dataclasses
 import os
 
 import pytest
 
+from unialign_jax import configlib
+from unialign_jax.models.mmdit_config import MMDiTConfig
 from unialign_jax.training import cli
-from unialign_jax.training.config import TrainConfig, apply_overrides, load_config
+from unialign_jax.training.config import TrainConfig, load_config, shipped_configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_release_config_has_the_release_hyperparameters():
-    cfg = load_config(os.path.join(REPO, "configs", "unialignment_512.py"))
-    assert (cfg.batch_size, cfg.micro_batch_per_device, cfg.num_steps) == (384, 4, 80_000)
-    assert (cfg.lr, cfg.warmup_steps, cfg.weight_decay) == (3e-5, 2000, 0.01)
-    assert (cfg.b1, cfg.b2, cfg.eps, cfg.grad_clip_norm, cfg.ema_decay) == \
-        (0.9, 0.999, 1e-8, 2.0, 0.9995)
-    assert (cfg.resolution, cfg.dtype, cfg.param_dtype) == (512, "bfloat16", "float32")
-    assert (cfg.ckpt_every, cfg.log_every, cfg.block_depth) == (5000, 20, 8)
+    cfg = load_config("unialignment_512")
+    assert (cfg.run.batch_size, cfg.run.micro_batch_per_device, cfg.run.num_steps) == \
+        (384, 4, 80_000)
+    o = cfg.optimizer
+    assert (o.lr, o.warmup_steps, o.weight_decay, o.b1, o.b2, o.eps) == \
+        (3e-5, 2000, 0.01, 0.9, 0.999, 1e-8)
+    # The release clips the sum of its 12 micro-batch gradients per GPU at 2.0.
+    assert (o.grad_clip_norm, o.gradient_scale) == (2.0, 12.0)
+    assert (cfg.data.resolution, cfg.compute.dtype, cfg.compute.param_dtype) == \
+        (512, "bfloat16", "float32")
+    assert (cfg.run.ckpt_every, cfg.run.log_every, cfg.loss.block_depth) == (5000, 20, 8)
+    assert cfg.loss.contrastive_scope == "device" and cfg.models.transformer == MMDiTConfig()
 
 
-def test_all_configs_load():
-    for name in os.listdir(os.path.join(REPO, "configs")):
-        if name.endswith(".py"):
-            assert isinstance(load_config(os.path.join(REPO, "configs", name)), TrainConfig)
+def test_all_configs_load_by_name_and_by_path():
+    names = shipped_configs()
+    assert {"quickstart", "tiny", "unialignment_512"} <= set(names)
+    for name in names:
+        assert load_config(name) == load_config(os.path.join(REPO, "configs", f"{name}.py"))
+    with pytest.raises(FileNotFoundError, match="no config named 'nope'"):
+        load_config("nope")
 
 
-def test_overrides_parse_literals_and_strings():
-    cfg = apply_overrides(TrainConfig(), [
-        "lr=1e-4", "num_steps=10", "t2i_shards=/data/a", "edit_shards=('/b', '/c')",
-        "transformer={'num_layers': 2}", "remat_policy=None", "tokenizer=gs://x/tok",
-        "distributed=True", "warmup_steps=0"])
-    assert cfg.lr == 1e-4 and cfg.num_steps == 10 and cfg.warmup_steps == 0
-    assert cfg.t2i_shards == ("/data/a",) and cfg.edit_shards == ("/b", "/c")
-    assert cfg.transformer == {"num_layers": 2} and cfg.remat_policy is None
-    assert cfg.tokenizer == "gs://x/tok" and cfg.distributed is True
-    assert isinstance(apply_overrides(TrainConfig(), ["lr=1"]).lr, float)
+def test_dotted_overrides_parse_literals_strings_and_sections():
+    cfg = configlib.apply_overrides(TrainConfig(), [
+        "optimizer.lr=1e-4", "run.num_steps=10", "data.t2i_shards=/data/a",
+        "data.edit_shards=('/b', '/c')", "models.transformer.num_layers=2",
+        "models.t5={'num_layers': 3, 'd_model': 64}", "compute.remat_policy=none",
+        "models.tokenizer=gs://x/tok", "mesh.distributed=True", "optimizer.warmup_steps=0",
+        "optimizer.ema_decay=None", "loss.contrastive_scope=global"])
+    assert cfg.optimizer.lr == 1e-4 and cfg.run.num_steps == 10
+    assert cfg.data.t2i_shards == ("/data/a",) and cfg.data.edit_shards == ("/b", "/c")
+    assert cfg.models.transformer.num_layers == 2
+    assert cfg.models.transformer.num_heads == MMDiTConfig().num_heads   # others kept
+    assert (cfg.models.t5.num_layers, cfg.models.t5.d_model) == (3, 64)
+    assert cfg.compute.remat_policy == "none" and cfg.models.tokenizer == "gs://x/tok"
+    assert cfg.mesh.distributed is True and cfg.optimizer.ema_decay is None
+    assert cfg.loss.contrastive_scope == "global"
+    assert isinstance(configlib.apply_overrides(TrainConfig(), ["optimizer.lr=1"]).optimizer.lr,
+                      float)
+    # The original is untouched (frozen sections, copies).
+    assert TrainConfig().optimizer.lr == 3e-5
 
 
 @pytest.mark.parametrize("override, message", [
-    ("nope=1", "unknown config key"),
-    ("lr", "not key=value"),
-    ("batch_size=1.5", "expected int"),
-    ("lr=fast", "expected float"),
-    ("tensorboard=1", "expected bool"),
+    ("nope=1", "unknown config key 'nope'"),
+    ("lr=1", "did you mean optimizer.lr"),
+    ("optimizer.lr", "not key=value"),
+    ("run.batch_size=1.5", "expected int"),
+    ("optimizer.lr=fast", "expected float"),
+    ("run.tensorboard=1", "expected bool"),
+    ("loss.contrastive_scope=everywhere", "expected Literal"),
+    ("models.transformer.nope=1", "unknown config key"),
 ])
 def test_bad_overrides_fail_clearly(override, message):
     with pytest.raises(ValueError, match=message):
-        apply_overrides(TrainConfig(), [override])
+        configlib.apply_overrides(TrainConfig(), [override])
+
+
+def test_config_json_round_trip():
+    cfg = configlib.apply_overrides(load_config("quickstart"),
+                                    ["data.t2i_shards=('/a',)", "models.tokenizer=/t"])
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_validate_reports_every_problem():
-    cfg = TrainConfig(batch_size=0, null_prompt_prob=2.0)
+    cfg = dataclasses.replace(TrainConfig(), run=dataclasses.replace(TrainConfig().run,
+                                                                    batch_size=0),
+                              loss=dataclasses.replace(TrainConfig().loss, null_prompt_prob=2.0))
     with pytest.raises(ValueError) as err:
         cfg.validate()
     text = str(err.value)
-    for part in ("batch_size", "null_prompt_prob", "no training data", "tokenizer"):
+    for part in ("run.batch_size", "loss.null_prompt_prob", "no training data", "tokenizer"):
         assert part in text
 
 
@@ -63,17 +95,19 @@ def test_cli_errors_and_help(capsys, tmp_path):
     assert cli.main(["--config", str(tmp_path / "missing.py"), "--workdir",
                      str(tmp_path)]) == 2
     assert "config file not found" in capsys.readouterr().err
-    assert cli.main(["--config", os.path.join(REPO, "configs", "quickstart.py"),
-                     "--workdir", str(tmp_path)]) == 2
+    assert cli.main(["--config", "quickstart", "--workdir", str(tmp_path)]) == 2
     assert "no training data" in capsys.readouterr().err
     assert not os.listdir(tmp_path)  # nothing written before the config is valid
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = capsys.readouterr().out
-    assert "key=value" in out and "micro_batch_per_device" in out and "143" in out
+    assert "key=value" in out and "143" in out
+    for key, _ in configlib.iter_keys(TrainConfig):   # every key, with its type
+        assert f"  {key}: " in out, key
+    assert "run.micro_batch_per_device: int = 4" in out
 
 
 def test_print_config(capsys, tmp_path):
-    assert cli.main(["--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir",
-                     str(tmp_path), "lr=0.5", "--print-config"]) == 0
-    assert "lr = 0.5" in capsys.readouterr().out
+    assert cli.main(["--config", "tiny", "--workdir", str(tmp_path), "optimizer.lr=0.5",
+                     "--print-config"]) == 0
+    assert "optimizer.lr: float = 0.5" in capsys.readouterr().out

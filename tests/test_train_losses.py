@@ -1,4 +1,6 @@
-"""Every UniAlignment loss term against an independent NumPy computation (spec section 4)."""
+"""The representation losses against independent NumPy computations (spec section 4), and
+the objective's wiring: which pass feeds which loss, null-prompt dropout, the weighted total.
+The whole objective against the release's own values is tests/test_objective_reference.py."""
 
 import numpy as np
 import pytest
@@ -14,78 +16,6 @@ RNG = np.random.default_rng(0)
 def _log_softmax(x):
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def test_logit_normal_sigmas_match_the_discrete_training_grid():
-    u = RNG.normal(size=64).astype(np.float32)
-    # diffusers: indices = (sigmoid(u) * 1000).long(); sigmas = linspace(1, 1/1000, 1000)
-    grid = np.linspace(1.0, 1.0 / 1000, 1000)
-    expected = grid[(1.0 / (1.0 + np.exp(-u.astype(np.float64))) * 1000).astype(np.int64)]
-    got = np.asarray(losses.logit_normal_sigmas(jnp.asarray(u)))
-    np.testing.assert_allclose(got, expected, atol=1e-6)
-    assert got.min() > 0.0 and got.max() <= 1.0
-
-
-def test_flow_matching_loss():
-    x = RNG.normal(size=(3, 4, 4, 2)).astype(np.float32)
-    eps = RNG.normal(size=x.shape).astype(np.float32)
-    v = RNG.normal(size=x.shape).astype(np.float32)
-    sigma = np.array([0.1, 0.5, 0.97], np.float32)
-    s = sigma[:, None, None, None]
-    noisy = (1 - s) * x + s * eps
-    per_sample = [np.mean((noisy[i] - sigma[i] * v[i] - x[i]) ** 2) for i in range(3)]
-    got_noisy = losses.noise_latents(jnp.asarray(x), jnp.asarray(eps), jnp.asarray(sigma))
-    np.testing.assert_allclose(np.asarray(got_noisy), noisy, rtol=1e-6, atol=1e-6)
-    got = losses.flow_matching_loss(jnp.asarray(x), got_noisy, jnp.asarray(sigma), jnp.asarray(v))
-    np.testing.assert_allclose(float(got), np.mean(per_sample), rtol=1e-5)
-    # The exact velocity (ε − x) gives zero loss.
-    assert float(losses.flow_matching_loss(jnp.asarray(x), got_noisy, jnp.asarray(sigma),
-                                           jnp.asarray(eps - x))) < 1e-10
-
-
-def test_antithetic_times_cover_one_stratum_each():
-    b, eps = 8, 1e-3
-    u = RNG.uniform(size=b).astype(np.float32)
-    expected = [(1 - eps) * ((u[j] / b + j / b) % 1.0) + eps for j in range(b)]
-    got = np.asarray(losses.antithetic_times(jnp.asarray(u), eps))
-    np.testing.assert_allclose(got, expected, rtol=1e-6)
-    strata = np.floor((got - eps) / (1 - eps) * b)
-    assert sorted(strata.tolist()) == list(range(b))
-
-
-def test_mask_tokens_uses_probability_one_minus_eps_times_t():
-    ids = RNG.integers(0, 50, size=(2, 10)).astype(np.int32)
-    t = np.array([0.3, 0.9], np.float32)
-    u = RNG.uniform(size=(2, 10)).astype(np.float32)
-    expected = ids.copy()
-    for i in range(2):
-        for j in range(10):
-            if u[i, j] < (1 - 1e-3) * t[i]:
-                expected[i, j] = 99
-    got = losses.mask_tokens(jnp.asarray(ids), jnp.asarray(t), jnp.asarray(u), 99)
-    np.testing.assert_array_equal(np.asarray(got), expected)
-
-
-def test_caption_loss_is_subs_weighted_by_one_over_t():
-    b, length, vocab, mask_id = 3, 6, 11, 10
-    clean = RNG.integers(0, mask_id, size=(b, length)).astype(np.int32)
-    noisy = np.where(RNG.uniform(size=(b, length)) < 0.5, mask_id, clean).astype(np.int32)
-    noisy[0, 0], noisy[1, 1] = mask_id, clean[1, 1]  # at least one of each kind
-    logits = RNG.normal(size=(b, length, vocab)).astype(np.float32) * 3
-    t = np.array([0.2, 0.6, 0.95], np.float32)
-
-    total = 0.0
-    for i in range(b):
-        for j in range(length):
-            if noisy[i, j] == mask_id:
-                lg = logits[i, j].astype(np.float64).copy()
-                lg[mask_id] += -1e6
-                total += -_log_softmax(lg)[clean[i, j]] / t[i]
-            # unmasked: SUBS puts probability 1 on the observed (= clean) id → 0 loss
-    expected = total / (b * length)
-    got = losses.caption_loss(jnp.asarray(logits), jnp.asarray(clean), jnp.asarray(noisy),
-                              jnp.asarray(t), mask_id)
-    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
 
 
 def test_contrastive_loss_symmetric_infonce():
@@ -111,39 +41,59 @@ def test_cosine_alignment_loss():
     assert abs(float(losses.cosine_alignment_loss(jnp.asarray(a), jnp.asarray(3 * a)))) < 1e-6
 
 
-def test_total_weights_from_config_follow_the_spec():
-    from unialign_jax.training.config import TrainConfig
-    from unialign_jax.training.objective import LossWeights
+def test_contrastive_loss_in_groups_is_the_mean_of_each_groups_loss():
+    img = RNG.normal(size=(8, 5, 8)).astype(np.float32)
+    txt = RNG.normal(size=(8, 7, 8)).astype(np.float32)
+    per_group = [float(losses.contrastive_loss(jnp.asarray(img[g * 2:(g + 1) * 2]),
+                                               jnp.asarray(txt[g * 2:(g + 1) * 2])))
+                 for g in range(4)]
+    got = losses.contrastive_loss(jnp.asarray(img), jnp.asarray(txt), groups=4)
+    np.testing.assert_allclose(float(got), np.mean(per_group), rtol=1e-6)
+    assert abs(float(got) - float(losses.contrastive_loss(jnp.asarray(img),
+                                                          jnp.asarray(txt)))) > 1e-3
 
-    w = LossWeights.from_config(TrainConfig())
-    assert (w.image, w.caption, w.contrastive, w.align) == (1.0, 0.2, 0.05, 0.1)
-    assert (w.block_depth, w.null_prompt_prob, w.temperature, w.caption_eps) == (8, 0.1, 0.07,
-                                                                                  1e-3)
+
+def test_loss_config_defaults_follow_the_spec():
+    from unialign_jax.training.config import LossConfig
+
+    w = LossConfig()
+    assert (w.image_weight, w.caption_weight, w.contrastive_weight, w.align_weight) == \
+        (1.0, 0.2, 0.05, 0.1)
+    assert (w.block_depth, w.null_prompt_prob, w.contrastive_temperature, w.caption_eps) == \
+        (8, 0.1, 0.07, 1e-3)
+    assert w.contrastive_scope == "device"
 
 
 @pytest.mark.parametrize("drop_all", [True, False])
-def test_null_prompt_dropout_and_total_loss(drop_all):
-    """The objective on tiny stand-in models: total = weighted sum of the reported terms,
-    and with null_prompt_prob=1 the image pass sees only the null prompt's context."""
+def test_null_prompt_dropout_and_which_pass_feeds_which_loss(drop_all):
+    """The objective on a tiny model with stand-in T5 / VAE: with null_prompt_prob=1 the image
+    pass sees only the null prompt's context; the image pass gets the noisy target at its
+    timestep, the caption pass the other posterior sample at timestep 0 and the masked
+    caption; each loss term equals its function applied to the right pass's outputs."""
     from flax import nnx
+    from unialign_jax.diffusion import flow, masked
     from unialign_jax.models.mmdit import MMDiT, MMDiTConfig
-    from unialign_jax.training.objective import LossWeights, unialign_loss
+    from unialign_jax.training import objective
+    from unialign_jax.training.config import LossConfig
 
     model = MMDiT(MMDiTConfig.tiny(), rngs=nnx.Rngs(0))
-    seen = []
+    calls = []
 
-    class T5:
-        def __call__(self, ids):
-            return jnp.broadcast_to(ids[..., None].astype(jnp.float32) / 10, ids.shape + (32,))
+    def t5(ids):
+        return jnp.broadcast_to(ids[..., None].astype(jnp.float32) / 10, ids.shape + (32,))
 
     class VAE:
-        def encode(self, x, key, images_per_chunk=None):
-            return x[:, ::2, ::2, :1].repeat(16, -1)
+        def posterior(self, x, images_per_chunk=None):
+            mean = x[:, ::2, ::2, :1].repeat(16, -1)
+            return mean, jnp.full_like(mean, -2.0)
 
-    class Spy:
-        def __call__(self, latents, timestep, context, **kw):
-            seen.append(context)
-            return model(latents, timestep, context, **kw)
+        def sample_latents(self, mean, logvar, key):
+            return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+
+    def spy(latents, timestep, context, **kw):
+        out = model(latents, timestep, context, **kw)
+        calls.append(dict(latents=latents, timestep=timestep, context=context, out=out, **kw))
+        return out
 
     b = 4
     batch = {"target": jnp.asarray(RNG.uniform(-1, 1, (b, 16, 16, 3)), jnp.float32),
@@ -152,15 +102,45 @@ def test_null_prompt_dropout_and_total_loss(drop_all):
              "teacher_image": jnp.asarray(RNG.normal(size=(b, 40)), jnp.float32),
              "teacher_text": jnp.asarray(RNG.normal(size=(b, 40)), jnp.float32)}
     null = jnp.full((1, 8, 32), -7.0)
-    w = LossWeights(block_depth=1, null_prompt_prob=1.0 if drop_all else 0.0)
-    total, terms = unialign_loss(Spy(), T5(), VAE(), batch, null, jax.random.key(0), w, 63)
-    image_context = np.asarray(seen[0])
-    assert np.all(image_context == -7.0) == drop_all
+    cfg = LossConfig(block_depth=1, null_prompt_prob=1.0 if drop_all else 0.0)
+    key = jax.random.key(0)
+    total, terms = objective.micro_batch_loss(spy, t5, VAE(), batch, null, key, cfg, 63)
+    image, caption = calls
+    assert np.all(np.asarray(image["context"]) == -7.0) == drop_all
     if not drop_all:
-        np.testing.assert_allclose(image_context[..., 0],
+        np.testing.assert_allclose(np.asarray(image["context"])[..., 0],
                                    np.asarray(batch["instruction_ids"]) / 10, rtol=1e-6)
+    # Replay the draws: the image pass got x_σ at 1000 − index, the caption pass timestep 0.
+    k_vae, k_draws = jax.random.split(key)
+    draws = objective.Draws.sample(k_draws, image["latents"].shape, 8)
+    latents, caption_latents, _ = objective.encode_images(VAE(), batch, k_vae)
+    sigma, timesteps = flow.training_timesteps(draws.flow_logit_normal)
+    np.testing.assert_allclose(np.asarray(image["latents"]),
+                               np.asarray(flow.add_noise(latents, draws.flow_noise, sigma)),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(image["timestep"]), np.asarray(timesteps))
+    np.testing.assert_array_equal(np.asarray(caption["timestep"]), 0.0)
+    # t2i: the caption pass encodes its own posterior sample of the same target.
+    np.testing.assert_array_equal(np.asarray(caption["latents"]), np.asarray(caption_latents))
+    assert np.abs(np.asarray(caption_latents) - np.asarray(latents)).max() > 1e-3
+    times = masked.antithetic_times(draws.caption_time_uniform)
+    noisy_ids = masked.mask_tokens(batch["caption_ids"], times, draws.caption_mask_uniform, 63)
+    np.testing.assert_allclose(np.asarray(caption["context"])[..., 0],
+                               np.asarray(noisy_ids) / 10, rtol=1e-6)
+    # Each term from the right pass.
+    np.testing.assert_allclose(float(terms["loss_image"]), float(flow.loss(
+        latents, image["latents"], sigma, image["out"].sample)), rtol=1e-6)
+    np.testing.assert_allclose(float(terms["loss_caption"]), float(masked.loss(
+        caption["out"].text_logits, batch["caption_ids"], noisy_ids, times, 63)), rtol=1e-6)
+    np.testing.assert_allclose(float(terms["loss_contrastive"]), float(losses.contrastive_loss(
+        image["out"].image_hidden, caption["out"].text_hidden)), rtol=1e-6)
+    np.testing.assert_allclose(float(terms["loss_align_text"]), float(
+        losses.cosine_alignment_loss(caption["out"].mid_text_proj, batch["teacher_text"])),
+        rtol=1e-6)
+    np.testing.assert_allclose(float(terms["loss_align_image"]), float(
+        losses.cosine_alignment_loss(image["out"].mid_image_proj, batch["teacher_image"])),
+        rtol=1e-6)
     expected = (terms["loss_image"] + 0.2 * terms["loss_caption"]
                 + 0.05 * terms["loss_contrastive"]
                 + 0.1 * (terms["loss_align_text"] + terms["loss_align_image"]))
     np.testing.assert_allclose(float(total), float(expected), rtol=1e-6)
-    assert float(terms["loss_align_text"]) > 0 and float(terms["loss_align_image"]) > 0

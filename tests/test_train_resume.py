@@ -39,10 +39,10 @@ def corpus(tmp_path_factory):
 
 def _command(corpus, workdir, *overrides):
     return [sys.executable, "-m", "unialign_jax.training.cli",
-            "--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir", str(workdir),
-            f"tokenizer={corpus['root'] / 'tokenizer'}",
-            f"t2i_shards=('{corpus['root'] / 't2i'}',)",
-            f"edit_shards=('{corpus['root'] / 'edit'}',)", *overrides]
+            "--config", "tiny", "--workdir", str(workdir),
+            f"models.tokenizer={corpus['root'] / 'tokenizer'}",
+            f"data.t2i_shards=('{corpus['root'] / 't2i'}',)",
+            f"data.edit_shards=('{corpus['root'] / 'edit'}',)", *overrides]
 
 
 def _env(corpus):
@@ -84,10 +84,10 @@ def test_resume_is_exact(corpus, tmp_path):
     import jax
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _train(corpus, straight, "num_steps=4")
-    _train(corpus, resumed, "num_steps=2")
+    _train(corpus, straight, "run.num_steps=4")
+    _train(corpus, resumed, "run.num_steps=2")
     assert sorted(os.listdir(resumed / "checkpoints")) == ["2"]
-    second = _train(corpus, resumed, "num_steps=4")
+    second = _train(corpus, resumed, "run.num_steps=4")
     assert "resuming from step 2" in second.stdout + second.stderr
 
     a, b = _restore_state(straight, 4), _restore_state(resumed, 4)
@@ -109,7 +109,7 @@ def test_resume_is_exact(corpus, tmp_path):
 
 def test_sigterm_leaves_a_restorable_checkpoint(corpus, tmp_path):
     workdir = tmp_path / "preempted"
-    proc = subprocess.Popen(_command(corpus, workdir, "num_steps=100000", "ckpt_every=100000"),
+    proc = subprocess.Popen(_command(corpus, workdir, "run.num_steps=100000", "run.ckpt_every=100000"),
                             env=_env(corpus), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     metrics = workdir / "metrics.jsonl"
@@ -127,6 +127,6 @@ def test_sigterm_leaves_a_restorable_checkpoint(corpus, tmp_path):
     assert int(np.asarray(_restore_state(workdir, saved)["step"])) == saved
     assert max(m["step"] for m in _metrics(workdir)) >= saved
 
-    rerun = _train(corpus, workdir, f"num_steps={saved + 1}")
+    rerun = _train(corpus, workdir, f"run.num_steps={saved + 1}")
     assert f"resuming from step {saved}" in rerun.stdout + rerun.stderr
     assert [m["step"] for m in _metrics(workdir)][-1] == saved + 1

@@ -17,7 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import unialign_jax  # noqa: E402
-from convert import cli  # noqa: E402
+from unialign_convert import cli  # noqa: E402
 from unialign_jax.checkpoints.io import CheckpointError  # noqa: E402
 
 SHIFT, SCALE = 0.0609, 1.5305  # SD3's, spec section 2

@@ -14,10 +14,10 @@ flax.config.update("flax_always_shard_variable", False)
 
 # Public loaders, imported on first use so that `import unialign_jax` stays light.
 _LOADERS = {
-    "load_transformer": "unialign_jax.checkpoints.transformer",
-    "load_t5": "unialign_jax.checkpoints.t5",
-    "load_vae": "unialign_jax.checkpoints.vae",
-    "load_pipeline": "unialign_jax.checkpoints.pipeline",
+    "load_transformer": "unialign_jax.checkpoints.registry",
+    "load_t5": "unialign_jax.checkpoints.registry",
+    "load_vae": "unialign_jax.checkpoints.registry",
+    "load_pipeline": "unialign_jax.sampling.pipeline",
 }
 
 __all__ = list(_LOADERS)

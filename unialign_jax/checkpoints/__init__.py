@@ -1,1 +1,2 @@
-"""Checkpoint folders: converted weights (Orbax) plus the model configuration as JSON."""
+"""Converted checkpoint folders: reading and writing them (Orbax parameters + JSON), nothing
+that runs a model."""

@@ -1,17 +1,14 @@
-"""Atomic checkpoint folders: Orbax parameter trees plus JSON side files.
+"""Atomic checkpoint folders holding Orbax parameter trees.
 
 A writer builds its output in a hidden sibling folder and renames it into place only when
-everything succeeded, so a failure never leaves a half-written checkpoint behind.
+everything succeeded, so a failure never leaves a half-written checkpoint behind. JSON side
+files go through `unialign_jax.files`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
-import tempfile
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,59 +20,6 @@ PARAMS_DIR = "params"
 
 class CheckpointError(ValueError):
     """A checkpoint folder that is missing, incomplete or of the wrong kind."""
-
-
-@contextlib.contextmanager
-def atomic_output_dir(dst: str, force: bool = False):
-    """Yields a temporary folder that becomes `dst` only if the block finishes without error."""
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)) and not force:
-        raise FileExistsError(f"{dst} exists and is not empty; pass --force to overwrite it")
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(dst):
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
-
-
-def write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """Calls `write(tmp)` and renames `tmp` to `path`: a reader (or a resumed run) sees the
-    whole file or none, never a truncated one."""
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.partial-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path: str, obj: Any) -> None:
-    """`obj` as indented JSON (UTF-8, keys sorted), written atomically."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
-            f.write("\n")
-
-    write_atomic(path, write)
-
-
-def read_json(path: str) -> Any:
-    if not os.path.exists(path):
-        raise CheckpointError(f"missing {os.path.basename(path)} in {os.path.dirname(path)}")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
 
 
 def save_params(folder: str, tree: Any) -> None:

@@ -21,7 +21,7 @@ import shutil
 
 from tqdm import tqdm
 
-from unialign_jax.checkpoints.io import write_json
+from unialign_jax.files import write_json
 from unialign_jax.data import images as image_ops
 from unialign_jax.data.faults import (DEFAULT_MAX_SKIP_FRACTION, FaultLogger, SkipLog, SkipSample,
                                       check_skipped_fraction)

@@ -155,7 +155,7 @@ def _edit_pair(rng: np.random.Generator, scene: list[Shape], size: int, i: int):
 def generate(out_dir: str, n: int, seed: int = 0, size: int = 64, max_shapes: int = 1,
              heldout: float = 0.0, force: bool = False) -> dict:
     """Writes `n` text-to-image and `n` edit/perception samples; returns the description."""
-    from unialign_jax.checkpoints.io import atomic_output_dir, write_json
+    from unialign_jax.files import atomic_output_dir, write_json
 
     if n < 1 or size < 16 or max_shapes < 1 or not 0.0 <= heldout < 1.0:
         raise ValueError("need n >= 1, size >= 16, max_shapes >= 1 and 0 <= heldout < 1")

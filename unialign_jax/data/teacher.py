@@ -1,11 +1,16 @@
-"""Teacher features stored next to a shard folder, one row per record.
+"""Teacher features stored next to a shard folder, one row per record, and how they are made.
 
 The alignment loss (spec section 4) compares mid-layer projections with Qwen2.5-VL
 features of the target image and of its caption. Both are constants per sample, so they
-are computed once (`scripts/precompute_teacher.py`) and stored as two float16 `.npy`
+are computed once (`precompute`, driven by `scripts/precompute_teacher.py` for Qwen or by
+the quickstart for its stand-in `ProjectionTeacher`) and stored as two float16 `.npy`
 matrices in `SHARDS/teacher/`, row i belonging to record i of the shard folder (records
 in `summary.json` order). The folder is complete only once `teacher.json` exists; until
 then it is `SHARDS/.teacher.partial/`, from which an interrupted run resumes.
+
+Text pooling: the release tokenises the captions of its local batch *together*, padded to
+the longest, and averages the embedding rows over every position, pads included
+(`"release"`); `"clean"` averages each caption's own tokens.
 """
 
 from __future__ import annotations
@@ -13,16 +18,62 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from typing import Protocol, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
-from unialign_jax.checkpoints.io import write_json
+from unialign_jax.files import write_json
 
 FOLDER = "teacher"
 META = "teacher.json"
 PROGRESS = "progress.json"
 KEYS = ("image", "text")
 DTYPE = np.float16
+POOLINGS = ("release", "clean")
+# The release's local batch per GPU (384 / 8): how many captions it pads together.
+RELEASE_TEXT_BATCH = 48
+
+
+class Teacher(Protocol):
+    name: str
+    dim: int
+
+    def image_features(self, pixels: list[np.ndarray]) -> np.ndarray: ...   # uint8 HWC → (N, D)
+
+    def text_features(self, texts: list[str]) -> np.ndarray: ...            # → (N, D)
+
+
+def pool_text(rows: Sequence[np.ndarray], pad_row: np.ndarray, pooling: str) -> np.ndarray:
+    """(N, D) text features from each text's (length, D) embedding rows: the mean of its own
+    rows ("clean"), or of its rows padded with `pad_row` to the longest text ("release")."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if pooling == "clean":
+        return np.stack([r.mean(0) for r in rows])
+    longest = max(len(r) for r in rows)
+    return np.stack([(r.sum(0) + (longest - len(r)) * pad_row) / longest for r in rows])
+
+
+class ProjectionTeacher:
+    """A frozen stand-in for Qwen2.5-VL in toy runs (the quickstart): the image feature is a
+    fixed random projection of the 4×4-pooled pixels, the text feature pools fixed random
+    embedding rows of the caption's tokens. Deterministic from `seed`; no model to load."""
+
+    def __init__(self, dim: int, tokenizer, *, seed: int = 0, pooling: str = "release"):
+        rng = np.random.default_rng(seed)
+        self.name, self.dim, self.tokenizer, self.pooling = "projection", dim, tokenizer, pooling
+        self.image_matrix = rng.standard_normal((48, dim)).astype(np.float32) / np.sqrt(48)
+        self.table = rng.standard_normal((len(tokenizer), dim)).astype(np.float32)
+
+    def image_features(self, pixels: list[np.ndarray]) -> np.ndarray:
+        pooled = [p.astype(np.float32).reshape(4, p.shape[0] // 4, 4, p.shape[1] // 4, 3)
+                  .mean((1, 3)).reshape(-1) / 127.5 - 1.0 for p in pixels]
+        return np.tanh(np.stack(pooled) @ self.image_matrix)
+
+    def text_features(self, texts: list[str]) -> np.ndarray:
+        rows = [self.table[self.tokenizer(t)["input_ids"]] for t in texts]
+        return pool_text(rows, self.table[self.tokenizer.pad_token_id], self.pooling)
 
 
 def teacher_dir(shard_dir: str) -> str:
@@ -106,3 +157,32 @@ class TeacherFeatures:
 
 def has_teacher(shard_dir: str) -> bool:
     return os.path.exists(os.path.join(teacher_dir(shard_dir), META))
+
+
+def precompute(shard_dir: str, teacher: Teacher, batch_size: int = RELEASE_TEXT_BATCH,
+               force: bool = False) -> dict:
+    """Fills `shard_dir/teacher/` with `teacher`'s features of every record, resumably, in
+    batches of `batch_size` consecutive records (the captions a "release"-pooling teacher
+    pads together)."""
+    import grain
+
+    from unialign_jax.data import images as image_ops
+    from unialign_jax.data.records import decode_record
+    from unialign_jax.data.source import read_summary, record_files
+
+    summary = read_summary(shard_dir)
+    writer = TeacherWriter(shard_dir, summary["shards"], teacher.dim, teacher.name, force)
+    records = grain.sources.ArrayRecordDataSource(record_files(shard_dir, summary))
+    with tqdm(total=writer.records, initial=writer.done, unit="record", desc="teacher") as bar:
+        while writer.done < writer.records:
+            batch = range(writer.done, min(writer.done + batch_size, writer.records))
+            targets, captions = [], []
+            for i in batch:
+                fields, blobs = decode_record(records[i])
+                targets.append(image_ops.decode_stored(blobs[-1], summary["image_format"],
+                                                       summary["resolution"]))
+                captions.append(fields["caption"])
+            writer.append(teacher.image_features(targets), teacher.text_features(captions))
+            bar.update(len(batch))
+    writer.finish()
+    return {"records": writer.records, "dim": teacher.dim, "model": teacher.name}

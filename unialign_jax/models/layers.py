@@ -6,13 +6,27 @@ sharding of a model is decided by rules in one place, not by the model code.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 Dtype = jnp.dtype
+
+# Logical names of the activations a model carries (resolved to mesh axes by
+# `unialign_jax.parallel.rules`, like the parameters' names).
+TOKENS = ("activation_batch", "activation_length", "activation_embed")
+HEADS = ("activation_batch", "activation_length", "activation_heads", None)
+HIDDEN = ("activation_batch", "activation_length", "activation_mlp")
+
+# `shard(x, names)`: constrains an activation's placement by logical names. Models take one
+# (`unialign_jax.parallel.ActivationSharding(mesh)`) and default to leaving XLA free.
+Shard = Callable[[jax.Array, Sequence[str | None]], jax.Array]
+
+
+def unsharded(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    return x
 
 
 def dense(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,

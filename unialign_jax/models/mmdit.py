@@ -15,7 +15,7 @@ from flax import nnx, struct
 from unialign_jax.models import embeddings, layers
 from unialign_jax.models.mmdit_block import JointBlock, modulate
 from unialign_jax.models.mmdit_config import MMDiTConfig
-from unialign_jax.parallel.rules import constrain_batch
+from unialign_jax.models.remat import remat_policy as resolve_remat_policy
 
 __all__ = ["MMDiT", "MMDiTConfig", "MMDiTOutput"]
 
@@ -62,31 +62,25 @@ class AdaNormOut(nnx.Module):
         return modulate(layers.layer_norm(x), shift, scale)
 
 
-def _remat_policy(policy: str | Callable | None):
-    if policy is None or callable(policy):
-        return policy
-    try:
-        return getattr(jax.checkpoint_policies, policy)
-    except AttributeError:
-        raise ValueError(f"unknown remat policy {policy!r}; use a name from "
-                         "jax.checkpoint_policies, e.g. 'nothing_saveable'") from None
-
-
 class MMDiT(nnx.Module):
     """SD3-medium or UniAlignment transformer; see `MMDiTConfig` for the two layouts.
 
     `dtype` is the compute dtype (bf16 on TPU), `param_dtype` the storage dtype (fp32 for
-    training). `remat_policy`: None (no rematerialisation), or a `jax.checkpoint_policies`
-    name / callable applied to every block. `attention_impl`: passed to
-    `jax.nn.dot_product_attention` (None lets XLA choose; "cudnn" for fused attention on GPU).
+    training). `remat_policy`: rematerialisation of every block, by name (see
+    `models.remat`; None: none). `attention`: the attention kernel (`models.attention`;
+    "auto" picks the fastest for the backend). `activation_sharding`: places the
+    activations carried between blocks (`unialign_jax.parallel.ActivationSharding`).
     """
 
     def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat_policy: str | Callable | None = None,
-                 attention_impl: str | None = None):
+                 attention: str = "auto", activation_sharding: layers.Shard | None = None):
+        if config.variant == "unialignment" and not config.vocab_size:
+            raise ValueError("the UniAlignment layout needs vocab_size (the tokenizer's length)")
         self.config, self.dtype = config, dtype
-        self.remat = remat_policy is not None
-        self.remat_policy = _remat_policy(remat_policy)
+        self.remat_policy = resolve_remat_policy(remat_policy)
+        self.remat = remat_policy not in (None, "none")
+        self.activation_sharding = activation_sharding
         cfg, w = config, config.width
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
@@ -103,14 +97,14 @@ class MMDiT(nnx.Module):
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def stacked_blocks(rngs):
             return JointBlock(w, cfg.num_heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                              attention_impl=attention_impl)
+                              attention_impl=attention)
 
         self.blocks = stacked_blocks(rngs)
 
         if cfg.is_sd3:
             self.pooled_embed = embeddings.MLPEmbedder(cfg.pooled_projection_dim, w, None, **kw)
             self.final_block = JointBlock(w, cfg.num_heads, context_pre_only=True,
-                                          attention_impl=attention_impl, **kw)
+                                          attention_impl=attention, **kw)
             self.norm_out = AdaNormOut(w, **kw)
             self.proj_out = layers.dense(w, cfg.patch_size ** 2 * cfg.out_channels,
                                          ("embed", None), **kw)
@@ -145,14 +139,17 @@ class MMDiT(nnx.Module):
         return self.patch_embed(latents) + pos.astype(self.dtype)
 
     # -- blocks -------------------------------------------------------------------------
+    def _shard(self, x: jax.Array, names) -> jax.Array:
+        return x if self.activation_sharding is None else self.activation_sharding(x, names)
+
     def _run_blocks(self, x, c, temb_act, n_target: int, collect_means: bool):
         """Scans the stacked blocks; optionally returns each block's token means, (L, B, W)."""
         graphdef, state = nnx.split(self.blocks)
 
         def body(carry, block_state):
             x, c = carry
-            x, c = nnx.merge(graphdef, block_state)(x, c, temb_act)
-            x, c = constrain_batch(x), constrain_batch(c)  # batch-split under a train mesh
+            x, c = nnx.merge(graphdef, block_state)(x, c, temb_act, self._shard)
+            x, c = self._shard(x, layers.TOKENS), self._shard(c, layers.TOKENS)
             means = ((x[:, :n_target].mean(1), c.mean(1)) if collect_means else None)
             return (x, c), means
 
@@ -193,11 +190,12 @@ class MMDiT(nnx.Module):
         n_target = (cfg.num_null_tokens if latents is None
                     else x.shape[1] // (1 + len(conditions)))
 
+        x, c = self._shard(x, layers.TOKENS), self._shard(c, layers.TOKENS)
         x, c, means = self._run_blocks(x, c, temb_act, n_target, block_depth is not None)
         x = x[:, :n_target]
 
         if cfg.is_sd3:
-            x, _ = self.final_block(x, c, temb_act)
+            x, _ = self.final_block(x, c, temb_act, self._shard)
             return MMDiTOutput(sample=self._to_image(self.proj_out(self.norm_out(x, temb_act)),
                                                      latents))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from unialign_jax.models.config_base import JsonConfig
+from unialign_jax.configlib import JsonConfig
 
 VARIANTS = ("unialignment", "sd3")
 
@@ -30,7 +30,7 @@ class MMDiTConfig(JsonConfig):
     pos_embed_max_size: int = 192
     sample_size: int = 128
     variant: str = "unialignment"
-    vocab_size: int | None = 32100
+    vocab_size: int | None = 32100   # None in a training config: the tokenizer's length
     num_null_tokens: int = 8
     adapter_hidden_dim: int = 2048
     teacher_dim: int = 3584
@@ -40,8 +40,6 @@ class MMDiTConfig(JsonConfig):
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.variant == "unialignment" and not self.vocab_size:
-            raise ValueError("the UniAlignment layout needs vocab_size (the tokenizer's length)")
 
     @property
     def width(self) -> int:
@@ -55,8 +53,6 @@ class MMDiTConfig(JsonConfig):
     def num_scanned_layers(self) -> int:
         """Blocks run under `scan`: all of them, except SD3's context-pre-only last block."""
         return self.num_layers - 1 if self.is_sd3 else self.num_layers
-
-
 
     @classmethod
     def from_diffusers(cls, d: dict[str, Any]) -> "MMDiTConfig":

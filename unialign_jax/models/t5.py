@@ -16,9 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unialign_jax.models import layers
-from unialign_jax.models.config_base import JsonConfig
-from unialign_jax.parallel.rules import constrain_batch
+from unialign_jax.configlib import JsonConfig
+from unialign_jax.models import attention, layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +33,6 @@ class T5Config(JsonConfig):
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
-
-
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
@@ -63,8 +60,9 @@ def relative_position_buckets(length: int, num_buckets: int, max_distance: int) 
 class T5Attention(nnx.Module):
     """Multi-head self-attention, unscaled logits plus the shared position bias."""
 
-    def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs, dtype, param_dtype):
-        self.num_heads = cfg.num_heads
+    def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs, dtype, param_dtype,
+                 implementation: str = "auto"):
+        self.num_heads, self.implementation = cfg.num_heads, implementation
         inner = cfg.num_heads * cfg.head_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=False)
         self.q = layers.dense(cfg.d_model, inner, ("embed", "heads"), **kw)
@@ -78,8 +76,9 @@ class T5Attention(nnx.Module):
         def heads(t):
             return t.reshape(b, n, self.num_heads, -1)
 
-        out = jax.nn.dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)),
-                                           bias=position_bias, scale=1.0)
+        out = attention.dot_product_attention(heads(self.q(x)), heads(self.k(x)),
+                                              heads(self.v(x)), bias=position_bias, scale=1.0,
+                                              implementation=self.implementation)
         return self.o(out.reshape(b, n, -1))
 
 
@@ -99,12 +98,13 @@ class T5GatedFeedForward(nnx.Module):
 class T5Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs, dtype, param_dtype,
+                 attention_impl: str = "auto"):
         self.eps = cfg.layer_norm_epsilon
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         ones = nnx.initializers.ones_init()
         self.attention_norm = layers.param(rngs, ones, (cfg.d_model,), ("embed",), param_dtype)
-        self.attention = T5Attention(cfg, **kw)
+        self.attention = T5Attention(cfg, implementation=attention_impl, **kw)
         self.ffn_norm = layers.param(rngs, ones, (cfg.d_model,), ("embed",), param_dtype)
         self.ffn = T5GatedFeedForward(cfg, **kw)
 
@@ -115,11 +115,16 @@ class T5Block(nnx.Module):
 
 
 class T5Encoder(nnx.Module):
-    """`t5(input_ids)` → (B, L, d_model) final hidden states; no attention mask (spec 2)."""
+    """`t5(input_ids)` → (B, L, d_model) final hidden states; no attention mask (spec 2).
+
+    `attention` and `activation_sharding` as for `MMDiT`.
+    """
 
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
-        self.cfg, self.dtype = cfg, dtype
+                 param_dtype=jnp.float32, attention: str = "auto",
+                 activation_sharding: layers.Shard | None = None):
+        self.config, self.dtype = cfg, dtype
+        self.activation_sharding = activation_sharding
         normal = nnx.initializers.normal(1.0)
         self.embedding = layers.param(rngs, normal, (cfg.vocab_size, cfg.d_model),
                                       ("vocab", "embed"), param_dtype)
@@ -130,7 +135,8 @@ class T5Encoder(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs):
-            return T5Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+            return T5Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                           attention_impl=attention)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = layers.param(rngs, nnx.initializers.ones_init(), (cfg.d_model,),
@@ -138,18 +144,22 @@ class T5Encoder(nnx.Module):
 
     def position_bias(self, length: int) -> jax.Array:
         """(1, heads, L, L) float32 bias added to every block's attention logits."""
-        buckets = relative_position_buckets(length, self.cfg.relative_attention_num_buckets,
-                                            self.cfg.relative_attention_max_distance)
+        buckets = relative_position_buckets(length, self.config.relative_attention_num_buckets,
+                                            self.config.relative_attention_max_distance)
         table = self.relative_attention_bias[...].astype(jnp.float32)
         return jnp.transpose(table[buckets], (2, 0, 1))[None]
 
+    def _shard(self, x: jax.Array) -> jax.Array:
+        return (x if self.activation_sharding is None
+                else self.activation_sharding(x, layers.TOKENS))
+
     def __call__(self, input_ids: jax.Array) -> jax.Array:
-        x = constrain_batch(jnp.take(self.embedding[...], input_ids, axis=0).astype(self.dtype))
+        x = self._shard(jnp.take(self.embedding[...], input_ids, axis=0).astype(self.dtype))
         bias = self.position_bias(input_ids.shape[1])
         graphdef, stacked = nnx.split(self.blocks)
 
-        def body(h, block_state):  # batch-split under a train mesh (parallel.rules)
-            return constrain_batch(nnx.merge(graphdef, block_state)(h, bias)), None
+        def body(h, block_state):
+            return self._shard(nnx.merge(graphdef, block_state)(h, bias)), None
 
         x, _ = jax.lax.scan(body, x, stacked)
-        return layers.rms_norm(x, self.final_norm[...], self.cfg.layer_norm_epsilon)
+        return layers.rms_norm(x, self.final_norm[...], self.config.layer_norm_epsilon)

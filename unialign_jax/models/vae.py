@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unialign_jax.models import layers
-from unialign_jax.models.config_base import JsonConfig
+from unialign_jax.configlib import JsonConfig
 
 # Pixels processed at once by `encode`/`decode`: one 1024² image, four 512² ones. Decoding
 # one 1024² image with SD3's VAE needs about 3.5 GiB of float32 temporaries (XLA's estimate),
@@ -43,8 +43,6 @@ class VAEConfig(JsonConfig):
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
-
-
 
 
 def conv(cin: int, cout: int, kernel: int, *, rngs, dtype, param_dtype, stride: int = 1,
@@ -220,7 +218,7 @@ class AutoencoderKL(nnx.Module):
 
     def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
-        self.cfg, self.dtype = cfg, dtype
+        self.config, self.dtype = cfg, dtype
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.encoder = Encoder(cfg, **kw)
         self.decoder = Decoder(cfg, **kw)
@@ -235,21 +233,26 @@ class AutoencoderKL(nnx.Module):
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
     def to_latents(self, sample: jax.Array) -> jax.Array:
-        return (sample - self.cfg.shift_factor) * self.cfg.scaling_factor
+        return (sample - self.config.shift_factor) * self.config.scaling_factor
 
     def from_latents(self, latents: jax.Array) -> jax.Array:
-        return latents / self.cfg.scaling_factor + self.cfg.shift_factor
+        return latents / self.config.scaling_factor + self.config.shift_factor
+
+    def sample_latents(self, mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
+        """A posterior sample in the transformer's latent space (several samples of one
+        image share the encoder pass)."""
+        sample = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, jnp.float32)
+        return self.to_latents(sample)
 
     def encode(self, images: jax.Array, key: jax.Array, *,
                images_per_chunk: int | None = None) -> jax.Array:
         """A posterior sample (not its mean, spec 2), shifted and scaled; float32."""
         mean, logvar = self.posterior(images, images_per_chunk=images_per_chunk)
-        sample = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, jnp.float32)
-        return self.to_latents(sample)
+        return self.sample_latents(mean, logvar, key)
 
     def decode(self, latents: jax.Array, *, images_per_chunk: int | None = None) -> jax.Array:
         """Images in about [−1, 1] (not clipped), float32."""
-        f = self.cfg.downsample_factor
+        f = self.config.downsample_factor
         z = self.from_latents(latents.astype(jnp.float32)).astype(self.dtype)
         images = _in_chunks(self.decoder, z, latents.shape[1] * latents.shape[2] * f * f,
                             images_per_chunk)

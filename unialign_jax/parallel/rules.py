@@ -1,16 +1,18 @@
 """Logical axis names → mesh axes: the one place that decides where every array lives.
 
-Models annotate parameters with logical names ('embed', 'mlp', 'heads', ...; see
-`unialign_jax.models.layers`). `LOGICAL_AXIS_RULES` maps each name to a mesh axis of
-`unialign_jax.parallel.mesh` (or None: replicated). A dimension that the mesh axis does
-not divide, or whose mesh axis is already used by another dimension of the same array,
-falls back to replicated, so one rule set serves every model size and mesh.
+Models name the axes of their parameters ('embed', 'mlp', 'heads', ...; see
+`unialign_jax.models.layers`) and of the activations they carry ('activation_batch',
+'activation_length', 'activation_embed', 'activation_heads', 'activation_mlp').
+`LOGICAL_AXIS_RULES` maps each name to mesh axes of `unialign_jax.parallel.mesh` (or None:
+replicated). A dimension that its mesh axes do not divide, or whose mesh axis is already
+used by another dimension of the same array, falls back to replicated, so one rule set
+serves every model size, batch and mesh.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Mapping
+import dataclasses
+from typing import Mapping, Sequence
 
 import jax
 from flax import nnx
@@ -19,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from unialign_jax.parallel.mesh import BATCH_AXES
 
 LOGICAL_AXIS_RULES: Mapping[str, str | tuple[str, ...] | None] = {
-    "batch": BATCH_AXES,
+    # -- parameters ---------------------------------------------------------------------
     # Model width: FSDP-sharded, so weights and optimizer state are split over fsdp.
     "embed": "fsdp",
     # Wide matmul dimensions: tensor-parallel.
@@ -38,6 +40,14 @@ LOGICAL_AXIS_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     # The scanned layer axis stays whole: each scan step slices one layer.
     "layers": None,
     "relpos_buckets": None,
+    # -- activations and batches ----------------------------------------------------------
+    # Rows of a batch are split over data × fsdp; within a row the activations stay whole
+    # along the width (FSDP gathers weights, not activations), heads and MLP follow tensor.
+    "activation_batch": BATCH_AXES,
+    "activation_length": None,
+    "activation_embed": None,
+    "activation_heads": "tensor",
+    "activation_mlp": "tensor",
 }
 
 
@@ -51,7 +61,7 @@ def _mesh_axes(name: str | None) -> tuple[str, ...]:
     return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
 
 
-def logical_to_mesh(logical: P | tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
+def logical_to_mesh(logical: P | Sequence[str | None], shape: tuple[int, ...], mesh) -> P:
     """The mesh PartitionSpec of an array of `shape` annotated with logical names."""
     logical = tuple(logical) + (None,) * (len(shape) - len(tuple(logical)))
     used: set[str] = set()
@@ -69,11 +79,16 @@ def logical_to_mesh(logical: P | tuple, shape: tuple[int, ...], mesh: Mesh) -> P
     return P(*out)
 
 
+def named_sharding(mesh: Mesh, logical: Sequence[str | None], shape: tuple[int, ...]
+                   ) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_mesh(logical, shape, mesh))
+
+
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     """NamedShardings (same structure as `state`) from the variables' `out_sharding`."""
     specs = nnx.get_partition_spec(state)
-    return jax.tree.map(lambda spec, x: NamedSharding(mesh, logical_to_mesh(spec, x.shape, mesh)),
-                        specs, state, is_leaf=lambda s: isinstance(s, P))
+    return jax.tree.map(lambda spec, x: named_sharding(mesh, spec, x.shape), specs, state,
+                        is_leaf=lambda s: isinstance(s, P))
 
 
 def module_shardings(mesh: Mesh):
@@ -87,37 +102,30 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over data × fsdp; everything else whole."""
-    return NamedSharding(mesh, P(_mesh_axes("batch")))
+    return NamedSharding(mesh, P(_mesh_axes("activation_batch")))
 
 
-# -- activations ------------------------------------------------------------------------
-# Parameters split over fsdp along 'embed' would otherwise let XLA's propagation split the
-# activations along 'embed' too and replicate the batch (a whole global micro-batch of
-# attention scores per chip). Models call `constrain_batch` on the streams they carry
-# between layers; the train step enables it for its mesh while it is traced.
-_ACTIVATION_MESH: list[Mesh] = []
-
-
-@contextlib.contextmanager
-def activation_sharding(mesh: Mesh):
-    """Within this block (while tracing), `constrain_batch` splits activations over the
-    batch axes of `mesh`; outside it, `constrain_batch` is the identity."""
-    _ACTIVATION_MESH.append(mesh)
-    try:
-        yield
-    finally:
-        _ACTIVATION_MESH.pop()
-
-
-def constrain_batch(x: jax.Array) -> jax.Array:
-    """Keeps `x` split over data × fsdp along its leading (batch) axis, other axes whole."""
-    if not _ACTIVATION_MESH:
-        return x
-    mesh = _ACTIVATION_MESH[-1]
-    axes = tuple(a for a in _mesh_axes("batch") if mesh.shape[a] > 1)
+def batch_ways(mesh) -> int:
+    """Number of pieces a batch is split into: the product of the batch axes' sizes."""
     ways = 1
-    for a in axes:
-        ways *= mesh.shape[a]
-    if not axes or x.shape[0] % ways:
-        return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(axes)))
+    for axis in _mesh_axes("activation_batch"):
+        ways *= mesh.shape.get(axis, 1)
+    return ways
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSharding:
+    """Constrains a model's activations by their logical names, with the parameters' rules.
+
+    Models hold one (a static, hashable attribute) and call it on what they carry between
+    layers: `shard(x, ("activation_batch", "activation_length", "activation_embed"))`.
+    Without it, parameters split over fsdp along 'embed' would let XLA's propagation split
+    activations along the width too and replicate the batch. On one device it does nothing.
+    """
+
+    mesh: Mesh
+
+    def __call__(self, x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+        if self.mesh.size == 1:
+            return x
+        return jax.lax.with_sharding_constraint(x, named_sharding(self.mesh, names, x.shape))

@@ -17,9 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unialign_jax.sampling.schedule import CAPTION_EPS, caption_times
-
-NEG_INF = -1e6
+from unialign_jax.diffusion import masked
 
 Denoiser = Callable[[object, jax.Array], jax.Array]
 
@@ -49,37 +47,11 @@ class ModelDenoiser:
         return transformer(latents, timestep, context).text_logits
 
 
-def subs_log_probs(logits: jax.Array, ids: jax.Array, mask_id: int) -> jax.Array:
-    """SUBS parameterisation: the mask id is never predicted, unmasked ids are kept.
-
-    Adds −1e6 at the mask id and log-softmaxes; at positions that are not masked the
-    result is −1e6 everywhere except 0 at the observed id.
-    """
-    logits = logits.astype(jnp.float32).at[..., mask_id].add(NEG_INF)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    observed = jax.nn.one_hot(ids, logits.shape[-1], dtype=jnp.bool_)
-    keep = jnp.where(observed, 0.0, NEG_INF)
-    return jnp.where((ids != mask_id)[..., None], keep, log_probs)
-
-
-def unmask_step(keys: jax.Array, ids: jax.Array, probs: jax.Array, t, s,
-                mask_id: int) -> jax.Array:
-    """One reverse step from time t to s < t for (B, L) `ids`, with (B,) `keys`.
-
-    Each masked position draws from weights p·(t − s) on the real ids and s on the mask id
-    (an exponential race: argmax_k w_k / E_k with E_k ~ Exp(1)), so it stays masked with
-    probability s / t; unmasked positions never change.
-    """
-    weights = (probs * (t - s)).at[..., mask_id].set(s)
-    race = jax.vmap(lambda k: jax.random.exponential(k, weights.shape[1:], jnp.float32))(keys)
-    drawn = jnp.argmax(weights / race, axis=-1).astype(ids.dtype)
-    return jnp.where(ids == mask_id, drawn, ids)
-
-
 def sample_caption(denoise: Denoiser, params, init_ids, key: jax.Array, *, mask_id: int,
                    num_steps: int = 32, reuse_probs: bool = True,
-                   eps: float = CAPTION_EPS) -> CaptionSample:
-    """Unmasks `init_ids` by ancestral sampling from t = 1 to t = eps, then one argmax pass.
+                   final_time: float = masked.SAMPLER_FINAL_TIME) -> CaptionSample:
+    """Unmasks `init_ids` by ancestral sampling from t = 1 to `final_time`, then one argmax
+    pass (`diffusion.masked`).
 
     Args:
       denoise: static function (params, ids) → logits; hashed as the jit cache key, so
@@ -96,8 +68,8 @@ def sample_caption(denoise: Denoiser, params, init_ids, key: jax.Array, *, mask_
     if init_ids.ndim != 2:
         raise ValueError(f"init_ids must be (B, L), got shape {init_ids.shape}")
     keys = key if key.shape == init_ids.shape[:1] else jax.random.split(key, init_ids.shape[0])
-    times = caption_times(num_steps, eps)
-    step = np.float32((1.0 - eps) / num_steps)
+    times = masked.sampler_times(num_steps, final_time)
+    step = np.float32((1.0 - final_time) / num_steps)
     return _caption_loop(denoise, params, init_ids, keys, jnp.asarray(times), step,
                          mask_id=mask_id, reuse_probs=reuse_probs)
 
@@ -105,7 +77,7 @@ def sample_caption(denoise: Denoiser, params, init_ids, key: jax.Array, *, mask_
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("mask_id", "reuse_probs"))
 def _caption_loop(denoise, params, ids, keys, times, dt, *, mask_id, reuse_probs):
     def probs_of(x):
-        return jnp.exp(subs_log_probs(denoise(params, x), x, mask_id))
+        return jnp.exp(masked.subs_log_probs(denoise(params, x), x, mask_id))
 
     def refresh(x, probs, stale, count):
         """New probabilities if the sequence changed since `probs` (always, without reuse)."""
@@ -117,7 +89,7 @@ def _caption_loop(denoise, params, ids, keys, times, dt, *, mask_id, reuse_probs
         x, probs, stale, count = carry
         probs, count = refresh(x, probs, stale, count)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
-        new = unmask_step(step_keys, x, probs, times[i], times[i] - dt, mask_id)
+        new = masked.unmask_step(step_keys, x, probs, times[i], times[i] - dt, mask_id)
         return new, probs, jnp.any(new != x), count
 
     batch, length = ids.shape

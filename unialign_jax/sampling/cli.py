@@ -17,8 +17,8 @@ from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from unialign_jax.checkpoints.io import write_json
-from unialign_jax.sampling.outputs import read_json, save_jsonl, save_png
+from unialign_jax.files import read_json_or_none, save_png, write_json, write_jsonl
+from unialign_jax.models.attention import IMPLEMENTATIONS
 from unialign_jax.sampling.pipeline import (DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT,
                                             DEFAULT_STEPS, MAX_CONDITION_IMAGES)
 from unialign_jax.sampling.preprocess import InputError, check_resolution, load_image
@@ -53,6 +53,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype of the transformer and T5; the VAE stays float32 "
                              "(default %(default)s)")
+    parser.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS,
+                        help="attention kernel; auto: the fastest for this backend "
+                             "(default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=4,
                         help="items per compiled call, split over the devices "
                              "(default %(default)s)")
@@ -65,17 +68,14 @@ def load_pipeline_from_args(args):
     """The pipeline of --ckpt, weights placed on all local devices as they are read."""
     import jax.numpy as jnp
 
-    from unialign_jax.checkpoints.pipeline import load_pipeline
-    from unialign_jax.parallel import module_shardings
-    from unialign_jax.sampling.placement import default_mesh
+    from unialign_jax.sampling.pipeline import UniAlignPipeline
 
     if not os.path.isdir(args.ckpt):
         raise InputError(f"checkpoint folder not found: {args.ckpt}")
-    mesh = default_mesh()
     # Weights are stored in the compute dtype too: bf16 inference needs half the memory.
-    return load_pipeline(args.ckpt, jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.dtype),
-                         shardings=module_shardings(mesh),
-                         mesh=mesh, batch_size=args.batch_size, progress=not args.no_progress)
+    return UniAlignPipeline.from_pretrained(
+        args.ckpt, jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.dtype),
+        attention=args.attention, batch_size=args.batch_size, progress=not args.no_progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,7 +200,8 @@ def settings_of(args, item: dict, index: int) -> dict:
     """Everything that determines an output; its sidecar holds exactly these (+ results)."""
     s = {"task": args.task, "index": index, "prompt": item["prompt"], "seed": item["seed"],
          "images": [os.path.abspath(p) for p in item["images"]], "steps": args.steps,
-         "checkpoint": os.path.abspath(args.ckpt), "dtype": args.dtype}
+         "checkpoint": os.path.abspath(args.ckpt), "dtype": args.dtype,
+         "attention": args.attention}
     if args.task == "t2i":
         s.update(height=args.height, width=args.width)
     else:
@@ -316,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _is_done(args, item: dict, stem: str) -> bool:
     """A sidecar with the same settings exists (written last, so the PNG is complete)."""
-    old = read_json(item["sidecar"])
+    old = read_json_or_none(item["sidecar"])
     same = old is not None and all(old.get(k) == v for k, v in item["settings"].items())
     return same and (args.task == "caption" or os.path.exists(stem + ".png"))
 
@@ -326,7 +327,8 @@ def _writer(args, item: dict, stem: str, written: list) -> Callable[[Any], None]
     def write(result):
         if args.task == "caption":
             tqdm.write(f"[{item['settings']['index']}] {result}")
-            write_json(item["sidecar"], {**item["settings"], "caption": result})
+            write_json(item["sidecar"], {**item["settings"], "caption": str(result),
+                                         "answer": result.answer})
         else:
             save_png(result, stem + ".png")
             write_json(item["sidecar"], item["settings"])
@@ -339,11 +341,12 @@ def _gather_captions(out: str, items: list[dict]) -> None:
     """captions.jsonl: every finished caption in item order (rewritten whole each run)."""
     records = []
     for item in items:
-        side = read_json(item["sidecar"])
+        side = read_json_or_none(item["sidecar"])
         if side is not None and "caption" in side:
             records.append({"index": side["index"], "image": side["images"][0],
-                            "prompt": side["prompt"], "caption": side["caption"]})
-    save_jsonl(records, os.path.join(out, "captions.jsonl"))
+                            "prompt": side["prompt"], "caption": side["caption"],
+                            "answer": side.get("answer")})
+    write_jsonl(os.path.join(out, "captions.jsonl"), records)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unialign_jax.sampling.schedule import NUM_TRAIN_TIMESTEPS, flow_sigmas
+from unialign_jax.diffusion import flow
 
 
 def sample_images(model: nnx.Module, init_latents, context, negative_context=None, *,
-                  num_steps: int, guidance_scale: float = 7.0, shift: float = 3.0,
-                  conditions: Sequence = (),
-                  num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> jax.Array:
+                  num_steps: int, guidance_scale: float = 7.0,
+                  shift: float = flow.INFERENCE_SHIFT, conditions: Sequence = (),
+                  num_train_timesteps: int = flow.NUM_TRAIN_TIMESTEPS) -> jax.Array:
     """Integrates the flow ODE from `init_latents` (pure noise, σ = 1) to σ = 0.
 
     Args:
@@ -30,7 +30,7 @@ def sample_images(model: nnx.Module, init_latents, context, negative_context=Non
       context: (B, L, D) T5 states of the prompts.
       negative_context: (B or 1, L, D) T5 states of the negative prompt; `None` runs
         without guidance (one forward per step).
-      num_steps, shift: the schedule (`flow_sigmas`).
+      num_steps, shift: the schedule (`diffusion.flow.inference_sigmas`).
       guidance_scale: v = v_neg + g·(v_pos − v_neg), computed on a [negative, positive]
         batch so each step is a single forward.
       conditions: clean (B, H, W, C) condition latents (editing / perception: one,
@@ -47,7 +47,7 @@ def sample_images(model: nnx.Module, init_latents, context, negative_context=Non
     _check_shapes(init_latents, context, negative_context, conditions)
     if negative_context is not None and negative_context.shape[0] != context.shape[0]:
         negative_context = jnp.broadcast_to(negative_context, context.shape)
-    sigmas = flow_sigmas(num_steps, shift, num_train_timesteps)
+    sigmas = flow.inference_sigmas(num_steps, shift, num_train_timesteps)
     graphdef, state = nnx.split(model)
     return _euler_loop(graphdef, state, init_latents, context, negative_context, conditions,
                        jnp.asarray(sigmas), jnp.float32(guidance_scale),
@@ -83,16 +83,14 @@ def _euler_loop(graphdef, state, latents, context, negative_context, conditions,
 
     def velocity(x, sigma):
         x_in = jnp.concatenate([x, x]) if guided else x
-        timestep = jnp.full((x_in.shape[0],), sigma * num_train_timesteps, jnp.float32)
+        timestep = jnp.full((x_in.shape[0],), flow.timestep(sigma, num_train_timesteps),
+                            jnp.float32)
         v = model(x_in, timestep, context, conditions=conditions).sample.astype(jnp.float32)
-        if not guided:
-            return v
-        v_neg, v_pos = jnp.split(v, 2)
-        return v_neg + guidance_scale * (v_pos - v_neg)
+        return flow.guide(*jnp.split(v, 2), guidance_scale) if guided else v
 
     def euler_step(x, sigma_pair):
         sigma, sigma_next = sigma_pair
-        return x + (sigma_next - sigma) * velocity(x, sigma), None
+        return flow.euler_step(x, velocity(x, sigma), sigma, sigma_next), None
 
     x, _ = jax.lax.scan(euler_step, latents.astype(jnp.float32), (sigmas[:-1], sigmas[1:]))
     return x

@@ -6,6 +6,9 @@ chunks of at most `batch_size` items (the last one padded, so every chunk reuses
 compiled loops), each chunk split over the mesh's batch axes. Every item has its own
 seed: an image depends on its prompt, inputs and seed, not on what it was batched with
 (bit for bit at a fixed batch size; across batch sizes up to float rounding).
+
+`UniAlignPipeline.from_pretrained(path)` (also `unialign_jax.load_pipeline`) loads a
+converted pipeline folder with its weights placed on the mesh as they are read.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from jax.sharding import Mesh
 from PIL import Image
 from tqdm.auto import tqdm
 
-from unialign_jax.sampling import placement
+from unialign_jax.checkpoints.pipeline import PipelineComponents, load_components
+from unialign_jax.parallel import ActivationSharding, batch_ways, make_mesh, module_shardings
+from unialign_jax.parallel.placement import place_module, put
 from unialign_jax.sampling.caption import ModelDenoiser, sample_caption
 from unialign_jax.sampling.flow import sample_images
 from unialign_jax.sampling.preprocess import (InputError, check_prompts, check_resolution,
                                               load_image, preprocess, to_pil)
-from unialign_jax.text.tokenizer import MAX_LENGTH, decode, tokenize
+from unialign_jax.text.tokenizer import MAX_LENGTH, decode, prompt_ids, tokenize
 
 DEFAULT_NEGATIVE_PROMPT = (
     "low quality, blurry, low resolution, backlit, cartoon, animated, deformed, "
@@ -73,6 +78,26 @@ def _check_steps(num_steps: int) -> None:
         raise InputError(f"num_steps must be a positive integer, got {num_steps!r}")
 
 
+def chunk_size(num_items: int, batch_size: int, ways: int) -> int:
+    """Items per compiled call: at most `batch_size`, rounded up to a multiple of `ways`."""
+    size = max(1, min(batch_size, num_items))
+    return -(-size // ways) * ways
+
+
+class Caption(str):
+    """A caption as the release decodes it (the whole sequence, VQA prompt included, `</s>`
+    removed); `.answer` holds only the text generated after the prompt or prefix, `.ids`
+    the whole id sequence."""
+
+    answer: str
+    ids: np.ndarray
+
+    def __new__(cls, text: str, answer: str, ids: np.ndarray):
+        obj = super().__new__(cls, text)
+        obj.answer, obj.ids = answer, ids
+        return obj
+
+
 def _per_item(text: str | Sequence[str], n: int, what: str) -> list[str]:
     """One string per item: a lone string is repeated, a list must have length n."""
     texts = check_prompts([text] * n if isinstance(text, str) else text, what)
@@ -89,9 +114,9 @@ class UniAlignPipeline:
         with 'shift' and 'num_train_timesteps', mask_token_id, path), as built by
         `unialign_jax.load_pipeline`.
       mesh: a `unialign_jax.parallel.make_mesh` mesh (default: every device on 'fsdp');
-        each batch is split over data × fsdp and the weights are placed by the logical-axis
-        rules (FSDP), moved there in place unless loaded with
-        `shardings=module_shardings(mesh)`, which places them as they are read.
+        each batch is split over data × fsdp and the weights and activations are placed by
+        the logical-axis rules (FSDP), moved there in place unless loaded for this mesh
+        (`from_pretrained` places them as they are read).
       batch_size: items per compiled call (rounded up to a multiple of the batch split).
       progress: show tqdm progress bars (in steps, over all items).
 
@@ -99,23 +124,42 @@ class UniAlignPipeline:
     `on_result(index, output)`, called as each output is ready.
     """
 
-    def __init__(self, components, *, mesh: Mesh | None = None, batch_size: int = 4,
-                 progress: bool = True):
+    def __init__(self, components: PipelineComponents, *, mesh: Mesh | None = None,
+                 batch_size: int = 4, progress: bool = True):
         if batch_size < 1:
             raise InputError(f"batch_size must be at least 1, got {batch_size}")
         self.components = components
-        self.mesh = mesh if mesh is not None else placement.default_mesh()
+        self.mesh = mesh if mesh is not None else make_mesh()
         self.batch_size = batch_size
         self.progress = progress
         if self.mesh.size > 1:
             for module in (components.transformer, components.t5, components.vae):
-                placement.place_module(module, self.mesh)
+                place_module(module, self.mesh)
         cfg = components.transformer.config
         self.latent_channels = cfg.in_channels
-        self.downsampling = components.vae.cfg.downsample_factor
+        self.downsampling = components.vae.config.downsample_factor
         self.max_side = cfg.pos_embed_max_size * cfg.patch_size * self.downsampling
         self.shift = float(components.scheduler.get("shift", 3.0))
         self.num_train_timesteps = int(components.scheduler.get("num_train_timesteps", 1000))
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=jnp.float32, *, vae_dtype=jnp.float32,
+                        param_dtype=None, attention: str = "auto", mesh: Mesh | None = None,
+                        **pipeline_kwargs) -> "UniAlignPipeline":
+        """The pipeline of a converted folder (`unialign-convert pipeline`).
+
+        `dtype`: compute dtype of the transformer and T5 (`vae_dtype`: the VAE's);
+        `param_dtype`: their stored weights' dtype (bf16 halves memory); `attention`: the
+        kernel (`models.attention`). Weights are read straight into their place on `mesh`
+        (default: every device); `pipeline_kwargs` (`batch_size`, `progress`) go to the
+        constructor.
+        """
+        mesh = mesh if mesh is not None else make_mesh()
+        components = load_components(
+            path, dtype, vae_dtype=vae_dtype, param_dtype=param_dtype,
+            shardings=module_shardings(mesh), attention=attention,
+            activation_sharding=ActivationSharding(mesh))
+        return cls(components, mesh=mesh, **pipeline_kwargs)
 
     # -- the five tasks -----------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str], *,
@@ -166,22 +210,30 @@ class UniAlignPipeline:
                              num_steps, guidance_scale, _seeds(seed, len(lists)), on_result)
 
     def caption(self, images: Sequence[Any], *, prompt: str | Sequence[str] | None = None,
-                resolution: int = 512, length: int = MAX_LENGTH, num_steps: int = 32,
-                seed: int | Sequence[int] = 0, on_result: OnResult | None = None) -> list[str]:
+                prefix: str | Sequence[str] | None = None, resolution: int = 512,
+                length: int = MAX_LENGTH, num_steps: int = 32,
+                seed: int | Sequence[int] = 0, on_result: OnResult | None = None
+                ) -> list[Caption]:
         """Captions (or, with a question as `prompt`, answers) by masked diffusion.
 
-        The prompt's tokens stay fixed at the start of the sequence; the returned text is
-        what follows them.
+        As in the release, a VQA `prompt`'s tokens — with its `</s>` — stay fixed at the
+        start of the sequence and the whole sequence is decoded. A `prefix` (not in the
+        release) is fixed without its `</s>`, so the caption continues it. Each result's
+        `.answer` is the text generated after the prompt or prefix.
         """
         images = self._images(images)
         check_resolution(resolution, resolution, self.max_side)
         _check_steps(num_steps)
-        prompts = _per_item("" if prompt is None else prompt, len(images), "prompt")
-        prefixes = self._prompt_tokens(prompts, length)
+        if prompt is not None and prefix is not None:
+            raise InputError("give a VQA prompt or a caption prefix, not both")
+        fixed = prompt if prefix is None else prefix
+        texts_in = _per_item("" if fixed is None else fixed, len(images), "prompt")
+        prefixes = self._prompt_tokens(texts_in, length, keep_eos=prefix is None)
         seeds = _seeds(seed, len(images))
         t5_def, t5_state = nnx.split(self.components.t5)
         tr_def, tr_state = nnx.split(self.components.transformer)
-        texts: dict[int, str] = {}
+        tok = self.components.tokenizer
+        texts: dict[int, Caption] = {}
         with self._bar(len(images) * num_steps, "caption") as bar:
             for idx, real in self._chunks(range(len(images))):
                 pixels = preprocess([images[i] for i in idx], resolution)
@@ -196,12 +248,28 @@ class UniAlignPipeline:
                                      num_steps=num_steps)
                 ids = np.asarray(out.ids)
                 for row, i in enumerate(idx[:real]):
-                    texts[i] = decode(self.components.tokenizer,
-                                      ids[row:row + 1, len(prefixes[i]):])[0]
+                    texts[i] = Caption(decode(tok, ids[row:row + 1])[0],
+                                       decode(tok, ids[row:row + 1, len(prefixes[i]):])[0],
+                                       ids[row])
                     if on_result is not None:
                         on_result(i, texts[i])
                 bar.update(real * num_steps)
         return [texts[i] for i in range(len(images))]
+
+    def reconstruct(self, images: Sequence[Any], *, resolution: int = 512,
+                    seed: int | Sequence[int] = 0) -> list[Image.Image]:
+        """Each image through the VAE and back (a posterior sample, decoded): what the
+        latent space keeps of it."""
+        images = self._images(images)
+        check_resolution(resolution, resolution, self.max_side)
+        seeds = _seeds(seed, len(images))
+        out: dict[int, Image.Image] = {}
+        for idx, real in self._chunks(range(len(images))):
+            latents = self._encode_images(preprocess([images[i] for i in idx], resolution),
+                                          [seeds[i] for i in idx], stream=1)
+            decoded = to_pil(self._module_call(self.components.vae, "decode", latents))
+            out.update(zip(idx[:real], decoded[:real]))
+        return [out[i] for i in range(len(images))]
 
     # -- shared machinery ---------------------------------------------------------------
     def _diffuse(self, prompts: list[str], condition_images: list[list[Image.Image]],
@@ -241,7 +309,8 @@ class UniAlignPipeline:
         return [results[i] for i in range(len(prompts))]
 
     def encode_text(self, texts: Sequence[str], batch: bool = True) -> jax.Array:
-        """(B, 256, D) T5 states, tokenized as in training (`</s>`-padded, no mask).
+        """(B, 256, D) T5 states, padded with the tokenizer folder's pad token (as the
+        release's pipeline does), no attention mask.
 
         `batch=False` keeps the result whole on every device (the one negative prompt)."""
         ids = self._shard(tokenize(self.components.tokenizer, list(texts), MAX_LENGTH), batch)
@@ -253,19 +322,22 @@ class UniAlignPipeline:
         return _encode_each(vae_def, vae_state, self._shard(pixels),
                             self._shard(_item_keys(seeds, stream)))
 
-    def _prompt_tokens(self, prompts: list[str], length: int) -> list[np.ndarray]:
-        """Each prompt's ids without `</s>` and padding; they must leave room to generate."""
+    def _prompt_tokens(self, prompts: list[str], length: int, keep_eos: bool = True
+                       ) -> list[np.ndarray]:
+        """Each prompt's fixed ids (unpadded, with its `</s>` unless `keep_eos` is False;
+        none for an empty prompt); they must leave room to generate."""
         if length < 1:
             raise InputError(f"length must be at least 1, got {length}")
-        tok = self.components.tokenizer
         vocab = self.components.transformer.config.vocab_size
         if not 0 <= self.components.mask_token_id < vocab:
             raise InputError(f"mask token id {self.components.mask_token_id} is outside the "
                              f"transformer's text vocabulary ({vocab})")
         out = []
         for p in prompts:
-            ids = tokenize(tok, [p], max_length=length + 1)[0] if p else np.zeros(0, np.int32)
-            ids = ids[:np.argmax(ids == tok.eos_token_id)] if p else ids
+            ids = (prompt_ids(self.components.tokenizer, p, length + 1) if p
+                   else np.zeros(0, np.int32))
+            if p and not keep_eos:
+                ids = ids[:-1] if ids[-1] == self.components.tokenizer.eos_token_id else ids
             if len(ids) >= length:
                 raise InputError(f"the prompt {p[:40]!r}… fills all {length} positions; "
                                  "nothing would be left to generate")
@@ -288,8 +360,7 @@ class UniAlignPipeline:
                 ) -> list[tuple[list[int], int]]:
         """(items, number of real ones) in chunks of one size for the whole call (`total`
         items), so all chunks share compiled loops; a short chunk repeats its last item."""
-        size = placement.chunk_size(total or len(items), self.batch_size,
-                                    placement.batch_ways(self.mesh))
+        size = chunk_size(total or len(items), self.batch_size, batch_ways(self.mesh))
         items = list(items)
         out = []
         for start in range(0, len(items), size):
@@ -299,7 +370,7 @@ class UniAlignPipeline:
 
     def _shard(self, x, batch: bool = True) -> jax.Array:
         """Batch arrays split over the mesh; `batch=False`: whole on every device."""
-        return placement.put(x, self.mesh, batch=batch) if self.mesh.size > 1 else jnp.asarray(x)
+        return put(x, self.mesh, batch=batch) if self.mesh.size > 1 else jnp.asarray(x)
 
     def _bar(self, total: int, what: str):
         return tqdm(total=total, desc=what, unit="step", disable=not self.progress)
@@ -309,3 +380,8 @@ class UniAlignPipeline:
 def _encode_each(vae_def, vae_state, pixels, keys):
     vae = nnx.merge(vae_def, vae_state)
     return jax.vmap(lambda x, k: vae.encode(x[None], k)[0])(pixels, keys)
+
+
+def load_pipeline(path: str, dtype=jnp.float32, **kwargs) -> UniAlignPipeline:
+    """`UniAlignPipeline.from_pretrained(path, dtype, **kwargs)`."""
+    return UniAlignPipeline.from_pretrained(path, dtype, **kwargs)

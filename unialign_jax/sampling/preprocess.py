@@ -86,6 +86,7 @@ def preprocess(images: Sequence[Image.Image], resolution: int) -> np.ndarray:
 
 
 def to_pil(images) -> list[Image.Image]:
-    """(B, H, W, 3) in [-1, 1] → uint8 PIL images (clipped, rounded)."""
-    arr = np.clip((np.asarray(images, np.float32) + 1.0) * 127.5, 0.0, 255.0)
-    return [Image.fromarray(a) for a in arr.round().astype(np.uint8)]
+    """(B, H, W, 3) in [-1, 1] → uint8 PIL images, as the release converts them:
+    clamp(x·0.5 + 0.5, 0, 1)·255, truncated (not rounded) to integers."""
+    arr = np.clip(np.asarray(images, np.float32) * np.float32(0.5) + np.float32(0.5), 0.0, 1.0)
+    return [Image.fromarray(a) for a in (arr * np.float32(255)).astype(np.uint8)]

@@ -1,8 +1,9 @@
-"""The T5 tokenizer exactly as UniAlignment uses it (spec section 2).
+"""The T5 tokenizer exactly as UniAlignment uses it (spec sections 2 and 5).
 
-Padding uses `</s>` (id 1), sequences are padded/truncated to 256 and no attention mask is
-ever used. The mask token of the caption diffusion is `<extra_id_0>` (32099 for real T5).
-Tokenizers load from local folders only: nothing comes from a hub.
+Training pads with `</s>` (id 1); the release's inference pipeline keeps the pad token of
+the checkpoint's tokenizer folder. Sequences are padded/truncated to 256 and no attention
+mask is ever used. The mask token of the caption diffusion is `<extra_id_0>` (32099 for
+real T5). Tokenizers load from local folders only: nothing comes from a hub.
 """
 
 from __future__ import annotations
@@ -17,18 +18,25 @@ MAX_LENGTH = 256
 MASK_TOKEN = "<extra_id_0>"
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """Loads a T5 tokenizer folder (tokenizer.json / spiece.model) with `</s>` as pad.
+PAD_CHOICES = ("eos", "folder")
 
-    The T5 class is named directly: `AutoTokenizer` would import torch (seconds per data
-    worker) to resolve the class.
+
+def load_tokenizer(path: str | os.PathLike, pad: str = "eos"):
+    """Loads a T5 tokenizer folder (tokenizer.json / spiece.model).
+
+    `pad="eos"`: pad with `</s>`, as training does; `pad="folder"`: keep the folder's own pad
+    token, as the release's inference pipeline does. The T5 class is named directly:
+    `AutoTokenizer` would import torch (seconds per data worker) to resolve the class.
     """
     from transformers import T5TokenizerFast
 
+    if pad not in PAD_CHOICES:
+        raise ValueError(f"pad must be one of {PAD_CHOICES}, got {pad!r}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer folder not found: {path}")
     tok = T5TokenizerFast.from_pretrained(os.fspath(path), local_files_only=True)
-    tok.pad_token = tok.eos_token
+    if pad == "eos" or tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     if tok.convert_tokens_to_ids(MASK_TOKEN) in (None, tok.unk_token_id):
         raise ValueError(f"tokenizer at {path} has no {MASK_TOKEN} token: not a T5 tokenizer")
     return tok
@@ -40,15 +48,23 @@ def mask_token_id(tok) -> int:
 
 
 def tokenize(tok, texts: Sequence[str], max_length: int = MAX_LENGTH) -> np.ndarray:
-    """(B, max_length) int32 ids, `</s>`-padded and truncated, as in training."""
+    """(B, max_length) int32 ids with `</s>`, padded with the tokenizer's pad and truncated."""
     enc = tok(list(texts), padding="max_length", max_length=max_length, truncation=True,
               return_tensors="np")
     return enc["input_ids"].astype(np.int32)
 
 
+def prompt_ids(tok, prompt: str, max_length: int) -> np.ndarray:
+    """A VQA prompt's ids as the release fixes them in the caption sequence: with its
+    `</s>`, truncated to `max_length`, unpadded."""
+    return np.asarray(tok(prompt, max_length=max_length, truncation=True)["input_ids"],
+                      np.int32)
+
+
 def decode(tok, ids: np.ndarray) -> list[str]:
-    """Ids back to text; `</s>` (the pad) and the other special tokens are dropped."""
-    return [s.strip() for s in tok.batch_decode(np.asarray(ids), skip_special_tokens=True)]
+    """Ids back to text as the release decodes captions: the whole sequence, `</s>`
+    removed (other special tokens are kept as text)."""
+    return [tok.decode(row).replace(tok.eos_token, "") for row in np.asarray(ids)]
 
 
 def train_tiny_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 200,

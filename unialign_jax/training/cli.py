@@ -1,53 +1,53 @@
-"""`unialign-train --config configs/NAME.py --workdir DIR [key=value ...]`."""
+"""`unialign-train --config NAME|FILE --workdir DIR [section.key=value ...]`."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 
-from unialign_jax.training.config import TrainConfig, apply_overrides, load_config
+from unialign_jax import configlib
+from unialign_jax.training.config import TrainConfig, load_config, shipped_configs
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "checkpointed, rerun me"
 
 EPILOG = """\
 examples:
   unialign-quickstart                      # builds data, trains a tiny model on CPU, reports
-  unialign-train --config configs/unialignment_512.py --workdir gs://BUCKET/run \\
-      pipeline=/models/unialign_jax_sd3 t2i_shards="('/data/t2i',)" edit_shards="('/data/edit',)"
-  unialign-train --config configs/quickstart.py --workdir /tmp/qs num_steps=50 lr=1e-3
+  unialign-train --config unialignment_512 --workdir gs://BUCKET/run \\
+      models.pipeline=/models/unialign_jax_sd3 \\
+      data.t2i_shards="('/data/t2i',)" data.edit_shards="('/data/edit',)"
+  unialign-train --config quickstart --workdir /tmp/qs run.num_steps=50 optimizer.lr=1e-3
 
-Rerunning the same command resumes from the latest checkpoint in --workdir (parameters,
-optimizer, EMA, PRNG and data position). On SIGTERM the current step finishes, a
-checkpoint is written and the process exits with code 143.
+--config takes the name of a shipped config ({configs}) or a .py file whose get_config()
+returns a TrainConfig. Rerunning the same command resumes from the latest checkpoint in
+--workdir (parameters, optimizer, EMA, PRNG and data position). On SIGTERM the current
+step finishes, a checkpoint is written and the process exits with code 143.
 
-config keys (override with key=value; values are Python literals, else strings):
+config keys (override with key=value; values are Python literals, else strings; a dict
+sets several fields of a section, e.g. models.transformer="{{'num_layers': 2}}"):
 """
 
 
-def _keys_help() -> str:
-    defaults = TrainConfig()
-    return "\n".join(f"  {f.name} = {getattr(defaults, f.name)!r}"
-                     for f in dataclasses.fields(TrainConfig))
-
-
 def build_parser() -> argparse.ArgumentParser:
+    keys = "\n".join(f"  {line}" for line in configlib.describe(TrainConfig()))
     parser = argparse.ArgumentParser(
         prog="unialign-train",
         description="Train UniAlignment (image flow matching + caption masked diffusion + "
                     "contrastive + alignment losses) on a device mesh, with checkpoints, "
                     "automatic resume and metrics (stdout, WORKDIR/metrics.jsonl, "
                     "WORKDIR/tensorboard).",
-        epilog=EPILOG + _keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, metavar="FILE",
-                        help="Python file with get_config() -> TrainConfig (see configs/)")
+        epilog=EPILOG.format(configs=", ".join(shipped_configs())) + keys,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, metavar="NAME|FILE",
+                        help="a shipped config's name or a Python file with get_config()")
     parser.add_argument("--workdir", required=True, metavar="DIR",
                         help="checkpoints, metrics and config.json (local or gs://)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. lr=1e-4 num_steps=1000")
+                        help="config overrides, e.g. optimizer.lr=1e-4 run.num_steps=1000")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config and exit")
+                        help="print the resolved config (every key, its type and value) and "
+                             "exit")
     return parser
 
 
@@ -56,10 +56,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
     try:
-        cfg = apply_overrides(load_config(args.config), args.overrides)
+        cfg = configlib.apply_overrides(load_config(args.config), args.overrides)
         if args.print_config:
-            for k, v in cfg.to_dict().items():
-                print(f"{k} = {v!r}")
+            print("\n".join(configlib.describe(cfg)))
             return 0
         cfg.validate()
         from unialign_jax.training.trainer import train

@@ -1,52 +1,75 @@
-"""Training configuration: one dataclass, `configs/NAME.py` files, `key=value` overrides.
+"""Training configuration: typed, nested, frozen sections; `configs/NAME.py` files;
+dotted `key=value` overrides.
 
 A config file defines `get_config()` returning a `TrainConfig` (big_vision style: plain
-Python). Command-line overrides are `key=value` with Python literals for values
-(`lr=1e-4`, `t2i_shards=('/data/a','/data/b')`, `transformer={'num_layers':2}`); a
-value that is not a literal is taken as a string (`workdir=gs://bucket/run`).
+Python). The run config is made of the models' own configs (`MMDiTConfig`, `T5Config`,
+`VAEConfig`) or folder paths, and small sections; each subsystem receives only its
+section. Overrides address fields by dotted keys (`optimizer.lr=1e-4`,
+`loss.caption_weight=3`, `models.transformer.num_layers=2`) and are type-checked
+(`unialign_jax.configlib`); `unialign-train --help` lists every key with its type and
+default.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
+import importlib
 import importlib.util
 import os
-import typing
-from typing import Any
+from typing import Literal
+
+from unialign_jax.configlib import JsonConfig
+from unialign_jax.models.mmdit_config import MMDiTConfig
+from unialign_jax.models.t5 import T5Config
+from unialign_jax.models.vae import VAEConfig
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    # -- models -------------------------------------------------------------------------
-    # A converted pipeline folder (`unialign-convert pipeline`): sets init_from, t5_path,
-    # vae_path and tokenizer from its components.
+@dataclasses.dataclass(frozen=True)
+class ModelsConfig(JsonConfig):
+    """Where the three models come from: converted folders, or fresh from their configs."""
+
+    # A converted pipeline folder (`unialign-convert pipeline`): sets transformer_path,
+    # t5_path, vae_path and tokenizer from its components (explicit paths win).
     pipeline: str | None = None
-    # Converted transformer folder in the UniAlignment layout (an SD3 checkpoint is ported
-    # with `unialign-convert transformer --to unialignment`); None: random initialisation.
-    init_from: str | None = None
-    # MMDiTConfig fields of a freshly initialised transformer ({} = full size).
-    transformer: dict = dataclasses.field(default_factory=dict)
+    # Converted transformer folder in the UniAlignment layout; None: random initialisation
+    # of `transformer` (an SD3 checkpoint is ported with `unialign-convert transformer
+    # --to unialignment`).
+    transformer_path: str | None = None
+    # Its configuration when initialised fresh; vocab_size None: the tokenizer's length.
+    transformer: MMDiTConfig = MMDiTConfig()
     t5_path: str | None = None            # converted T5 folder; None: random T5 of `t5`
-    t5: dict = dataclasses.field(default_factory=dict)    # T5Config fields when random
+    t5: T5Config = T5Config()
     vae_path: str | None = None           # converted VAE folder; None: random VAE of `vae`
-    vae: dict = dataclasses.field(default_factory=dict)   # VAEConfig fields when random
+    vae: VAEConfig = VAEConfig()
     tokenizer: str | None = None          # local T5 tokenizer folder
-    max_length: int = 256                 # caption / instruction tokens
 
-    # -- data ---------------------------------------------------------------------------
-    t2i_shards: tuple = ()                # shard folders of `unialign-data build --kind t2i`
-    edit_shards: tuple = ()               # editing + perception shard folders
+
+@dataclasses.dataclass(frozen=True)
+class ComputeConfig(JsonConfig):
+    dtype: str = "bfloat16"               # compute dtype of all models
+    param_dtype: str = "float32"          # trained parameters, optimizer state, EMA
+    frozen_param_dtype: str = "bfloat16"  # T5 and VAE weights
+    # Rematerialisation of each transformer block: 'none', a jax.checkpoint_policies name or
+    # a named set of the block's intermediates (unialign_jax.models.remat).
+    remat_policy: str = "nothing_saveable"
+    # Attention kernel of the transformer and T5 (unialign_jax.models.attention).
+    attention: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(JsonConfig):
+    t2i_shards: tuple[str, ...] = ()      # shard folders of `unialign-data build --kind t2i`
+    edit_shards: tuple[str, ...] = ()     # editing + perception shard folders
     resolution: int = 512
-    data_seed: int = 0
-    data_workers: int = 0                 # grain worker processes per host
+    max_length: int = 256                 # caption / instruction tokens
+    seed: int = 0
+    workers: int = 0                      # grain worker processes per host
 
-    # -- batch and schedule -------------------------------------------------------------
-    batch_size: int = 384                 # global, per optimizer step
-    micro_batch_per_device: int = 4       # per accumulation step and device
-    num_steps: int = 80_000
 
-    # -- optimizer (torch AdamW defaults for betas / eps) -------------------------------
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig(JsonConfig):
+    """AdamW (torch's defaults for betas / eps), linear warmup then constant, clipping."""
+
     lr: float = 3e-5
     warmup_steps: int = 2000
     weight_decay: float = 0.01
@@ -54,9 +77,19 @@ class TrainConfig:
     b2: float = 0.999
     eps: float = 1e-8
     grad_clip_norm: float = 2.0
-    ema_decay: float = 0.9995
+    # The optimizer sees the mean micro-batch gradient times this. The release *sums* its
+    # micro-batch gradients (see configs/unialignment_512.py): 12 there reproduces its
+    # clipping and AdamW exactly, whatever our mesh. 1: clip and step on the mean.
+    gradient_scale: float = 1.0
+    # Exponential moving average of the parameters (ours: the release names an EMA but never
+    # updates it, and released its raw parameters); None keeps no EMA.
+    ema_decay: float | None = 0.9995
 
-    # -- objective (spec section 4) -----------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig(JsonConfig):
+    """The objective of spec section 4: weights and constants."""
+
     image_weight: float = 1.0
     caption_weight: float = 0.2
     contrastive_weight: float = 0.05
@@ -64,19 +97,31 @@ class TrainConfig:
     block_depth: int = 8                  # block after which alignment features are taken
     null_prompt_prob: float = 0.1
     contrastive_temperature: float = 0.07
-    caption_eps: float = 1e-3
+    caption_eps: float = 1e-3             # ε of the masked-diffusion schedule
+    # "device": contrast within each device's micro-batch, as the release (per GPU, no
+    # gather); "global": within the whole global micro-batch (independent of the mesh).
+    contrastive_scope: Literal["device", "global"] = "device"
+    # Antithetic caption times stratified within each device's micro-batch ("device", the
+    # release draws them per GPU) or across the global micro-batch ("global").
+    antithetic_scope: Literal["device", "global"] = "device"
+    # Without teacher features in the data the alignment terms cannot be computed: refuse
+    # to train (False) unless this says to train without them.
+    allow_missing_teacher: bool = False
 
-    # -- compute ------------------------------------------------------------------------
-    dtype: str = "bfloat16"               # compute dtype of all models
-    param_dtype: str = "float32"          # trained parameters, optimizer state, EMA
-    frozen_param_dtype: str = "bfloat16"  # T5 and VAE weights
-    remat_policy: str | None = "nothing_saveable"   # jax.checkpoint_policies name or None
-    mesh_data: int = 1
-    mesh_fsdp: int = -1                   # -1: all remaining devices
-    mesh_tensor: int = 1
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(JsonConfig):
+    data: int = 1
+    fsdp: int = -1                        # -1: all remaining devices
+    tensor: int = 1
     distributed: bool | None = None       # jax.distributed.initialize(); None: from env
 
-    # -- bookkeeping --------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(JsonConfig):
+    batch_size: int = 384                 # global, per optimizer step
+    micro_batch_per_device: int = 4       # per accumulation step and device
+    num_steps: int = 80_000
     seed: int = 0
     log_every: int = 20
     ckpt_every: int = 5000
@@ -85,104 +130,88 @@ class TrainConfig:
     tensorboard: bool = True
     progress_bar: bool = True
 
-    def __post_init__(self):
-        self.t2i_shards, self.edit_shards = tuple(self.t2i_shards), tuple(self.edit_shards)
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(JsonConfig):
+    models: ModelsConfig = ModelsConfig()
+    compute: ComputeConfig = ComputeConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    loss: LossConfig = LossConfig()
+    mesh: MeshConfig = MeshConfig()
+    run: RunConfig = RunConfig()
 
     def validate(self) -> None:
         """Errors that do not depend on devices or files, in the config's own words."""
         problems = []
-        for name in ("batch_size", "micro_batch_per_device", "num_steps", "log_every",
-                     "ckpt_every", "keep_checkpoints", "max_length", "resolution"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0.0 <= self.null_prompt_prob <= 1.0:
-            problems.append(f"null_prompt_prob must be in [0, 1], got {self.null_prompt_prob}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.warmup_steps < 0:
-            problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not self.t2i_shards and not self.edit_shards:
-            problems.append("no training data: set t2i_shards and/or edit_shards to folders "
-                            "built by `unialign-data build`")
-        if self.tokenizer is None and self.pipeline is None:
-            problems.append("set tokenizer (a local T5 tokenizer folder) or pipeline")
+        for key, value in (("run.batch_size", self.run.batch_size),
+                           ("run.micro_batch_per_device", self.run.micro_batch_per_device),
+                           ("run.num_steps", self.run.num_steps),
+                           ("run.log_every", self.run.log_every),
+                           ("run.ckpt_every", self.run.ckpt_every),
+                           ("run.keep_checkpoints", self.run.keep_checkpoints),
+                           ("data.max_length", self.data.max_length),
+                           ("data.resolution", self.data.resolution)):
+            if value < 1:
+                problems.append(f"{key} must be at least 1, got {value}")
+        if not 0.0 <= self.loss.null_prompt_prob <= 1.0:
+            problems.append(f"loss.null_prompt_prob must be in [0, 1], got "
+                            f"{self.loss.null_prompt_prob}")
+        if self.optimizer.ema_decay is not None and not 0.0 <= self.optimizer.ema_decay < 1.0:
+            problems.append(f"optimizer.ema_decay must be in [0, 1) or None, got "
+                            f"{self.optimizer.ema_decay}")
+        if self.optimizer.warmup_steps < 0:
+            problems.append(f"optimizer.warmup_steps must be >= 0, got "
+                            f"{self.optimizer.warmup_steps}")
+        if not self.data.t2i_shards and not self.data.edit_shards:
+            problems.append("no training data: set data.t2i_shards and/or data.edit_shards to "
+                            "folders built by `unialign-data build`")
+        if self.models.tokenizer is None and self.models.pipeline is None:
+            problems.append("set models.tokenizer (a local T5 tokenizer folder) or "
+                            "models.pipeline")
         if problems:
             raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 
     def resolved(self) -> "TrainConfig":
         """A copy with the pipeline folder expanded into its component paths."""
-        if self.pipeline is None:
-            return dataclasses.replace(self)
-        from unialign_jax.checkpoints.pipeline import read_index
+        if self.models.pipeline is None:
+            return self
+        from unialign_jax.checkpoints.pipeline import component_paths
 
-        where = {k: os.path.join(self.pipeline, v)
-                 for k, v in read_index(self.pipeline)["components"].items()}
-        return dataclasses.replace(
-            self, init_from=self.init_from or where["transformer"],
-            t5_path=self.t5_path or where["text_encoder"],
-            vae_path=self.vae_path or where["vae"], tokenizer=self.tokenizer or where["tokenizer"])
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        where, m = component_paths(self.models.pipeline), self.models
+        return dataclasses.replace(self, models=dataclasses.replace(
+            m, transformer_path=m.transformer_path or where["transformer"],
+            t5_path=m.t5_path or where["text_encoder"], vae_path=m.vae_path or where["vae"],
+            tokenizer=m.tokenizer or where["tokenizer"]))
 
 
-def load_config(path: str) -> TrainConfig:
-    """`get_config()` of the Python file `path`."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    spec = importlib.util.spec_from_file_location(f"_config_{os.path.basename(path)[:-3]}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def load_config(name_or_path: str) -> TrainConfig:
+    """`get_config()` of a config: a `.py` file, or the name of one shipped in `configs/`
+    (installed as `unialign_configs`), e.g. "quickstart"."""
+    if name_or_path.endswith(".py"):
+        if not os.path.isfile(name_or_path):
+            raise FileNotFoundError(f"config file not found: {name_or_path}")
+        name = os.path.basename(name_or_path)[:-3]
+        spec = importlib.util.spec_from_file_location(f"_config_{name}", name_or_path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(f"unialign_configs.{name_or_path}")
+        except ModuleNotFoundError:
+            raise FileNotFoundError(f"no config named {name_or_path!r}: give a .py file or one "
+                                    f"of {shipped_configs()}") from None
     if not hasattr(module, "get_config"):
-        raise ValueError(f"{path} defines no get_config()")
+        raise ValueError(f"{name_or_path} defines no get_config()")
     config = module.get_config()
     if not isinstance(config, TrainConfig):
-        raise ValueError(f"{path}: get_config() returned {type(config).__name__}, not TrainConfig")
+        raise ValueError(f"{name_or_path}: get_config() returned {type(config).__name__}, not "
+                         "TrainConfig")
     return config
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+def shipped_configs() -> list[str]:
+    import unialign_configs
 
-
-def _accepts(annotation, value) -> bool:
-    """Whether `value` fits the field annotation (ints pass for floats)."""
-    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union,
-                                                                     type(int | None)) else (hint,)
-    for opt in options:
-        if opt is type(None) and value is None:
-            return True
-        if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True
-        if opt is tuple and isinstance(value, (tuple, list, str)):
-            return True
-        if isinstance(opt, type) and opt is not type(None) and isinstance(value, opt) \
-                and not (opt is int and isinstance(value, bool)):
-            return True
-    return False
-
-
-def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """`key=value` overrides onto a copy of `config`; unknown keys and bad types fail."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    changes = {}
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        if key not in fields:
-            close = [n for n in fields if key.split("_")[0] in n]
-            raise ValueError(f"unknown config key {key!r}" +
-                             (f"; did you mean one of {close}?" if close else ""))
-        value = _parse_value(text)
-        if not _accepts(fields[key].type, value):
-            raise ValueError(f"{key}={text!r}: expected {fields[key].type}, got "
-                             f"{type(value).__name__}")
-        if fields[key].type == "tuple" and isinstance(value, str):
-            value = (value,)
-        changes[key] = float(value) if fields[key].type == "float" else value
-    return dataclasses.replace(config, **changes)
+    folder = os.path.dirname(unialign_configs.__file__)
+    return sorted(n[:-3] for n in os.listdir(folder) if n.endswith(".py") and n[0] != "_")

@@ -1,113 +1,166 @@
-"""The UniAlignment objective on one micro-batch: the two transformer passes and the loss.
+"""The UniAlignment objective on one micro-batch: two transformer passes and five losses.
 
-Image pass: noisy target latent (plus clean source latents for editing) with the
-instruction's T5 states, 10% of them replaced by the null prompt's. Caption pass: the
-clean target latent at timestep 0 with the T5 states of the partly masked caption. The
-frozen VAE and T5 run here, on device, inside the jitted step.
+Image pass: the noisy target latent (plus clean source latents for editing) with the
+instruction's T5 states, some replaced by the null prompt's. Caption pass: a clean latent
+of the target at timestep 0 with the T5 states of the partly masked caption. Then the
+contrastive loss between the two passes and the alignment of their mid-layer projections
+with the teacher's features (spec section 4).
+
+`objective` is a deterministic function of the latents and of every random draw (`Draws`),
+so it can be replayed against the release's recorded values; `micro_batch_loss` — what the
+train step calls — encodes the images with the frozen VAE, draws from a key and calls it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
+from unialign_jax.data.batch import TEACHER_KEYS
+from unialign_jax.diffusion import flow, masked
 from unialign_jax.training import losses
+from unialign_jax.training.config import LossConfig
 
-TEACHER_KEYS = ("teacher_image", "teacher_text")
+
+@struct.dataclass
+class Draws:
+    """Every random number of one micro-batch's objective (the fixture's names)."""
+
+    flow_logit_normal: jax.Array      # (B,) standard normals → σ of the image pass
+    flow_noise: jax.Array             # (B, h, w, C) ε of the image pass
+    null_prompt_uniform: jax.Array    # (B,) instruction replaced by the null prompt if < p
+    caption_time_uniform: jax.Array   # (B,) → antithetic caption times
+    caption_mask_uniform: jax.Array   # (B, L) a token is masked if < (1 − ε)·t
+
+    @classmethod
+    def sample(cls, key: jax.Array, latent_shape: tuple[int, ...], length: int) -> "Draws":
+        b = latent_shape[0]
+        k = jax.random.split(key, 5)
+        return cls(flow_logit_normal=jax.random.normal(k[0], (b,)),
+                   flow_noise=jax.random.normal(k[1], latent_shape, jnp.float32),
+                   null_prompt_uniform=jax.random.uniform(k[2], (b,)),
+                   caption_time_uniform=jax.random.uniform(k[3], (b,)),
+                   caption_mask_uniform=jax.random.uniform(k[4], (b, length)))
 
 
 @dataclasses.dataclass(frozen=True)
-class LossWeights:
-    """Weights and constants of spec section 4 (from the TrainConfig)."""
+class Groups:
+    """Row groups of a micro-batch for the terms the release computes per GPU."""
 
-    image: float = 1.0
-    caption: float = 0.2
-    contrastive: float = 0.05
-    align: float = 0.1
-    block_depth: int = 8
-    null_prompt_prob: float = 0.1
-    temperature: float = 0.07
-    caption_eps: float = losses.CAPTION_EPS
+    contrastive: int = 1
+    antithetic: int = 1
 
     @classmethod
-    def from_config(cls, cfg) -> "LossWeights":
-        return cls(image=cfg.image_weight, caption=cfg.caption_weight,
-                   contrastive=cfg.contrastive_weight, align=cfg.align_weight,
-                   block_depth=cfg.block_depth, null_prompt_prob=cfg.null_prompt_prob,
-                   temperature=cfg.contrastive_temperature, caption_eps=cfg.caption_eps)
+    def for_mesh(cls, cfg: LossConfig, batch_ways: int) -> "Groups":
+        """One group per device for the "device" scopes, one for "global"."""
+        def ways(scope):
+            return batch_ways if scope == "device" else 1
+
+        return cls(ways(cfg.contrastive_scope), ways(cfg.antithetic_scope))
 
 
-def encode_images(vae: nnx.Module, batch: dict, key: jax.Array):
-    """Posterior-sample latents of the target and of each source image (float32).
+@struct.dataclass
+class Inputs:
+    """What the two passes read, as latents and ids."""
 
-    The whole micro-batch is encoded at once (no VAE chunking): micro-batches are already
-    sized for device memory, and chunking would loop over the sharded batch axis.
-    """
-    whole = batch["target"].shape[0]
-    target = vae.encode(batch["target"], jax.random.fold_in(key, 0), images_per_chunk=whole)
-    sources = batch.get("sources")
-    conditions = () if sources is None else tuple(
-        vae.encode(sources[:, k], jax.random.fold_in(key, 1 + k), images_per_chunk=whole)
-        for k in range(sources.shape[1]))
-    return jax.lax.stop_gradient(target), tuple(jax.lax.stop_gradient(c) for c in conditions)
+    latents: jax.Array                # (B, h, w, C) clean target latents of the image pass
+    caption_latents: jax.Array        # the caption pass's latents of the same target
+    conditions: tuple                 # clean source latents (edit: 1, compose: 3)
+    instruction_ids: jax.Array        # (B, L)
+    caption_ids: jax.Array            # (B, L)
+    teacher_image: jax.Array | None = None   # (B, D)
+    teacher_text: jax.Array | None = None
 
 
-def unialign_loss(transformer: nnx.Module, t5: nnx.Module, vae: nnx.Module, batch: dict,
-                  null_context: jax.Array, key: jax.Array, weights: LossWeights,
-                  mask_id: int) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Total loss and its terms for one micro-batch. Without teacher features in the batch
-    the alignment terms are left out (and reported as 0)."""
-    k_vae, k_sigma, k_noise, k_drop, k_time, k_mask = jax.random.split(key, 6)
-    latents, conditions = encode_images(vae, batch, k_vae)
+def objective(transformer: nnx.Module, encode_text: Callable[[jax.Array], jax.Array],
+              inputs: Inputs, draws: Draws, null_context: jax.Array, cfg: LossConfig,
+              mask_id: int, groups: Groups | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted total and each term. `encode_text` is the frozen T5 (ids → states);
+    `groups` splits the rows for the contrastive loss and the antithetic times (one group
+    per device reproduces the release's per-GPU computation). Without teacher rows the
+    alignment terms are 0 and left out of the total."""
+    groups = groups or Groups()
+    latents = inputs.latents
     b = latents.shape[0]
 
-    def encode_text(ids):
-        return jax.lax.stop_gradient(t5(ids))
-
     # Image pass: flow matching with null-prompt dropout.
-    context = encode_text(batch["instruction_ids"])
-    drop = jax.random.uniform(k_drop, (b,)) < weights.null_prompt_prob
+    context = jax.lax.stop_gradient(encode_text(inputs.instruction_ids))
+    drop = draws.null_prompt_uniform < cfg.null_prompt_prob
     context = jnp.where(drop[:, None, None], null_context.astype(context.dtype), context)
-    sigma = losses.logit_normal_sigmas(jax.random.normal(k_sigma, (b,)))
-    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
-    noisy = losses.noise_latents(latents, noise, sigma)
-    image_out = transformer(noisy, sigma * losses.NUM_TRAIN_TIMESTEPS, context,
-                            conditions=conditions, block_depth=weights.block_depth)
-    image_loss = losses.flow_matching_loss(latents, noisy, sigma, image_out.sample)
+    sigma, timesteps = flow.training_timesteps(draws.flow_logit_normal)
+    noisy = flow.add_noise(latents, draws.flow_noise, sigma)
+    image_out = transformer(noisy, timesteps, context, conditions=inputs.conditions,
+                            block_depth=cfg.block_depth)
+    image_loss = flow.loss(latents, noisy, sigma, image_out.sample)
 
     # Caption pass: masked diffusion on the caption, clean latent at timestep 0.
-    caption_ids = batch["caption_ids"]
-    times = losses.antithetic_times(jax.random.uniform(k_time, (b,)), weights.caption_eps)
-    masked = losses.mask_tokens(caption_ids, times, jax.random.uniform(k_mask, caption_ids.shape),
-                                mask_id, weights.caption_eps)
-    text_out = transformer(latents, jnp.zeros((b,), jnp.float32), encode_text(masked),
-                           block_depth=weights.block_depth)
-    caption_loss = losses.caption_loss(text_out.text_logits, caption_ids, masked, times, mask_id)
+    caption_ids = inputs.caption_ids
+    times = masked.antithetic_times(draws.caption_time_uniform, cfg.caption_eps,
+                                    groups.antithetic)
+    noisy_ids = masked.mask_tokens(caption_ids, times, draws.caption_mask_uniform, mask_id,
+                                   cfg.caption_eps)
+    text_out = transformer(inputs.caption_latents, jnp.zeros((b,), jnp.float32),
+                           jax.lax.stop_gradient(encode_text(noisy_ids)),
+                           block_depth=cfg.block_depth)
+    caption_loss = masked.loss(text_out.text_logits, caption_ids, noisy_ids, times, mask_id,
+                               cfg.caption_eps)
 
     contrastive = losses.contrastive_loss(image_out.image_hidden, text_out.text_hidden,
-                                          weights.temperature)
+                                          cfg.contrastive_temperature, groups.contrastive)
     terms = {"loss_image": image_loss, "loss_caption": caption_loss,
              "loss_contrastive": contrastive}
-    total = (weights.image * image_loss + weights.caption * caption_loss
-             + weights.contrastive * contrastive)
-    if all(k in batch for k in TEACHER_KEYS):
+    total = (cfg.image_weight * image_loss + cfg.caption_weight * caption_loss
+             + cfg.contrastive_weight * contrastive)
+    if inputs.teacher_text is not None and inputs.teacher_image is not None:
         terms["loss_align_text"] = losses.cosine_alignment_loss(text_out.mid_text_proj,
-                                                                batch["teacher_text"])
+                                                                inputs.teacher_text)
         terms["loss_align_image"] = losses.cosine_alignment_loss(image_out.mid_image_proj,
-                                                                 batch["teacher_image"])
-        total = total + weights.align * (terms["loss_align_text"] + terms["loss_align_image"])
+                                                                 inputs.teacher_image)
+        total = total + cfg.align_weight * (terms["loss_align_text"] + terms["loss_align_image"])
     else:
         terms["loss_align_text"] = terms["loss_align_image"] = jnp.zeros((), jnp.float32)
     terms["loss"] = total
-    terms["masked_fraction"] = (masked == mask_id).mean()
+    terms["masked_fraction"] = (noisy_ids == mask_id).mean()
     return total, terms
 
 
-def batch_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a data-pipeline batch that the objective reads (drops bookkeeping)."""
-    keep = ("target", "sources", "caption_ids", "instruction_ids") + TEACHER_KEYS
-    return {k: batch[k] for k in keep if k in batch}
+def encode_images(vae: nnx.Module, batch: dict, key: jax.Array
+                  ) -> tuple[jax.Array, jax.Array, tuple]:
+    """(image-pass latents, caption-pass latents, source latents), VAE posterior samples.
+
+    As the release: a text-to-image sample's two passes each draw their own posterior
+    sample of the target (one encoder pass, two draws); an edit sample's share one. The
+    whole micro-batch is encoded at once: micro-batches are already sized for memory.
+    """
+    target = batch["target"]
+    whole = target.shape[0]
+    mean, logvar = vae.posterior(target, images_per_chunk=whole)
+    latents = vae.sample_latents(mean, logvar, jax.random.fold_in(key, 0))
+    sources = batch.get("sources")
+    if sources is None:
+        caption_latents = vae.sample_latents(mean, logvar, jax.random.fold_in(key, 1))
+        conditions = ()
+    else:
+        caption_latents = latents
+        conditions = tuple(vae.encode(sources[:, k], jax.random.fold_in(key, 2 + k),
+                                      images_per_chunk=whole)
+                           for k in range(sources.shape[1]))
+    stop = jax.lax.stop_gradient
+    return stop(latents), stop(caption_latents), tuple(stop(c) for c in conditions)
+
+
+def micro_batch_loss(transformer: nnx.Module, t5: nnx.Module, vae: nnx.Module, batch: dict,
+                     null_context: jax.Array, key: jax.Array, cfg: LossConfig, mask_id: int,
+                     groups: Groups | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`objective` on a batch of pixels and ids (see `data.batch`), with draws from `key`."""
+    k_vae, k_draws = jax.random.split(key)
+    latents, caption_latents, conditions = encode_images(vae, batch, k_vae)
+    inputs = Inputs(latents=latents, caption_latents=caption_latents, conditions=conditions,
+                    instruction_ids=batch["instruction_ids"], caption_ids=batch["caption_ids"],
+                    **{k: batch.get(k) for k in TEACHER_KEYS})
+    draws = Draws.sample(k_draws, latents.shape, batch["caption_ids"].shape[1])
+    return objective(transformer, t5, inputs, draws, null_context, cfg, mask_id, groups)

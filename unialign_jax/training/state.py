@@ -1,4 +1,4 @@
-"""Train state (step, parameters, AdamW state, EMA, PRNG) and its shardings."""
+"""Train state (step, parameters, AdamW state, EMA, PRNG), the optimizer, and shardings."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from unialign_jax.parallel import rules
+from unialign_jax.training.config import OptimizerConfig
 
 
 @struct.dataclass
@@ -18,19 +19,19 @@ class TrainState:
     step: jax.Array        # int32 scalar: optimizer updates done
     params: Any            # trained transformer parameters (nested dict, param_dtype)
     opt_state: Any         # optax state: clipping + AdamW moments
-    ema_params: Any        # exponential moving average of `params`
+    ema_params: Any        # exponential moving average of `params` (None: no EMA)
     rng: jax.Array         # uint32 PRNG key data, split once per step
 
 
-def learning_rate(cfg) -> optax.Schedule:
+def learning_rate(cfg: OptimizerConfig) -> optax.Schedule:
     """Linear warmup from 0 over `warmup_steps`, then constant (diffusers'
-    'constant_with_warmup')."""
+    'constant_with_warmup'): the update of step s (0-based) uses lr·min(s / warmup, 1)."""
     if cfg.warmup_steps == 0:
         return optax.constant_schedule(cfg.lr)
     return optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with torch's defaults (decoupled weight decay on all
     parameters, as torch.optim.AdamW)."""
     return optax.chain(
@@ -39,12 +40,18 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
                     weight_decay=cfg.weight_decay))
 
 
-def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int,
+               ema: bool) -> TrainState:
     """Step 0: fresh optimizer moments, EMA = the initial parameters."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params),
-                      ema_params=jax.tree.map(jnp.copy, params),
+                      ema_params=jax.tree.map(jnp.copy, params) if ema else None,
                       rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def update_ema(ema: Any, params: Any, decay: float) -> Any:
+    """e ← decay·e + (1 − decay)·p."""
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
 def state_shardings(abstract_state: TrainState, param_shardings: Any,
@@ -55,4 +62,5 @@ def state_shardings(abstract_state: TrainState, param_shardings: Any,
     opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state,
                                 param_shardings, transform_non_params=lambda _: repl)
     return TrainState(step=repl, params=param_shardings, opt_state=opt,
-                      ema_params=param_shardings, rng=repl)
+                      ema_params=None if abstract_state.ema_params is None else param_shardings,
+                      rng=repl)

@@ -1,158 +1,159 @@
-"""The sharded train step: gradient accumulation over micro-batches (a `scan`), global-norm
-clipping, AdamW and EMA, all inside one `jit` with explicit in/out shardings.
+"""The sharded train step: gradient accumulation over micro-batches (a `scan`), clipping,
+AdamW and EMA, all inside one `jit` with explicit in/out shardings.
 
-The global batch of `batch_size` rows, split over data × fsdp, is viewed as
-(micro-batch, accumulation) with the accumulation axis *second*, so that every device
-keeps its own rows and each micro-batch is spread over all devices (no resharding).
+`make_train_step` builds it from the models, the frozen state and the config sections it
+needs; the result is data (`TrainStep`: the jitted function, the state's shardings and
+abstract shape, the number of micro-batches). The global batch of `batch_size` rows, split
+over data × fsdp, is viewed as (micro-batch, accumulation) with the accumulation axis
+*second*, so that every device keeps its own rows, each micro-batch is spread over all
+devices (no resharding), and within a micro-batch each device holds one consecutive block
+of rows — the release's per-GPU micro-batch, over which it contrasts.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from unialign_jax.data.batch import model_inputs
 from unialign_jax.parallel import rules
 from unialign_jax.parallel.mesh import BATCH_AXES
+from unialign_jax.parallel.placement import put_host_batch
 from unialign_jax.training import objective
+from unialign_jax.training.config import LossConfig, OptimizerConfig, RunConfig
 from unialign_jax.training.models import SplitModel
 from unialign_jax.training.state import (TrainState, init_state, learning_rate, make_optimizer,
-                                         state_shardings)
+                                         state_shardings, update_ema)
 
 
-def batch_devices(mesh: Mesh) -> int:
-    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+@struct.dataclass
+class FrozenModels:
+    """What the step reads but never trains: the transformer's buffers, T5 and the VAE (as
+    states of their graph definitions), and the null prompt's ids."""
+
+    buffers: Any
+    t5: Any
+    vae: Any
+    null_ids: jax.Array   # (1, L) int32, or a ShapeDtypeStruct when planning
+
+    @classmethod
+    def of(cls, models: dict[str, SplitModel], null_ids) -> "FrozenModels":
+        return cls(buffers=models["transformer"].rest, t5=models["t5"].rest,
+                   vae=models["vae"].rest, null_ids=null_ids)
 
 
-def accumulation_steps(cfg, mesh: Mesh) -> int:
-    """Micro-batches per optimizer step: batch_size / (micro_batch_per_device × batch
-    devices); the global micro-batch is what the contrastive loss contrasts within."""
-    micro = cfg.micro_batch_per_device * batch_devices(mesh)
-    if cfg.batch_size % micro:
-        raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of the global "
-                         f"micro-batch {micro} (micro_batch_per_device "
-                         f"{cfg.micro_batch_per_device} × {batch_devices(mesh)} devices on "
-                         "data × fsdp)")
-    return cfg.batch_size // micro
-
-
-def _placement(tree: Any) -> Any:
-    return jax.tree.map(lambda x: x.sharding, tree)
-
-
+@dataclasses.dataclass(frozen=True)
 class TrainStep:
-    """Builds the train state and the jitted step for `models` on `mesh`.
+    """`step(state, frozen, batch)` → (new state, metrics); `init()` → step 0's state."""
 
-    `step(state, frozen, batch)` → (new state, metrics) where `frozen` holds the frozen
-    weights (`self.frozen`) and `batch` is a dict of global arrays (see `put_batch`).
-    """
-
-    def __init__(self, models: dict[str, SplitModel], cfg, mesh: Mesh, *, mask_id: int,
-                 null_ids: np.ndarray):
-        self.cfg, self.mesh, self.mask_id = cfg, mesh, mask_id
-        self.models = models
-        self.optimizer = make_optimizer(cfg)
-        self.schedule = learning_rate(cfg)
-        self.num_micro = accumulation_steps(cfg, mesh)
-        self.weights = objective.LossWeights.from_config(cfg)
-        repl = rules.replicated(mesh)
-        self.batch_sharding = rules.batch_sharding(mesh)
-        self.param_shardings = _placement(models["transformer"].params)
-        null_ids = np.asarray(null_ids, np.int32).reshape(1, -1)
-        null_ids = (jax.device_put(null_ids, repl) if _is_concrete(models["t5"].rest)
-                    else jax.ShapeDtypeStruct(null_ids.shape, np.int32, sharding=repl))
-        self.frozen = {"buffers": models["transformer"].rest, "t5": models["t5"].rest,
-                       "vae": models["vae"].rest, "null_ids": null_ids}
-        self.frozen_shardings = _placement(self.frozen)
-        abstract = jax.eval_shape(self._init, models["transformer"].params)
-        self.state_shardings = state_shardings(abstract, self.param_shardings, self.optimizer,
-                                               mesh)
-        self.abstract_state = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
-            self.state_shardings)
-        self.step = jax.jit(self._step, in_shardings=(self.state_shardings,
-                                                      self.frozen_shardings,
-                                                      self.batch_sharding),
-                            out_shardings=(self.state_shardings, repl), donate_argnums=0)
-
-    def _init(self, params) -> TrainState:
-        return init_state(params, self.optimizer, self.cfg.seed)
-
-    def init_state(self) -> TrainState:
-        """Step 0 from the models' current parameters, created in place on the mesh."""
-        return jax.jit(self._init, out_shardings=self.state_shardings)(
-            self.models["transformer"].params)
+    step: Callable
+    init: Callable[[], TrainState]
+    abstract_state: TrainState
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+    num_micro: int
+    mesh: Mesh
 
     def put_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This host's rows of the global batch → global arrays split over data × fsdp."""
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
-                for k, v in objective.batch_inputs(host_batch).items()}
+        return put_host_batch(model_inputs(host_batch), self.mesh)
 
-    # -- the step -----------------------------------------------------------------------
-    def _micro_batches(self, batch: dict) -> dict:
+
+def accumulation_steps(run: RunConfig, mesh: Mesh) -> int:
+    """Micro-batches per optimizer step: batch_size / (micro_batch_per_device × batch
+    devices)."""
+    ways = rules.batch_ways(mesh)
+    micro = run.micro_batch_per_device * ways
+    if run.batch_size % micro:
+        raise ValueError(f"run.batch_size {run.batch_size} is not a multiple of the global "
+                         f"micro-batch {micro} (run.micro_batch_per_device "
+                         f"{run.micro_batch_per_device} × {ways} devices on data × fsdp)")
+    return run.batch_size // micro
+
+
+def make_train_step(models: dict[str, SplitModel], frozen: FrozenModels, mesh: Mesh, *,
+                    optimizer: OptimizerConfig, loss: LossConfig, run: RunConfig,
+                    mask_id: int) -> TrainStep:
+    """The jitted step for `models` on `mesh`. `frozen` may hold arrays or (for planning)
+    ShapeDtypeStructs with shardings: only its placement is read here."""
+    tx = make_optimizer(optimizer)
+    schedule = learning_rate(optimizer)
+    num_micro = accumulation_steps(run, mesh)
+    groups = objective.Groups.for_mesh(loss, rules.batch_ways(mesh))
+    graphdefs = {k: m.graphdef for k, m in models.items()}
+    placement = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    param_shardings = placement(models["transformer"].params)
+    use_ema = optimizer.ema_decay is not None
+
+    def init(params) -> TrainState:
+        return init_state(params, tx, run.seed, ema=use_ema)
+
+    abstract = jax.eval_shape(init, models["transformer"].params)
+    shardings = state_shardings(abstract, param_shardings, tx, mesh)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, shardings)
+    batch_sharding = rules.batch_sharding(mesh)
+    micro_spec = NamedSharding(mesh, P(None, BATCH_AXES))
+
+    def split_micro_batches(batch: dict) -> dict:
         """(A·M, ...) → (A, M, ...) with row m·A + a in micro-batch a (device-local view)."""
-        a = self.num_micro
-        spec = NamedSharding(self.mesh, P(None, BATCH_AXES))
-
         def split(x):
-            m = x.shape[0] // a
-            x = x.reshape((m, a) + x.shape[1:]).swapaxes(0, 1)
-            return jax.lax.with_sharding_constraint(x, spec)
+            x = x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(x, micro_spec)
 
         return jax.tree.map(split, batch)
 
-    def _step(self, state: TrainState, frozen: dict, batch: dict):
-        with rules.activation_sharding(self.mesh):
-            return self._traced_step(state, frozen, batch)
-
-    def _traced_step(self, state: TrainState, frozen: dict, batch: dict):
-        tr, t5_def, vae_def = (self.models[k].graphdef for k in ("transformer", "t5", "vae"))
-        t5 = nnx.merge(t5_def, frozen["t5"])
-        vae = nnx.merge(vae_def, frozen["vae"])
+    def step(state: TrainState, frozen: FrozenModels, batch: dict):
+        t5 = nnx.merge(graphdefs["t5"], frozen.t5)
+        vae = nnx.merge(graphdefs["vae"], frozen.vae)
         rng, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
-        null_context = jax.lax.stop_gradient(t5(frozen["null_ids"]))
+        null_context = jax.lax.stop_gradient(t5(frozen.null_ids))
 
         def loss_fn(params, micro, key):
-            model = nnx.merge(tr, params, frozen["buffers"])
-            return objective.unialign_loss(model, t5, vae, micro, null_context, key,
-                                           self.weights, self.mask_id)
+            transformer = nnx.merge(graphdefs["transformer"], params, frozen.buffers)
+            return objective.micro_batch_loss(transformer, t5, vae, micro, null_context, key,
+                                              loss, mask_id, groups)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def accumulate(carry, xs):
             index, micro = xs
             (_, terms), grads = grad_fn(state.params, micro, jax.random.fold_in(step_key, index))
-            grads = jax.lax.with_sharding_constraint(grads, self.param_shardings)
+            grads = jax.lax.with_sharding_constraint(grads, param_shardings)
             grad_sum, term_sum = carry
             return (jax.tree.map(jnp.add, grad_sum, grads),
                     jax.tree.map(jnp.add, term_sum, terms)), None
 
-        micro = self._micro_batches(batch)
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        micro = split_micro_batches(batch)
         first = jax.tree.map(lambda x: x[0], micro)
-        term_zeros = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype),
-            jax.eval_shape(loss_fn, state.params, first, step_key)[1])
+        term_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                  jax.eval_shape(loss_fn, state.params, first, step_key)[1])
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
         (grads, terms), _ = jax.lax.scan(accumulate, (zeros, term_zeros),
-                                         (jnp.arange(self.num_micro), micro))
-        grads = jax.tree.map(lambda g: g / self.num_micro, grads)
-        terms = jax.tree.map(lambda t: t / self.num_micro, terms)
+                                         (jnp.arange(num_micro), micro))
+        # The optimizer sees the mean gradient × gradient_scale (the release: the sum).
+        grads = jax.tree.map(lambda g: g * (optimizer.gradient_scale / num_micro), grads)
+        terms = jax.tree.map(lambda t: t / num_micro, terms)
 
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        decay = self.cfg.ema_decay
-        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-        metrics = {**terms, "grad_norm": optax.global_norm(grads),
-                   "lr": self.schedule(state.step)}
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                               ema_params=ema, rng=jax.random.key_data(rng))
-        return new_state, metrics
+        ema = (update_ema(state.ema_params, params, optimizer.ema_decay) if use_ema
+               else None)
+        metrics = {**terms, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                          ema_params=ema, rng=jax.random.key_data(rng)), metrics
 
-
-def _is_concrete(tree: Any) -> bool:
-    return all(isinstance(x, jax.Array) for x in jax.tree.leaves(tree))
+    jitted = jax.jit(step, in_shardings=(shardings, placement(frozen), batch_sharding),
+                     out_shardings=(shardings, rules.replicated(mesh)), donate_argnums=0)
+    return TrainStep(
+        step=jitted, init=lambda: jax.jit(init, out_shardings=shardings)(
+            models["transformer"].params),
+        abstract_state=abstract, state_shardings=shardings, batch_sharding=batch_sharding,
+        num_micro=num_micro, mesh=mesh)

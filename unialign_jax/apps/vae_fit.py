@@ -11,7 +11,6 @@ scale to the mean and inverse standard deviation of the posterior samples, as SD
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from unialign_jax.checkpoints import io, module_io
-from unialign_jax.checkpoints.vae import FORMAT
+from unialign_jax.checkpoints import registry
 from unialign_jax.models.vae import AutoencoderKL, VAEConfig
 
 
@@ -63,14 +61,11 @@ def fit_vae(images: np.ndarray, config: VAEConfig, *, steps: int = 400, batch_si
     samples = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
     fitted = dataclasses.replace(config, shift_factor=float(samples.mean()),
                                  scaling_factor=float(1.0 / samples.std()))
-    vae.cfg = fitted
+    vae.config = fitted
     return vae, {"mse": float(mse), "shift_factor": fitted.shift_factor,
                  "scaling_factor": fitted.scaling_factor}
 
 
 def save_vae(vae: AutoencoderKL, folder: str, force: bool = False) -> None:
     """Writes a converted-VAE folder (config.json + Orbax parameters), atomically."""
-    with io.atomic_output_dir(folder, force=force) as tmp:
-        io.save_params(tmp, nnx.to_pure_dict(nnx.state(vae)))
-        module_io.write_config(tmp, FORMAT, vae.cfg.to_dict(), "float32")
-    assert os.path.isdir(folder)
+    registry.save_model("vae", vae, folder, "float32", force=force)

@@ -1,32 +1,33 @@
 """`unialign-quickstart`: UniAlignment from scratch on synthetic shapes, on a CPU, in minutes.
 
 1. writes the synthetic corpus (`unialign-data synth`: coloured shapes with captions, colour
-   edits and segmentation requests) and builds its training shards (`unialign-data build`);
+   edits and segmentation requests), builds its training shards (`unialign-data build`)
+   and precomputes stand-in teacher features into them (a fixed random projection in place
+   of Qwen2.5-VL, written the way `scripts/precompute_teacher.py` writes real ones), so all
+   five losses train;
 2. trains a tiny T5-layout tokenizer on its texts and fits a tiny VAE to its images (a
-   random VAE could not decode generated latents back to colours; see
-   `training/vae_fit.py`); the T5 encoder stays random and frozen;
-3. trains a tiny UniAlignment transformer with the real trainer (`configs/quickstart.py`;
-   alignment losses are off: the synthetic corpus has no Qwen teacher features);
-4. evaluates on held-out samples — caption token accuracy of masked-diffusion captions
-   after a fixed prompt (the ids all training captions start with, not scored) against
-   the per-position majority-token baseline, and the dominant colour of generated images
-   against the prompt's colour (chance: 1/6) — and writes WORKDIR/report/:
-   loss_curves.png, samples.png, captions.txt, report.json.
+   random VAE could not decode generated latents back to colours; see `apps/vae_fit.py`);
+   the T5 encoder stays random and frozen;
+3. trains a tiny UniAlignment transformer with the real trainer (the shipped config
+   `quickstart`);
+4. evaluates on held-out samples through `UniAlignPipeline` — caption token accuracy of
+   masked-diffusion captions continuing a fixed prefix (the ids all training captions start
+   with, not scored) against the per-position majority-token baseline, and the dominant
+   colour of generated images against the prompt's colour (chance: 1/6) — and writes
+   WORKDIR/report/: loss_curves.png, samples.png, captions.txt, report.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "quickstart.py")
+CONFIG = "quickstart"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-steps", type=int, default=64,
                    help="masked-diffusion caption sampler steps (64)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="training config overrides, e.g. num_steps=300")
+                   help="training config overrides, e.g. run.num_steps=300")
     return p
 
 
@@ -53,25 +54,29 @@ def _log(msg: str) -> None:
     print(f"[quickstart] {msg}", flush=True)
 
 
-def prepare_data(root: str, n: int, resolution: int) -> dict:
-    """Synthetic corpus + shards + tokenizer, each skipped when already complete."""
+def prepare_data(root: str, n: int, resolution: int, teacher_dim: int) -> dict:
+    """Synthetic corpus, tokenizer, shards with teacher features: each kept when complete."""
     from unialign_jax.data.shards import BuildOptions, build
     from unialign_jax.data.synth import corpus_texts, generate
-    from unialign_jax.text.tokenizer import train_tiny_tokenizer
+    from unialign_jax.data.teacher import ProjectionTeacher, has_teacher, precompute
+    from unialign_jax.text.tokenizer import load_tokenizer, train_tiny_tokenizer
 
     synth, paths = os.path.join(root, "synth"), {}
     if not os.path.exists(os.path.join(synth, "synth.json")):
         _log(f"writing {n} + {n} synthetic samples")
         generate(synth, n, seed=0, size=resolution, heldout=0.1)
+    paths["tokenizer"] = os.path.join(root, "tokenizer")
+    if not os.path.exists(os.path.join(paths["tokenizer"], "tokenizer_config.json")):
+        train_tiny_tokenizer(corpus_texts(), paths["tokenizer"], vocab_size=60)
+    teacher = ProjectionTeacher(teacher_dim, load_tokenizer(paths["tokenizer"]))
     for kind in ("t2i", "edit"):
         out = paths[kind] = os.path.join(root, "shards", kind)
         if not os.path.exists(os.path.join(out, "summary.json")):
             build([os.path.join(synth, f"{kind}_train.jsonl")], out,
                   BuildOptions(kind=kind, resolution=resolution, image_format="raw",
                                records_per_shard=2000, threads=2), force=True)
-    paths["tokenizer"] = os.path.join(root, "tokenizer")
-    if not os.path.exists(os.path.join(paths["tokenizer"], "tokenizer_config.json")):
-        train_tiny_tokenizer(corpus_texts(), paths["tokenizer"], vocab_size=60)
+        if not has_teacher(out):
+            precompute(out, teacher)
     paths["synth"] = synth
     return paths
 
@@ -81,44 +86,43 @@ def read_split(synth: str, kind: str, split: str, limit: int | None = None):
     from PIL import Image
 
     from unialign_jax.data.images import to_model_range
+    from unialign_jax.files import read_jsonl
 
     rows = []
-    with open(os.path.join(synth, f"{kind}_{split}.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            pixels = [to_model_range(np.asarray(Image.open(os.path.join(synth, p)).convert("RGB")))
-                      for p in rec["image"]]
-            caption = rec["conversations"][0]["value"]
-            rows.append((pixels, caption, rec.get("instruction", caption)))
-            if limit and len(rows) >= limit:
-                break
+    for rec in read_jsonl(os.path.join(synth, f"{kind}_{split}.jsonl"))[:limit]:
+        pixels = [to_model_range(np.asarray(Image.open(os.path.join(synth, p)).convert("RGB")))
+                  for p in rec["image"]]
+        caption = rec["conversations"][0]["value"]
+        rows.append((pixels, caption, rec.get("instruction", caption)))
     return rows
 
 
 def prepare_vae(root: str, synth: str, cfg, steps: int) -> tuple[str, dict]:
-    from unialign_jax.models.vae import VAEConfig
-    from unialign_jax.training.vae_fit import fit_vae, save_vae
+    from tqdm.auto import tqdm
+
+    from unialign_jax.apps.vae_fit import fit_vae, save_vae
+    from unialign_jax.files import read_json_or_none, write_json
 
     folder = os.path.join(root, "vae")
     info_path = os.path.join(root, "vae_fit.json")
-    if os.path.exists(info_path):
-        with open(info_path) as f:
-            return folder, json.load(f)
+    info = read_json_or_none(info_path)
+    if info is not None:
+        return folder, info
     images = np.stack([p[0] for p, _, _ in read_split(synth, "t2i", "train", 1024)])
-    _log(f"fitting a tiny VAE on {len(images)} images ({steps} steps)")
     start = time.time()
-    vae, info = fit_vae(images, VAEConfig(**cfg.vae), steps=steps)
+    with tqdm(total=steps, desc="fit VAE", unit="step") as bar:
+        vae, info = fit_vae(images, cfg.models.vae, steps=steps,
+                            progress=lambda done, total: bar.update(1))
     save_vae(vae, folder, force=True)
     info["seconds"] = time.time() - start
-    with open(info_path, "w") as f:
-        json.dump(info, f, indent=2)
+    write_json(info_path, info)
     return folder, info
 
 
 def caption_accuracy(generated: np.ndarray, reference: np.ndarray, eos_id: int,
                      start: int = 0) -> float:
     """Token accuracy over each reference caption's tokens from `start` (the first position
-    after the prompt) up to, not including, </s>."""
+    after the prefix) up to, not including, </s>."""
     hits = total = 0
     for gen, ref in zip(generated, reference):
         n = int(np.argmax(ref == eos_id)) if (ref == eos_id).any() else len(ref)
@@ -138,99 +142,100 @@ def majority_baseline(train_ids: np.ndarray) -> np.ndarray:
     return np.array([np.bincount(col).argmax() for col in train_ids.T], np.int32)
 
 
+def trained_pipeline(result, cfg, tokenizer):
+    """`UniAlignPipeline` over the run's EMA transformer and its frozen T5 / VAE."""
+    from unialign_jax.checkpoints.pipeline import PipelineComponents
+    from unialign_jax.sampling.pipeline import UniAlignPipeline
+    from unialign_jax.text.tokenizer import mask_token_id
+
+    models = result.models
+    components = PipelineComponents(
+        transformer=models["transformer"].module(result.state.ema_params),
+        t5=models["t5"].module(), vae=models["vae"].module(), tokenizer=tokenizer,
+        scheduler={"shift": 3.0, "num_train_timesteps": 1000},
+        mask_token_id=mask_token_id(tokenizer), path="<quickstart run>")
+    return UniAlignPipeline(components, batch_size=32, progress=True)
+
+
 def evaluate(result, cfg, paths: dict, args) -> dict:
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
+    from PIL import Image
 
     from unialign_jax.data.synth import PALETTE, dominant_colour
-    from unialign_jax.sampling import sample_caption, sample_images
-    from unialign_jax.sampling.caption import ModelDenoiser
-    from unialign_jax.text.tokenizer import decode, load_tokenizer, mask_token_id, tokenize
+    from unialign_jax.text.tokenizer import load_tokenizer, tokenize
 
     tok = load_tokenizer(paths["tokenizer"])
-    models = result.trainer.models
-    transformer = models["transformer"].module(result.state.ema_params)
-    t5, vae = models["t5"].module(), models["vae"].module()
-    t5_call = jax.jit(lambda ids: t5(ids))
+    pipe = trained_pipeline(result, cfg, tok)
     heldout = read_split(paths["synth"], "t2i", "heldout", args.eval_samples)
     train_captions = [c for _, c, _ in read_split(paths["synth"], "t2i", "train", 1000)]
-    pixels = jnp.asarray(np.stack([p[0] for p, _, _ in heldout]))
+    images = [Image.fromarray(np.round((p[0] + 1) * 127.5).astype(np.uint8))
+              for p, _, _ in heldout]
     captions = [c for _, c, _ in heldout]
-    key = jax.random.key(1234)
 
-    # Captions: masked diffusion conditioned on the clean latent, from a sequence that is
-    # all mask but for a VQA-style prompt: the ids every training caption starts with. The
-    # text stream has no absolute positions (T5's are relative), so from an all-mask start
-    # every position predicts the same marginal and the first ids land at random places;
-    # the prompt anchors them. Prompt positions are left out of every score below.
-    latents = jax.jit(lambda x, k: vae.encode(x, k, images_per_chunk=x.shape[0]))(pixels, key)
-    train_ids = tokenize(tok, train_captions, cfg.max_length)
-    prompt = shared_prefix(train_ids)
-    init = np.full((len(heldout), cfg.max_length), mask_token_id(tok), np.int32)
-    init[:, :len(prompt)] = prompt
-    sample = sample_caption(ModelDenoiser(nnx.graphdef(t5), nnx.graphdef(transformer)),
-                            (nnx.state(t5), nnx.state(transformer), latents), init,
-                            jax.random.fold_in(key, 1), mask_id=mask_token_id(tok),
-                            num_steps=args.caption_steps)
-    generated = np.asarray(sample.ids)
-    reference = tokenize(tok, captions, cfg.max_length)
+    # Captions: masked diffusion conditioned on the image, continuing a fixed prefix — the
+    # ids every training caption starts with. The text stream has no absolute positions
+    # (T5's are relative), so from an all-mask start every position predicts the same
+    # marginal and the first ids land at random places; the prefix anchors them. Prefix
+    # positions are left out of every score below.
+    length = cfg.data.max_length
+    train_ids = tokenize(tok, train_captions, length)
+    prefix = shared_prefix(train_ids)
+    prefix_text = tok.decode(prefix)
+    generated = pipe.caption(images, prefix=prefix_text, resolution=cfg.data.resolution,
+                             length=length, num_steps=args.caption_steps, seed=1234)
+    generated_ids = np.stack([c.ids for c in generated])
+    reference = tokenize(tok, captions, length)
     baseline = majority_baseline(train_ids)
-    texts = decode(tok, generated)
 
     # Images: text-to-image with guidance against the null prompt, scored by colour.
-    context = t5_call(jnp.asarray(reference))
-    negative = t5_call(jnp.asarray(tokenize(tok, [" "], cfg.max_length)))
-    latent_side = cfg.resolution // vae.cfg.downsample_factor
-    noise = jax.random.normal(jax.random.fold_in(key, 2),
-                              (len(heldout), latent_side, latent_side, vae.cfg.latent_channels))
-    images = sample_images(transformer, noise, context, negative, num_steps=args.sample_steps,
-                           guidance_scale=args.guidance, shift=3.0)
-    decoded = np.asarray(jax.jit(lambda z: vae.decode(z, images_per_chunk=z.shape[0]))(images))
-    recon = np.asarray(jax.jit(lambda z: vae.decode(z, images_per_chunk=z.shape[0]))(latents))
+    decoded = pipe.generate(captions, negative_prompt=" ", height=cfg.data.resolution,
+                            width=cfg.data.resolution, num_steps=args.sample_steps,
+                            guidance_scale=args.guidance, seed=2)
+    recon = pipe.reconstruct(images, resolution=cfg.data.resolution, seed=3)
     wanted = [c.split()[1] for c in captions]
     colour_hits = [dominant_colour(img) == w for img, w in zip(decoded, wanted)]
     recon_hits = [dominant_colour(img) == w for img, w in zip(recon, wanted)]
 
     report_dir = os.path.join(args.workdir, "report")
-    os.makedirs(report_dir, exist_ok=True)
     write_grid(os.path.join(report_dir, "samples.png"), decoded[:24], captions[:24])
-    with open(os.path.join(report_dir, "captions.txt"), "w") as f:
-        for ref, gen in zip(captions, texts):
-            f.write(f"{ref!r:32} -> {gen!r}\n")
+    from unialign_jax.files import write_text
+
+    write_text(os.path.join(report_dir, "captions.txt"),
+               "".join(f"{ref!r:32} -> {str(gen)!r}\n" for ref, gen in zip(captions, generated)))
     return {
         "heldout_samples": len(heldout),
-        "caption_prompt": decode(tok, prompt[None])[0],
-        "caption_token_accuracy": caption_accuracy(generated, reference, tok.eos_token_id,
-                                                   len(prompt)),
+        "caption_prefix": prefix_text,
+        "caption_token_accuracy": caption_accuracy(generated_ids, reference, tok.eos_token_id,
+                                                   len(prefix)),
         "caption_majority_baseline": caption_accuracy(
             np.broadcast_to(baseline, reference.shape), reference, tok.eos_token_id,
-            len(prompt)),
-        "caption_exact_match": float(np.mean([g == r for g, r in zip(texts, captions)])),
+            len(prefix)),
+        "caption_exact_match": float(np.mean([str(g).strip() == r
+                                              for g, r in zip(generated, captions)])),
         "image_colour_accuracy": float(np.mean(colour_hits)),
         "image_colour_chance": 1.0 / len(PALETTE),
         "vae_reconstruction_colour_accuracy": float(np.mean(recon_hits)),
-        "caption_examples": [{"reference": r, "generated": g}
-                             for r, g in list(zip(captions, texts))[:8]],
+        "caption_examples": [{"reference": r, "generated": str(g)}
+                             for r, g in list(zip(captions, generated))[:8]],
     }
 
 
-def write_grid(path: str, images: np.ndarray, labels: list[str], scale: int = 3) -> None:
+def write_grid(path: str, images, labels: list[str], scale: int = 3) -> None:
     """Generated images (upscaled, nearest) in a grid, each with its prompt underneath."""
     from PIL import Image, ImageDraw
 
+    from unialign_jax.files import save_png
+
     cols = 6
     rows = -(-len(images) // cols)
-    side = images.shape[1] * scale
+    side = images[0].size[0] * scale
     cell_h = side + 14
     grid = Image.new("RGB", (cols * side, rows * cell_h), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for i, (img, label) in enumerate(zip(images, labels)):
-        pil = Image.fromarray(np.clip((img + 1) * 127.5, 0, 255).round().astype(np.uint8))
         x, y = (i % cols) * side, (i // cols) * cell_h
-        grid.paste(pil.resize((side, side), Image.NEAREST), (x, y))
+        grid.paste(img.resize((side, side), Image.NEAREST), (x, y))
         draw.text((x + 2, y + side + 1), label[:18], fill=(0, 0, 0))
-    grid.save(path)
+    save_png(grid, path)
 
 
 def main(argv=None) -> int:
@@ -238,25 +243,31 @@ def main(argv=None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from unialign_jax.training.config import apply_overrides, load_config
+    from unialign_jax import configlib
+    from unialign_jax.files import write_json
+    from unialign_jax.training.config import load_config
     from unialign_jax.training.metrics import plot_losses
     from unialign_jax.training.trainer import train
 
     start = time.time()
-    if not os.path.exists(CONFIG):
-        print(f"unialign-quickstart: error: {CONFIG} not found (run from a source checkout "
-              "installed with `pip install -e .`)", file=sys.stderr)
+    try:
+        cfg = configlib.apply_overrides(load_config(CONFIG), args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"unialign-quickstart: error: {e}", file=sys.stderr)
         return 2
-    cfg = apply_overrides(load_config(CONFIG), args.overrides)
     root = os.path.abspath(args.workdir)
     os.makedirs(root, exist_ok=True)
-    paths = prepare_data(os.path.join(root, "data"), args.samples, cfg.resolution)
+    paths = prepare_data(os.path.join(root, "data"), args.samples, cfg.data.resolution,
+                         cfg.models.transformer.teacher_dim)
     vae_path, vae_info = prepare_vae(root, paths["synth"], cfg, args.vae_steps)
     _log(f"VAE: reconstruction MSE {vae_info['mse']:.4f}")
-    cfg = dataclasses.replace(cfg, tokenizer=paths["tokenizer"], vae_path=vae_path,
-                              t2i_shards=(paths["t2i"],), edit_shards=(paths["edit"],))
+    cfg = dataclasses.replace(
+        cfg, models=dataclasses.replace(cfg.models, tokenizer=paths["tokenizer"],
+                                        vae_path=vae_path),
+        data=dataclasses.replace(cfg.data, t2i_shards=(paths["t2i"],),
+                                 edit_shards=(paths["edit"],)))
     data_seconds = time.time() - start
-    _log(f"training {cfg.num_steps} steps (batch {cfg.batch_size}) in {root}/train")
+    _log(f"training {cfg.run.num_steps} steps (batch {cfg.run.batch_size}) in {root}/train")
     result = train(cfg, os.path.join(root, "train"))
     train_seconds = time.time() - start - data_seconds
     _log("evaluating on held-out samples")
@@ -267,9 +278,8 @@ def main(argv=None) -> int:
     metrics.update(steps=result.step, final_losses=result.last_metrics, vae=vae_info,
                    seconds={"data_and_vae": data_seconds, "train": train_seconds,
                             "total": time.time() - start})
-    with open(os.path.join(report_dir, "report.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    _log(f"caption token accuracy after the prompt {metrics['caption_prompt']!r}: "
+    write_json(os.path.join(report_dir, "report.json"), metrics)
+    _log(f"caption token accuracy after the prefix {metrics['caption_prefix']!r}: "
          f"{metrics['caption_token_accuracy']:.3f} "
          f"(majority-token baseline {metrics['caption_majority_baseline']:.3f}, exact match "
          f"{metrics['caption_exact_match']:.3f})")

@@ -1,9 +1,11 @@
-"""The two samplers' schedules against their definitions (diffusers' scheduler, spec 5)."""
+"""The two diffusion processes' sampling schedules against their definitions (diffusers'
+scheduler, spec 5)."""
 
 import numpy as np
 import pytest
 
-from unialign_jax.sampling.schedule import caption_times, flow_sigmas
+from unialign_jax.diffusion.flow import inference_sigmas as flow_sigmas
+from unialign_jax.diffusion.masked import sampler_times as caption_times
 
 
 @pytest.mark.parametrize("num_steps", [1, 8, 28, 50])

@@ -1,0 +1,69 @@
+"""The training batch: one specification of its fields, shared by the data pipeline, the
+objective, the train step's placement and the memory planner.
+
+Dimensions are named: B rows, S×S pixels (`resolution`), L tokens (`max_length`), K source
+images (edit 1, compose 3; no `sources` for text-to-image), D teacher width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    name: str
+    dims: tuple[str | int, ...]
+    dtype: Any
+    doc: str
+    required: bool = True      # False: only some batches have it (sources, teacher rows)
+    model_input: bool = True   # False: bookkeeping the objective never reads
+
+
+FIELDS = (
+    Field("target", ("B", "S", "S", 3), np.float32, "the image to generate, in [-1, 1]"),
+    Field("sources", ("B", "K", "S", "S", 3), np.float32,
+          "clean condition images (edit, perception, compose)", required=False),
+    Field("caption_ids", ("B", "L"), np.int32, "T5 ids of the target's caption"),
+    Field("instruction_ids", ("B", "L"), np.int32,
+          "T5 ids of the prompt / instruction (text-to-image: the caption)"),
+    Field("teacher_image", ("B", "D"), np.float32, "alignment teacher's image feature",
+          required=False),
+    Field("teacher_text", ("B", "D"), np.float32, "alignment teacher's caption feature",
+          required=False),
+    Field("task", ("B",), np.int32, "task id of the stream (equal within a batch)",
+          model_input=False),
+    Field("index", ("B",), np.int64, "record index in the task's shard folders",
+          model_input=False),
+)
+BY_NAME = {f.name: f for f in FIELDS}
+TEACHER_KEYS = ("teacher_image", "teacher_text")
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a batch that the objective reads (bookkeeping dropped)."""
+    return {f.name: batch[f.name] for f in FIELDS if f.model_input and f.name in batch}
+
+
+def has_teacher(batch: Mapping[str, Any]) -> bool:
+    return all(k in batch for k in TEACHER_KEYS)
+
+
+def shapes(*, batch_size: int, resolution: int, max_length: int, num_sources: int = 0,
+           teacher_dim: int | None = None, model_only: bool = True
+           ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{field: (shape, dtype)} of one batch of this kind (no `sources` when num_sources is
+    0, no teacher rows when teacher_dim is None)."""
+    sizes = {"B": batch_size, "S": resolution, "L": max_length, "K": num_sources,
+             "D": teacher_dim}
+    out = {}
+    for f in FIELDS:
+        if (not f.model_input and model_only) or (f.name == "sources" and not num_sources) \
+                or (f.name in TEACHER_KEYS and teacher_dim is None):
+            continue
+        out[f.name] = (tuple(sizes[d] if isinstance(d, str) else d for d in f.dims),
+                       np.dtype(f.dtype))
+    return out

@@ -1,0 +1,57 @@
+"""Putting models and batches on a mesh: sharded initialisation, abstract builds, moving a
+built module, and host arrays → global batch arrays.
+
+Every placement comes from the logical-axis rules (`rules.py`), so training, sampling and
+the memory planner place the same model the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from unialign_jax.parallel import rules
+
+
+def sharded_init(build: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
+    """`build()` with its random initialisation computed in place: each device creates only
+    its own shards (a 2B model is never materialised whole on one device)."""
+    abstract = nnx.eval_shape(build)
+    shardings = rules.state_shardings(nnx.state(abstract), mesh)
+    state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
+    return nnx.merge(nnx.graphdef(abstract), state)
+
+
+def abstract_build(build: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
+    """`build()` as ShapeDtypeStructs carrying their shardings: nothing is allocated."""
+    abstract = nnx.eval_shape(build)
+    state = nnx.state(abstract)
+    placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          state, rules.state_shardings(state, mesh))
+    return nnx.merge(nnx.graphdef(abstract), placed)
+
+
+def place_module(module: nnx.Module, mesh: Mesh) -> None:
+    """Moves every array of `module` to its place on `mesh` (in place; no-op if there) and
+    points the module's activation constraints at the same mesh."""
+    state = nnx.state(module)
+    nnx.update(module, jax.device_put(state, rules.state_shardings(state, mesh)))
+    if hasattr(module, "activation_sharding"):
+        module.activation_sharding = rules.ActivationSharding(mesh)
+
+
+def put(x, mesh: Mesh, *, batch: bool = True) -> jax.Array:
+    """`x` on the mesh: its leading (batch) axis split, or (`batch=False`) whole everywhere."""
+    return jax.device_put(x, rules.batch_sharding(mesh) if batch else rules.replicated(mesh))
+
+
+def put_host_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This host's rows of a global batch → global arrays split over the batch axes (every
+    host passes its own rows; on one host this is the whole batch)."""
+    sharding = rules.batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}
