@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from unialign_jax.data.faults import SkipLog, SkipSample, TooManySkipped, check_skipped_fraction
-from unialign_jax.data.images import decode_rgb, to_model_range
+from unialign_jax import images
+from unialign_jax.images import to_model_range
 from unialign_jax.data.jsonl import parse_line, read_jsonl
 from unialign_jax.data.records import decode_record, encode_record
 
@@ -84,15 +85,16 @@ def _png_bytes(mode="RGB"):
     return buf.getvalue()
 
 
-def test_decoding_converts_every_mode_to_rgb_and_names_faults():
+def test_decoding_converts_every_mode_to_rgb_and_faults_become_skip_reasons():
     for mode in ("RGB", "RGBA", "L", "P", "I;16"):
-        img = decode_rgb(_png_bytes(mode))
+        img = images.decode_image(_png_bytes(mode)).image
         assert (img.mode, img.size) == ("RGB", (5, 3))
     data = _png_bytes()
     for bad, reason in ((data[:len(data) // 2], "corrupt_image"), (b"hello", "not_an_image")):
-        with pytest.raises(SkipSample) as err:
-            decode_rgb(bad, "x.png")
-        assert err.value.reason == reason and "x.png" in err.value.detail
+        with pytest.raises(images.ImageError) as err:
+            images.decode_image(bad, "x.png")
+        skip = SkipSample.from_image_error(err.value)
+        assert skip.reason == reason and "x.png" in skip.detail
 
 
 def test_model_range_maps_0_and_255_to_minus_one_and_one():

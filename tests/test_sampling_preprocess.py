@@ -14,7 +14,10 @@ def test_arrays_of_every_accepted_layout_become_rgb():
     assert load_image(gray[..., None]).mode == "RGB"
     rgba = np.zeros((3, 4, 4), np.uint8)
     rgba[..., 0] = 200
+    rgba[0, 0, 3] = 255   # opaque: its colour; transparent: the background, never the hidden red
     assert np.asarray(load_image(rgba))[0, 0].tolist() == [200, 0, 0]
+    assert np.asarray(load_image(rgba))[0, 1].tolist() == [255, 255, 255]
+    assert np.asarray(load_image(rgba, background=(0, 0, 9)))[0, 1].tolist() == [0, 0, 9]
     floats = np.array([[[0.0, 0.5, 1.0]]], np.float32)
     assert np.asarray(load_image(floats))[0, 0].tolist() == [0, 128, 255]
 

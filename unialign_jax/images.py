@@ -146,6 +146,68 @@ def check_size(size: tuple[int, int], *, min_side: int, max_aspect: float,
                          f"{long / short:.4g}, above the maximum {max_aspect:g}")
 
 
+# -- geometry of model inputs ------------------------------------------------------------
+# VAE downsampling (8) × transformer patch (2): image sides fed to the model are multiples.
+SIZE_MULTIPLE = 16
+RESIZE_MODES = ("crop", "pad", "fit")
+# Aspect ratios (width / height) that non-square inputs are snapped to, so that a batch run
+# compiles one sampler per bucket rather than one per input size.
+ASPECT_BUCKETS = (1 / 2, 9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9, 2.0)
+
+
+def resize_and_center_crop(img: Image.Image, resolution: int) -> Image.Image:
+    """The release's (torchvision) `Resize(resolution)` + `CenterCrop(resolution)`: bicubic
+    resize of the short side (the long side becomes int(resolution · long / short)), then
+    a square crop at offset round((size − resolution) / 2)."""
+    w, h = img.size
+    size = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h),
+                                                                 resolution)
+    img = img.resize(size, Image.BICUBIC)
+    left = int(round((size[0] - resolution) / 2.0))
+    top = int(round((size[1] - resolution) / 2.0))
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def bucket_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(width, height) for an input of `size`: the `ASPECT_BUCKETS` ratio nearest to its own
+    (in log scale), sides multiples of 16, about resolution² pixels."""
+    w, h = size
+    ratio = min(ASPECT_BUCKETS, key=lambda r: abs(np.log(r) - np.log(w / h)))
+    width = max(SIZE_MULTIPLE, int(round(resolution * np.sqrt(ratio) / SIZE_MULTIPLE))
+                * SIZE_MULTIPLE)
+    height = max(SIZE_MULTIPLE, int(round(resolution / np.sqrt(ratio) / SIZE_MULTIPLE))
+                 * SIZE_MULTIPLE)
+    return width, height
+
+
+def fit_image(img: Image.Image, size: tuple[int, int], mode: str,
+              background: tuple[int, int, int] = (128, 128, 128)) -> Image.Image:
+    """`img` as a (width, height) = `size` model input: "crop" (the release, square only):
+    short-side resize and centre crop; "fit": bicubic resize to `size` (the aspect bends at
+    most by the bucket rounding); "pad": resize inside `size` keeping the aspect exactly,
+    centred on `background` (mid grey: 0 in the model's range)."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    width, height = size
+    if mode == "crop":
+        if width != height:
+            raise ValueError(f"resize mode 'crop' makes square inputs, not {width}x{height}")
+        return resize_and_center_crop(img, width)
+    if mode == "fit":
+        return img.resize((width, height), Image.BICUBIC)
+    scale = min(width / img.size[0], height / img.size[1])
+    inner = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
+    canvas = Image.new("RGB", (width, height), background)
+    canvas.paste(img.resize(inner, Image.BICUBIC),
+                 ((width - inner[0]) // 2, (height - inner[1]) // 2))
+    return canvas
+
+
+def to_model_range(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] → float32 [-1, 1], the VAE's input range."""
+    return pixels.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
+
+
 def _convert(img: Image.Image, name: str, options: DecodeOptions, data: bytes | None) -> Decoded:
     w, h = img.size
     if w * h > options.max_pixels:

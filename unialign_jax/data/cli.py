@@ -10,6 +10,8 @@ import sys
 from unialign_jax.data.faults import DEFAULT_MAX_SKIP_FRACTION, TooManySkipped
 from unialign_jax.data.fetch import FetchOptions
 from unialign_jax.data.jsonl import DEFAULT_COMPOSE_SOURCES, KINDS
+from unialign_jax.data.shards import DEFAULT_MAX_ASPECT
+from unialign_jax.images import DecodeOptions
 
 
 def _add_build(sub) -> None:
@@ -42,6 +44,21 @@ def _add_build(sub) -> None:
     p.add_argument("--url-retries", type=int, default=2, help="extra tries per download")
     p.add_argument("--max-skip-fraction", type=float, default=DEFAULT_MAX_SKIP_FRACTION,
                    help="fail when a larger fraction of samples is skipped (0.05)")
+    p.add_argument("--min-side", type=int, default=None, metavar="PX",
+                   help="skip images whose short side is below PX (default: half of "
+                        "--resolution); counted as image_too_small")
+    p.add_argument("--max-aspect", type=float, default=DEFAULT_MAX_ASPECT,
+                   help="skip images whose long / short side exceeds this (default "
+                        "%(default)s); counted as bad_aspect_ratio")
+    p.add_argument("--max-pixels", type=int, default=DecodeOptions().max_pixels,
+                   help="decompression-bomb limit: skip images with more pixels (default "
+                        "%(default)s, PIL's); counted as image_too_large")
+    p.add_argument("--exif-orientation", choices=("apply", "keep"), default="apply",
+                   help="apply: turn photos upright by their EXIF orientation (default); keep: "
+                        "the stored orientation, as the release reads them")
+    p.add_argument("--background", type=int, nargs=3, default=list(DecodeOptions().background),
+                   metavar=("R", "G", "B"),
+                   help="colour transparent pixels are composited onto (default white)")
     p.add_argument("--force", action="store_true",
                    help="overwrite OUT and discard an unfinished build")
     p.set_defaults(func=_build)
@@ -55,7 +72,10 @@ def _build(args) -> dict:
         records_per_shard=args.records_per_shard, compose_sources=args.compose_sources,
         workers=args.workers, threads=args.threads,
         fetch=FetchOptions(timeout=args.url_timeout, retries=args.url_retries),
-        max_skip_fraction=args.max_skip_fraction)
+        max_skip_fraction=args.max_skip_fraction,
+        decode=DecodeOptions(exif_orientation=args.exif_orientation == "apply",
+                             background=tuple(args.background), max_pixels=args.max_pixels),
+        min_side=args.min_side, max_aspect=args.max_aspect)
     summary = build(args.jsonl, args.out, opts, force=args.force)
     return {k: summary[k] for k in ("kind", "records", "skipped", "lines", "resolution")}
 

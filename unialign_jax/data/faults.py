@@ -12,6 +12,8 @@ import collections
 import dataclasses
 import logging
 
+from unialign_jax import images
+
 log = logging.getLogger(__name__)
 
 REASONS = {
@@ -19,10 +21,7 @@ REASONS = {
     "missing_field": "a required field is missing, empty or of the wrong type",
     "wrong_image_count": "the number of images does not fit the corpus kind",
     "missing_image": "the image file does not exist or cannot be read",
-    "empty_image": "the image file or download has zero bytes",
-    "not_an_image": "the bytes are in no image format PIL knows",
-    "corrupt_image": "the image is truncated or corrupt",
-    "image_too_large": "the image exceeds PIL's decompression-bomb limit",
+    **images.REASONS,
     "url_timeout": "the download timed out on every try",
     "url_error": "the server answered with an error or could not be reached",
 }
@@ -39,6 +38,13 @@ class SkipSample(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self):  # survives pickling back from worker processes
+        return type(self), (self.reason, self.detail)
+
+    @classmethod
+    def from_image_error(cls, error: images.ImageError) -> "SkipSample":
+        return cls(error.reason, error.detail)
 
 
 class TooManySkipped(RuntimeError):

@@ -21,19 +21,23 @@ import shutil
 
 from tqdm import tqdm
 
-from unialign_jax.files import write_json
+from unialign_jax import images
 from unialign_jax.data import images as image_ops
 from unialign_jax.data.faults import (DEFAULT_MAX_SKIP_FRACTION, FaultLogger, SkipLog, SkipSample,
                                       check_skipped_fraction)
 from unialign_jax.data.fetch import FetchOptions, read_image_bytes
 from unialign_jax.data.jsonl import DEFAULT_COMPOSE_SOURCES, Sample, expected_images, read_jsonl
 from unialign_jax.data.records import encode_record
+from unialign_jax.files import write_json
+from unialign_jax.images import DecodeOptions
 
 log = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
 PLAN = "plan.json"
 RECORD_SUFFIX = ".array_record"
+# Sources longer than 4:1 lose most of their content to the square crop.
+DEFAULT_MAX_ASPECT = 4.0
 STATS_SUFFIX = ".stats.json"
 
 
@@ -48,6 +52,9 @@ class BuildOptions:
     threads: int = 8                 # per worker: overlaps downloads and decoding
     fetch: FetchOptions = FetchOptions()
     max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION
+    decode: DecodeOptions = DecodeOptions()   # EXIF orientation, background, pixel limit
+    min_side: int | None = None      # shortest accepted side; None: resolution // 2
+    max_aspect: float = DEFAULT_MAX_ASPECT    # longest / shortest side accepted
 
     def __post_init__(self):
         expected_images(self.kind, self.compose_sources)  # validates kind
@@ -55,10 +62,24 @@ class BuildOptions:
             raise ValueError(f"image format must be one of {image_ops.FORMATS}")
         if self.resolution < 8 or self.records_per_shard < 1 or self.workers < 1 or self.threads < 1:
             raise ValueError("need resolution >= 8 and records_per_shard, workers, threads >= 1")
+        if self.max_aspect < 1 or (self.min_side is not None and self.min_side < 1):
+            raise ValueError("need max_aspect >= 1 and min_side >= 1")
 
     @property
     def num_sources(self) -> int:
         return expected_images(self.kind, self.compose_sources) - 1
+
+    @property
+    def shortest_side(self) -> int:
+        return self.resolution // 2 if self.min_side is None else self.min_side
+
+    def settings(self) -> dict:
+        """What the stored pixels depend on, for the plan and `summary.json`."""
+        return {"resolution": self.resolution, "image_format": self.image_format,
+                "exif_orientation": self.decode.exif_orientation,
+                "background": list(self.decode.background),
+                "max_pixels": self.decode.max_pixels, "min_side": self.shortest_side,
+                "max_aspect": self.max_aspect}
 
 
 def staging_dir(out_dir: str) -> str:
@@ -67,11 +88,18 @@ def staging_dir(out_dir: str) -> str:
 
 
 def preprocess_sample(sample: Sample, opts: BuildOptions) -> bytes:
-    """One sample → one encoded record; raises `SkipSample` if any of its images fails."""
+    """One sample → one encoded record; raises `SkipSample` if any of its images fails:
+    undecodable, too small, too elongated or too large."""
     stored = []
     for location in sample.images:
-        img = image_ops.decode_rgb(read_image_bytes(location, opts.fetch), location)
-        img = image_ops.resize_and_center_crop(img, opts.resolution)
+        try:
+            img = images.decode_image(read_image_bytes(location, opts.fetch), location,
+                                      opts.decode).image
+            images.check_size(img.size, min_side=opts.shortest_side,
+                              max_aspect=opts.max_aspect, name=location)
+        except images.ImageError as e:
+            raise SkipSample.from_image_error(e) from None
+        img = images.resize_and_center_crop(img, opts.resolution)
         stored.append(image_ops.encode(img, opts.image_format))
     return encode_record({"caption": sample.caption, "instruction": sample.instruction,
                           "where": sample.where}, stored)
@@ -125,9 +153,8 @@ def _plan(paths: list[str], opts: BuildOptions, num_shards: int) -> dict:
     """What the shards' content depends on; a resumed build must match it exactly."""
     inputs = [{"path": os.path.abspath(p), "bytes": os.path.getsize(p),
                "mtime_ns": os.stat(p).st_mtime_ns} for p in paths]
-    return {"kind": opts.kind, "resolution": opts.resolution, "image_format": opts.image_format,
-            "records_per_shard": opts.records_per_shard, "num_sources": opts.num_sources,
-            "num_shards": num_shards, "inputs": inputs}
+    return {"kind": opts.kind, **opts.settings(), "records_per_shard": opts.records_per_shard,
+            "num_sources": opts.num_sources, "num_shards": num_shards, "inputs": inputs}
 
 
 def _open_staging(staging: str, plan: dict) -> None:
@@ -203,8 +230,8 @@ def build(jsonl_paths: list[str], out_dir: str, opts: BuildOptions, force: bool 
         skipped.merge(SkipLog.from_json(stats["skipped"]))
         shards.append({"file": stats["file"], "records": stats["records"]})
     records = sum(s["records"] for s in shards)
-    summary = {"kind": opts.kind, "resolution": opts.resolution, "image_format": opts.image_format,
-               "num_sources": opts.num_sources, "lines": lines, "records": records,
+    summary = {"kind": opts.kind, **opts.settings(), "num_sources": opts.num_sources,
+               "lines": lines, "records": records,
                "skipped": dict(sorted(skipped.counts.items())), "skipped_total": skipped.total,
                "skipped_examples": skipped.examples, "shards": shards,
                "inputs": [os.path.abspath(p) for p in jsonl_paths]}

@@ -135,15 +135,17 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
 # blockwise (CPU)
 
 # Score elements per loop step. On XLA:CPU every op in a loop body costs tens of microseconds
-# of dispatch, so big tiles (16 MiB of f32 scores, still in the shared L3) beat cache-sized
-# ones; see scripts/bench_attention.py.
+# of dispatch, so big tiles (16 MiB of float32 scores, in L3) beat L2-sized ones; see
+# scripts/bench_attention.py.
 _TILE = 1 << 22
 _MAX_KV = 2048
 
 
 def _split(length: int, max_block: int) -> tuple[int, int]:
-    """(number of blocks, block size) covering `length` with as little padding as possible."""
+    """(number of blocks, block size) covering `length` with blocks of at most `max_block`:
+    an exact divisor when one is near (4352 = 4 x 1088), else the least padding."""
     n = -(-length // max(1, min(max_block, length)))
+    n = next((m for m in range(n, 2 * n) if length % m == 0), n)
     return n, -(-length // n)
 
 
@@ -152,106 +154,102 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                         block_q: int | None = None, block_kv: int | None = None) -> jax.Array:
     """Memory-efficient attention: online softmax over key blocks, queries in blocks.
 
-    Heads are folded into the batch (heads-major, so every tile is a plain batched matmul) and
-    a loop runs over groups of heads and query blocks, with an inner loop over key blocks;
-    scores only ever exist one tile at a time, in float32. Lengths that the blocks do not divide
-    are zero-padded and padded keys masked. The gradient is a custom VJP that recomputes the
-    tiles from the saved log-sum-exp (flash-attention style), so training memory stays linear
-    in the sequence length too. A `bias` is broadcast to `(B, H, Lq, Lk)` first (T5: short).
-    `block_q`/`block_kv` override the measured defaults (tests use small ones).
+    Heads are folded into the batch (heads-major, so every tile is a plain batched matmul); a
+    loop runs over groups of heads and query blocks, an inner one over key blocks, and scores
+    only ever exist one tile at a time. Everything is computed in float32: on this kind of CPU
+    bf16 matmuls are slower than float32 ones. Lengths the blocks do not divide are zero-padded
+    and padded keys masked. The gradient is a custom VJP that recomputes the tiles from the
+    saved log-sum-exp (flash-attention style), so training memory stays linear in the length.
+    A `bias` is broadcast to `(B, H, Lq, Lk)` first (fine for T5's short texts).
+    `block_q`/`block_kv` override the measured defaults (the tests use small ones).
     """
     b, lq, h, d = q.shape
     lk = k.shape[1]
     scale = d ** -0.5 if scale is None else scale
     nk, bk = _split(lk, block_kv or _MAX_KV)
-    nq, bq = _split(lq, block_q or max(1, _TILE // bk))
-    group = max(g for g in range(1, b * h + 1) if (b * h) % g == 0
-                and (g == 1 or g * bq * bk <= _TILE))
+    nq, bq = _split(lq, block_q or _TILE // bk)
+    group = max(g for g in range(1, b * h + 1)
+                if (b * h) % g == 0 and (g == 1 or g * bq * bk <= _TILE))
 
     def heads_major(t, blocks, size):
-        t = t.transpose(0, 2, 1, 3).reshape(b * h, t.shape[1], t.shape[3])
+        t = t.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(b * h, t.shape[1], t.shape[3])
         return jnp.pad(t, ((0, 0), (0, blocks * size - t.shape[1]), (0, 0)))
 
     if bias is not None:
-        bias = jnp.broadcast_to(bias, (b, h, lq, lk)).reshape(b * h, lq, lk)
-        bias = jnp.pad(bias.astype(jnp.float32), ((0, 0), (0, nq * bq - lq), (0, nk * bk - lk)))
-    out = _attention(heads_major(q * jnp.asarray(scale, q.dtype), nq, bq), heads_major(k, nk, bk),
+        bias = jnp.broadcast_to(bias.astype(jnp.float32), (b, h, lq, lk)).reshape(b * h, lq, lk)
+        bias = jnp.pad(bias, ((0, 0), (0, nq * bq - lq), (0, nk * bk - lk)))
+    out = _attention(heads_major(q, nq, bq) * scale, heads_major(k, nk, bk),
                      heads_major(v, nk, bk), bias, (group, bq, bk, lk))
-    return out[:, :lq].reshape(b, h, lq, -1).transpose(0, 2, 1, 3)
-
-
-def _tiles(q, k, v, bias, plan):
-    """Group-of-heads views and per-tile helpers shared by the forward and backward loops."""
-    group, bq, bk, lk = plan
-    n, lq_pad, _ = q.shape
-    nq, nk = lq_pad // bq, k.shape[1] // bk
-    grouped = [None if t is None else t.reshape(n // group, group, *t.shape[1:])
-               for t in (q, k, v, bias)]
-
-    def scores(qb, kb, bias_g, i, j):
-        """float32 scores of query block i against key block j, padded keys at -inf."""
-        s = jnp.einsum("hqd,hkd->hqk", qb, kb, preferred_element_type=jnp.float32)
-        if bias_g is not None:
-            s += jax.lax.dynamic_slice(bias_g, (0, i * bq, j * bk), (group, bq, bk))
-        if nk * bk != lk:
-            s = jnp.where(j * bk + jnp.arange(bk) < lk, s, -jnp.inf)
-        return s
-
-    return grouped, nq, nk, scores
-
-
-def _block(t, i, size):
-    return jax.lax.dynamic_slice_in_dim(t, i * size, size, axis=1)
-
-
-def _loop(body, carry, n):
-    """`lax.scan` over block indices, unrolled when there is one block (no while loop)."""
-    return jax.lax.scan(body, carry, jnp.arange(n), unroll=n == 1)
-
-
-def _ungroup(blocks):
-    """(G, blocks, group, size, ...) stacked loop outputs -> (G*group, blocks*size, ...)."""
-    g, nblk, group, size = blocks.shape[:4]
-    blocks = jnp.moveaxis(blocks, 2, 1)
-    return blocks.reshape(g * group, nblk * size, *blocks.shape[4:])
-
-
-def _forward(q, k, v, bias, plan):
-    group, bq, bk, _ = plan
-    (qg, kg, vg, biasg), nq, nk, scores = _tiles(q, k, v, bias, plan)
-
-    def per_group(args):
-        q_g, k_g, v_g, bias_g = args
-
-        def per_q_block(_, i):
-            qb = _block(q_g, i, bq)
-
-            def per_kv_block(carry, j):
-                m, l, acc = carry
-                s = scores(qb, _block(k_g, j, bk), bias_g, i, j)
-                m_new = jnp.maximum(m, s.max(-1))
-                p = jnp.exp(s - m_new[..., None])
-                rescale = jnp.exp(m - m_new)
-                pv = jnp.einsum("hqk,hkd->hqd", p.astype(v.dtype), _block(v_g, j, bk),
-                                preferred_element_type=jnp.float32)
-                return (m_new, l * rescale + p.sum(-1), acc * rescale[..., None] + pv), None
-
-            stats = jnp.full((group, bq), -jnp.inf, jnp.float32), jnp.zeros((group, bq), jnp.float32)
-            (m, l, acc), _ = _loop(per_kv_block, (*stats, jnp.zeros((group, bq, v.shape[2]),
-                                                                    jnp.float32)), nk)
-            return None, ((acc / l[..., None]).astype(q.dtype), m + jnp.log(l))
-
-        return _loop(per_q_block, None, nq)[1]
-
-    out, lse = jax.lax.map(per_group, (qg, kg, vg, biasg))
-    return _ungroup(out), _ungroup(lse)
+    return out[:, :lq].reshape(b, h, lq, -1).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention(q, k, v, bias, plan):
-    """(N, Lq, D) x (N, Lk, D) x (N, Lk, Dv) heads-major attention, q pre-scaled, lengths
-    padded to the blocks of `plan` = (heads per step, block_q, block_kv, true Lk)."""
+    """Heads-major float32 attention: q (N, Lq, D) pre-scaled, k (N, Lk, D), v (N, Lk, Dv),
+    bias (N, Lq, Lk) or None; lengths padded to the blocks of
+    `plan` = (heads per step, block_q, block_kv, unpadded Lk)."""
     return _forward(q, k, v, bias, plan)[0]
+
+
+def _loop(body, carry, xs):
+    """`lax.scan`, unrolled when there is a single step (no while loop for one block)."""
+    return jax.lax.scan(body, carry, xs, unroll=jax.tree.leaves(xs)[0].shape[0] == 1)
+
+
+def _block(t, i, size, axis=1):
+    return jax.lax.dynamic_slice_in_dim(t, i * size, size, axis)
+
+
+def _grouped(plan, *arrays):
+    """(N, ...) -> (N / heads per step, heads per step, ...): the outer loop's steps."""
+    return [None if t is None else t.reshape(-1, plan[0], *t.shape[1:]) for t in arrays]
+
+
+def _ungroup(blocks):
+    """(G, blocks, group, size, ...) stacked loop outputs -> (G * group, blocks * size, ...)."""
+    g, n, group, size = blocks.shape[:4]
+    return jnp.moveaxis(blocks, 2, 1).reshape(g * group, n * size, *blocks.shape[4:])
+
+
+def _scores(plan, q_blk, k_blk, bias_g, i, j):
+    """Scores of query block i against key block j of one group, padded keys at -inf."""
+    group, bq, bk, lk = plan
+    s = jnp.einsum("hqd,hkd->hqk", q_blk, k_blk)
+    if bias_g is not None:
+        s += jax.lax.dynamic_slice(bias_g, (0, i * bq, j * bk), (group, bq, bk))
+    if lk % bk:  # the last key block is partly padding
+        s = jnp.where(j * bk + jnp.arange(bk) < lk, s, -jnp.inf)
+    return s
+
+
+def _forward(q, k, v, bias, plan):
+    group, bq, bk, _ = plan
+    nq, nk = q.shape[1] // bq, k.shape[1] // bk
+
+    def per_group(_, args):
+        q_g, k_g, v_g, bias_g = args
+
+        def per_q_block(_, i):
+            q_blk = _block(q_g, i, bq)
+
+            def per_kv_block(carry, j):
+                m, l, acc = carry
+                s = _scores(plan, q_blk, _block(k_g, j, bk), bias_g, i, j)
+                m_new = jnp.maximum(m, s.max(-1))
+                p = jnp.exp(s - m_new[..., None])
+                rescale = jnp.exp(m - m_new)
+                acc = acc * rescale[..., None] + jnp.einsum("hqk,hkd->hqd", p, _block(v_g, j, bk))
+                return (m_new, l * rescale + p.sum(-1), acc), None
+
+            init = (jnp.full((group, bq), -jnp.inf), jnp.zeros((group, bq)),
+                    jnp.zeros((group, bq, v.shape[2])))
+            (m, l, acc), _ = _loop(per_kv_block, init, jnp.arange(nk))
+            return None, (acc / l[..., None], m + jnp.log(l))
+
+        return None, _loop(per_q_block, None, jnp.arange(nq))[1]
+
+    out, lse = _loop(per_group, None, _grouped(plan, q, k, v, bias))[1]
+    return _ungroup(out), _ungroup(lse)
 
 
 def _attention_fwd(q, k, v, bias, plan):
@@ -262,48 +260,41 @@ def _attention_fwd(q, k, v, bias, plan):
 def _attention_bwd(plan, residuals, d_out):
     q, k, v, bias, out, lse = residuals
     group, bq, bk, _ = plan
-    (qg, kg, vg, biasg), nq, nk, scores = _tiles(q, k, v, bias, plan)
-    grouped = lambda t: t.reshape(t.shape[0] // group, group, *t.shape[1:])  # noqa: E731
-    # dk and dv come out transposed, (D, Lk) = (D, Lq) @ (Lq, Lk): XLA:CPU runs that matmul
-    # about twice as fast as the (Lq, Lk)ᵀ @ (Lq, D) it would otherwise be.
-    t_grouped = lambda t: grouped(jnp.swapaxes(t, 1, 2))  # noqa: E731
+    nq, nk = q.shape[1] // bq, k.shape[1] // bk
+    delta = (d_out * out).sum(-1)  # rowsum(dO * O); as an einsum XLA:CPU makes it a slow matvec
 
-    def per_group(args):
-        q_g, qt_g, k_g, v_g, bias_g, do_g, dot_g, out_g, lse_g = args
-        delta_g = (do_g.astype(jnp.float32) * out_g.astype(jnp.float32)).sum(-1)  # rowsum(dO O)
+    def per_group(_, args):
+        q_g, q_t, k_g, v_g, bias_g, do_g, do_t, lse_g, delta_g = args
 
         def per_q_block(carry, i):
-            qb, dob = _block(q_g, i, bq), _block(do_g, i, bq)
-            qtb, dotb = (jax.lax.dynamic_slice_in_dim(t, i * bq, bq, axis=2) for t in (qt_g, dot_g))
-            lse_b, delta_b = _block(lse_g, i, bq)[..., None], _block(delta_g, i, bq)[..., None]
+            q_blk, do_blk = _block(q_g, i, bq), _block(do_g, i, bq)
+            q_blk_t, do_blk_t = _block(q_t, i, bq, axis=2), _block(do_t, i, bq, axis=2)
+            lse_blk, delta_blk = _block(lse_g, i, bq)[..., None], _block(delta_g, i, bq)[..., None]
 
             def per_kv_block(dq, j):
-                kb, vb = _block(k_g, j, bk), _block(v_g, j, bk)
-                p = jnp.exp(scores(qb, kb, bias_g, i, j) - lse_b)
-                dv_t = jnp.einsum("hdq,hqk->hdk", dotb, p.astype(dotb.dtype),
-                                  preferred_element_type=jnp.float32)
-                dp = jnp.einsum("hqd,hkd->hqk", dob, vb, preferred_element_type=jnp.float32)
-                ds = p * (dp - delta_b)
-                dq += jnp.einsum("hqk,hkd->hqd", ds.astype(kb.dtype), kb,
-                                 preferred_element_type=jnp.float32)
-                dk_t = jnp.einsum("hdq,hqk->hdk", qtb, ds.astype(qtb.dtype),
-                                  preferred_element_type=jnp.float32)
-                return dq, (dk_t, dv_t, None if bias is None else ds)
+                k_blk, v_blk = _block(k_g, j, bk), _block(v_g, j, bk)
+                p = jnp.exp(_scores(plan, q_blk, k_blk, bias_g, i, j) - lse_blk)
+                ds = p * (jnp.einsum("hqd,hkd->hqk", do_blk, v_blk) - delta_blk)
+                dq += jnp.einsum("hqk,hkd->hqd", ds, k_blk)
+                # dk, dv as (D, Lq) @ (Lq, Lk): XLA:CPU runs that about twice as fast as the
+                # (Lq, Lk)ᵀ @ (Lq, D) form
+                dk_t = jnp.einsum("hdq,hqk->hdk", q_blk_t, ds)
+                dv_t = jnp.einsum("hdq,hqk->hdk", do_blk_t, p)
+                return dq, (dk_t, dv_t, None if bias_g is None else ds)
 
-            dq, (dk_t, dv_t, dbias) = _loop(per_kv_block, jnp.zeros(qb.shape, jnp.float32), nk)
+            dq, (dk_t, dv_t, dbias) = _loop(per_kv_block, jnp.zeros(q_blk.shape), jnp.arange(nk))
             return (carry[0] + dk_t, carry[1] + dv_t), (dq, dbias)
 
-        zeros = (jnp.zeros((nk, group, k.shape[2], bk), jnp.float32),
-                 jnp.zeros((nk, group, v.shape[2], bk), jnp.float32))
-        (dk_t, dv_t), (dq, dbias) = _loop(per_q_block, zeros, nq)
-        return dq, jnp.swapaxes(dk_t, -1, -2), jnp.swapaxes(dv_t, -1, -2), dbias
+        init = (jnp.zeros((nk, group, k.shape[2], bk)), jnp.zeros((nk, group, v.shape[2], bk)))
+        (dk_t, dv_t), (dq, dbias) = _loop(per_q_block, init, jnp.arange(nq))
+        return None, (dq, jnp.swapaxes(dk_t, -1, -2), jnp.swapaxes(dv_t, -1, -2), dbias)
 
-    dq, dk, dv, dbias = jax.lax.map(per_group, (qg, t_grouped(q), kg, vg, biasg, grouped(d_out),
-                                                t_grouped(d_out), grouped(out), grouped(lse)))
+    q_t, do_t = jnp.swapaxes(q, 1, 2), jnp.swapaxes(d_out, 1, 2)
+    dq, dk, dv, dbias = _loop(per_group, None, _grouped(plan, q, q_t, k, v, bias, d_out, do_t,
+                                                         lse, delta))[1]
     if dbias is not None:  # (G, nq, nk, group, bq, bk) -> (N, Lq, Lk)
         dbias = dbias.transpose(0, 3, 1, 4, 2, 5).reshape(bias.shape)
-    return (_ungroup(dq).astype(q.dtype), _ungroup(dk).astype(k.dtype),
-            _ungroup(dv).astype(v.dtype), dbias)
+    return _ungroup(dq), _ungroup(dk), _ungroup(dv), dbias
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 
 from unialign_jax.files import read_json_or_none, save_png, write_json, write_jsonl
+from unialign_jax.images import RESIZE_MODES
 from unialign_jax.models.attention import IMPLEMENTATIONS
 from unialign_jax.sampling.pipeline import (DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT,
                                             DEFAULT_STEPS, MAX_CONDITION_IMAGES)
@@ -106,8 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--image", action="append", default=[],
                            help="input image (repeatable; compose: the condition images)")
             p.add_argument("--resolution", type=int, default=512,
-                           help="square side in pixels, a multiple of 16; inputs are resized "
-                                "(short side, bicubic) and center-cropped (default %(default)s)")
+                           help="side in pixels, a multiple of 16 (default %(default)s)")
+            p.add_argument("--resize", choices=RESIZE_MODES, default="crop",
+                           help="crop: square inputs, short side resized (bicubic) and "
+                                "centre-cropped, as the release (default); fit / pad: keep the "
+                                "input's aspect — resized into the nearest aspect bucket of "
+                                "about resolution² pixels, or fitted inside it on grey; "
+                                "outputs then have the bucket's size")
         if task == "caption":
             p.add_argument("--steps", type=int, default=32,
                            help="unmasking steps, 32-64 (default %(default)s)")
@@ -205,7 +211,7 @@ def settings_of(args, item: dict, index: int) -> dict:
     if args.task == "t2i":
         s.update(height=args.height, width=args.width)
     else:
-        s.update(height=args.resolution, width=args.resolution)
+        s.update(resolution=args.resolution, resize=args.resize)
     if args.task == "caption":
         s.update(length=args.length)
     else:
@@ -239,10 +245,11 @@ def run_task(pipe, args, items: list[dict]) -> None:
     elif args.task == "caption":
         pipe.caption([it["loaded"][0] for it in items],
                      prompt=[it["prompt"] or "" for it in items], resolution=args.resolution,
-                     length=args.length, **common)
+                     resize=args.resize, length=args.length, **common)
     else:
         pipe.compose([it["loaded"] for it in items], [it["prompt"] for it in items],
                       negative_prompt=args.negative_prompt, resolution=args.resolution,
+                      resize=args.resize,
                       guidance_scale=args.guidance, **common)
 
 

@@ -29,8 +29,9 @@ from unialign_jax.parallel import ActivationSharding, batch_ways, make_mesh, mod
 from unialign_jax.parallel.placement import place_module, put
 from unialign_jax.sampling.caption import ModelDenoiser, sample_caption
 from unialign_jax.sampling.flow import sample_images
-from unialign_jax.sampling.preprocess import (InputError, check_prompts, check_resolution,
-                                              load_image, preprocess, to_pil)
+from unialign_jax.images import RESIZE_MODES, bucket_size
+from unialign_jax.sampling.preprocess import (InputError, check_input_size, check_prompts,
+                                              check_resolution, load_image, preprocess, to_pil)
 from unialign_jax.text.tokenizer import MAX_LENGTH, decode, prompt_ids, tokenize
 
 DEFAULT_NEGATIVE_PROMPT = (
@@ -170,20 +171,26 @@ class UniAlignPipeline:
         """Text-to-image: one image per prompt (`negative_prompt=None`: no guidance)."""
         prompts = check_prompts(prompts)
         check_resolution(height, width, self.max_side)
-        return self._diffuse(prompts, [[] for _ in prompts], height, width, negative_prompt,
-                             num_steps, guidance_scale, _seeds(seed, len(prompts)), on_result)
+        return self._diffuse(prompts, [[] for _ in prompts], [(width, height)] * len(prompts),
+                             "crop", negative_prompt, num_steps, guidance_scale,
+                             _seeds(seed, len(prompts)), on_result)
 
     def edit(self, images: Sequence[Any], instructions: str | Sequence[str], *,
              negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT, resolution: int = 512,
-             num_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
-             seed: int | Sequence[int] = 0,
+             resize: str = "crop", num_steps: int = DEFAULT_STEPS,
+             guidance_scale: float = DEFAULT_GUIDANCE, seed: int | Sequence[int] = 0,
              on_result: OnResult | None = None) -> list[Image.Image]:
-        """Edits each image by its instruction (one instruction may serve all images)."""
+        """Edits each image by its instruction (one instruction may serve all images).
+
+        `resize`: "crop" (the release: square `resolution`, short-side resize and centre
+        crop), or keep the input's aspect — "fit" (resized into the nearest aspect bucket of
+        about resolution² pixels) or "pad" (fitted inside it on grey); the output then has
+        the bucket's size (`unialign_jax.images.ASPECT_BUCKETS`)."""
         images = self._images(images)
         return self.compose([[im] for im in images], instructions,
                             negative_prompt=negative_prompt, resolution=resolution,
-                            num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
-                            on_result=on_result)
+                            resize=resize, num_steps=num_steps, guidance_scale=guidance_scale,
+                            seed=seed, on_result=on_result)
 
     def perceive(self, images: Sequence[Any], instructions: str | Sequence[str],
                  **kwargs) -> list[Image.Image]:
@@ -193,10 +200,11 @@ class UniAlignPipeline:
 
     def compose(self, image_lists: Sequence[Sequence[Any]], instructions: str | Sequence[str],
                 *, negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
-                resolution: int = 512, num_steps: int = DEFAULT_STEPS,
+                resolution: int = 512, resize: str = "crop", num_steps: int = DEFAULT_STEPS,
                 guidance_scale: float = DEFAULT_GUIDANCE, seed: int | Sequence[int] = 0,
                 on_result: OnResult | None = None) -> list[Image.Image]:
-        """One output per list of condition images (1 to 3 each), following the instruction."""
+        """One output per list of condition images (1 to 3 each), following the instruction
+        (`resize` as for `edit`; the first image of a list sets its output's aspect)."""
         lists = [self._images(images) for images in image_lists]
         if not lists:
             raise InputError("the list of condition-image lists is empty")
@@ -205,13 +213,27 @@ class UniAlignPipeline:
                 raise InputError(f"item {i} has {len(images)} condition images; the model "
                                  f"takes at most {MAX_CONDITION_IMAGES}")
         instructions = _per_item(instructions, len(lists), "instruction")
-        check_resolution(resolution, resolution, self.max_side)
-        return self._diffuse(instructions, lists, resolution, resolution, negative_prompt,
-                             num_steps, guidance_scale, _seeds(seed, len(lists)), on_result)
+        sizes = [self.input_size(images[0], resolution, resize) for images in lists]
+        for i, (images, size) in enumerate(zip(lists, sizes)):
+            for k, image in enumerate(images):
+                check_input_size(image, size, f"item {i} image {k}")
+        return self._diffuse(instructions, lists, sizes, resize, negative_prompt, num_steps,
+                             guidance_scale, _seeds(seed, len(lists)), on_result)
+
+    def input_size(self, image: Image.Image, resolution: int, resize: str) -> tuple[int, int]:
+        """(width, height) of the model input made from `image`: square for "crop", else its
+        aspect bucket; checked against the model's position table."""
+        if resize not in RESIZE_MODES:
+            raise InputError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        check_resolution(resolution, resolution)
+        size = ((resolution, resolution) if resize == "crop"
+                else bucket_size(image.size, resolution))
+        check_resolution(size[1], size[0], self.max_side)
+        return size
 
     def caption(self, images: Sequence[Any], *, prompt: str | Sequence[str] | None = None,
                 prefix: str | Sequence[str] | None = None, resolution: int = 512,
-                length: int = MAX_LENGTH, num_steps: int = 32,
+                resize: str = "crop", length: int = MAX_LENGTH, num_steps: int = 32,
                 seed: int | Sequence[int] = 0, on_result: OnResult | None = None
                 ) -> list[Caption]:
         """Captions (or, with a question as `prompt`, answers) by masked diffusion.
@@ -219,10 +241,12 @@ class UniAlignPipeline:
         As in the release, a VQA `prompt`'s tokens — with its `</s>` — stay fixed at the
         start of the sequence and the whole sequence is decoded. A `prefix` (not in the
         release) is fixed without its `</s>`, so the caption continues it. Each result's
-        `.answer` is the text generated after the prompt or prefix.
+        `.answer` is the text generated after the prompt or prefix. `resize` as for `edit`.
         """
         images = self._images(images)
-        check_resolution(resolution, resolution, self.max_side)
+        sizes = [self.input_size(image, resolution, resize) for image in images]
+        for i, (image, size) in enumerate(zip(images, sizes)):
+            check_input_size(image, size, f"image {i}")
         _check_steps(num_steps)
         if prompt is not None and prefix is not None:
             raise InputError("give a VQA prompt or a caption prefix, not both")
@@ -235,8 +259,8 @@ class UniAlignPipeline:
         tok = self.components.tokenizer
         texts: dict[int, Caption] = {}
         with self._bar(len(images) * num_steps, "caption") as bar:
-            for idx, real in self._chunks(range(len(images))):
-                pixels = preprocess([images[i] for i in idx], resolution)
+            for idx, real in self._grouped_chunks(sizes):
+                pixels = preprocess([images[i] for i in idx], sizes[idx[0]], resize)
                 latents = self._encode_images(pixels, [seeds[i] for i in idx], stream=1)
                 init = np.full((len(idx), length), self.components.mask_token_id, np.int32)
                 for row, i in enumerate(idx):
@@ -264,7 +288,7 @@ class UniAlignPipeline:
         check_resolution(resolution, resolution, self.max_side)
         seeds = _seeds(seed, len(images))
         out: dict[int, Image.Image] = {}
-        for idx, real in self._chunks(range(len(images))):
+        for idx, real in self._chunks(list(range(len(images)))):
             latents = self._encode_images(preprocess([images[i] for i in idx], resolution),
                                           [seeds[i] for i in idx], stream=1)
             decoded = to_pil(self._module_call(self.components.vae, "decode", latents))
@@ -273,39 +297,40 @@ class UniAlignPipeline:
 
     # -- shared machinery ---------------------------------------------------------------
     def _diffuse(self, prompts: list[str], condition_images: list[list[Image.Image]],
-                 height: int, width: int, negative_prompt: str | None, num_steps: int,
-                 guidance_scale: float, seeds: list[int],
+                 sizes: list[tuple[int, int]], resize: str, negative_prompt: str | None,
+                 num_steps: int, guidance_scale: float, seeds: list[int],
                  on_result: OnResult | None) -> list[Image.Image]:
-        """Flow sampling for every item, chunked by number of condition images."""
+        """Flow sampling for every item, chunked by (number of condition images, size)."""
         _check_steps(num_steps)
         if negative_prompt is not None:
             check_prompts([negative_prompt], "negative prompt")
         negative = (None if negative_prompt is None
                     else self.encode_text([negative_prompt], batch=False))
-        latent_shape = (height // self.downsampling, width // self.downsampling,
-                        self.latent_channels)
         results: dict[int, Image.Image] = {}
         with self._bar(len(prompts) * num_steps, "sample") as bar:
-            for count in sorted({len(c) for c in condition_images}):
-                group = [i for i, c in enumerate(condition_images) if len(c) == count]
-                for items, real in self._chunks(group, len(prompts)):
-                    item_seeds = [seeds[i] for i in items]
-                    conditions = [
-                        self._encode_images(preprocess([condition_images[i][k] for i in items],
-                                                       height), item_seeds, stream=1 + k)
-                        for k in range(count)]
-                    noise = self._shard(_noise(_item_keys(item_seeds, 0), latent_shape))
-                    latents = sample_images(
-                        self.components.transformer, noise,
-                        self.encode_text([prompts[i] for i in items]), negative,
-                        num_steps=num_steps, guidance_scale=guidance_scale, shift=self.shift,
-                        conditions=conditions, num_train_timesteps=self.num_train_timesteps)
-                    decoded = to_pil(self._module_call(self.components.vae, "decode", latents))
-                    for i, image in zip(items[:real], decoded[:real]):
-                        results[i] = image
-                        if on_result is not None:
-                            on_result(i, image)
-                    bar.update(real * num_steps)
+            keys = [(len(c), size) for c, size in zip(condition_images, sizes)]
+            for items, real in self._grouped_chunks(keys):
+                count, (width, height) = keys[items[0]]
+                item_seeds = [seeds[i] for i in items]
+                conditions = [
+                    self._encode_images(preprocess([condition_images[i][k] for i in items],
+                                                   (width, height), resize),
+                                        item_seeds, stream=1 + k)
+                    for k in range(count)]
+                latent_shape = (height // self.downsampling, width // self.downsampling,
+                                self.latent_channels)
+                noise = self._shard(_noise(_item_keys(item_seeds, 0), latent_shape))
+                latents = sample_images(
+                    self.components.transformer, noise,
+                    self.encode_text([prompts[i] for i in items]), negative,
+                    num_steps=num_steps, guidance_scale=guidance_scale, shift=self.shift,
+                    conditions=conditions, num_train_timesteps=self.num_train_timesteps)
+                decoded = to_pil(self._module_call(self.components.vae, "decode", latents))
+                for i, image in zip(items[:real], decoded[:real]):
+                    results[i] = image
+                    if on_result is not None:
+                        on_result(i, image)
+                bar.update(real * num_steps)
         return [results[i] for i in range(len(prompts))]
 
     def encode_text(self, texts: Sequence[str], batch: bool = True) -> jax.Array:
@@ -356,17 +381,22 @@ class UniAlignPipeline:
         graphdef, state = nnx.split(module)
         return _call(graphdef, method, state, *args)
 
-    def _chunks(self, items: Sequence[int], total: int | None = None
+    def _chunks(self, items: list[int], total: int | None = None
                 ) -> list[tuple[list[int], int]]:
         """(items, number of real ones) in chunks of one size for the whole call (`total`
         items), so all chunks share compiled loops; a short chunk repeats its last item."""
         size = chunk_size(total or len(items), self.batch_size, batch_ways(self.mesh))
-        items = list(items)
         out = []
         for start in range(0, len(items), size):
             chunk = items[start:start + size]
             out.append((chunk + [chunk[-1]] * (size - len(chunk)), len(chunk)))
         return out
+
+    def _grouped_chunks(self, keys: list) -> list[tuple[list[int], int]]:
+        """`_chunks` within each group of items sharing a key (shape of the compiled call)."""
+        return [chunk for key in sorted(set(keys))
+                for chunk in self._chunks([i for i, k in enumerate(keys) if k == key],
+                                          len(keys))]
 
     def _shard(self, x, batch: bool = True) -> jax.Array:
         """Batch arrays split over the mesh; `batch=False`: whole on every device."""

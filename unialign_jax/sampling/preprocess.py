@@ -1,23 +1,30 @@
 """Images and prompts into the pipeline, decoded images out (spec section 2).
 
-Images are prepared exactly as for training (`unialign_jax.data.images`: bicubic resize of
-the short side, centered square crop, [-1, 1]). Every check that can fail on user input
-raises `InputError` here, before anything is compiled.
+Images are decoded by the project's one decoder (`unialign_jax.images`: bit depth, EXIF
+orientation, transparency) and prepared as for training by default (bicubic resize of the
+short side, centred square crop, [-1, 1]) or, for non-square inputs, fitted or padded into
+an aspect bucket. Every check that can fail on user input raises `InputError` here, before
+anything is compiled.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
-from unialign_jax.data.faults import SkipSample
-from unialign_jax.data.images import decode_rgb, resize_and_center_crop, to_model_range
+from unialign_jax import images
+from unialign_jax.images import SIZE_MULTIPLE, DecodeOptions, fit_image, to_model_range
 
-# VAE downsampling (8) × transformer patch (2): image sides must be multiples of this.
-SIZE_MULTIPLE = 16
+log = logging.getLogger(__name__)
+
+# Inputs whose short side is below this are refused: there is nothing left to see.
+MIN_INPUT_SIDE = 32
+# Upscaling an input by more than this factor is allowed but warned about.
+MAX_QUIET_UPSCALE = 4.0
 
 
 class InputError(ValueError):
@@ -49,8 +56,12 @@ def check_prompts(prompts: str | Sequence[str], what: str = "prompt") -> list[st
     return prompts
 
 
-def load_image(image: Any) -> Image.Image:
-    """A file path, a PIL image, or an (H, W[, C]) uint8 / [0, 1] float array → RGB image."""
+def load_image(image: Any, *, exif_orientation: bool = True,
+               background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """A file path, a PIL image, or an (H, W[, C]) uint8 / [0, 1] float array → RGB image,
+    decoded by `unialign_jax.images` (EXIF orientation applied unless told to keep it,
+    transparency composited onto `background`)."""
+    options = DecodeOptions(exif_orientation=exif_orientation, background=background)
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         try:
@@ -58,14 +69,15 @@ def load_image(image: Any) -> Image.Image:
                 data = f.read()
         except OSError as e:
             raise InputError(f"cannot read image {path}: {e.strerror or e}") from None
-        if not data:
-            raise InputError(f"image file {path} is empty")
         try:
-            return decode_rgb(data, path)
-        except SkipSample as e:
+            return images.decode_image(data, path, options).image
+        except images.ImageError as e:
             raise InputError(f"cannot decode image {path}: {e}") from None
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        try:
+            return images.to_rgb(image, options).image
+        except images.ImageError as e:
+            raise InputError(f"cannot use the given image: {e}") from None
     arr = np.asarray(image)
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)) \
             or 0 in arr.shape:
@@ -75,14 +87,30 @@ def load_image(image: Any) -> Image.Image:
         if not np.issubdtype(arr.dtype, np.floating):
             raise InputError(f"an image array must be uint8 or float in [0, 1], got {arr.dtype}")
         arr = (np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr
-                           ).convert("RGB")
+    return images.to_rgb(Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1
+                                         else arr), options).image
 
 
-def preprocess(images: Sequence[Image.Image], resolution: int) -> np.ndarray:
-    """(B, resolution, resolution, 3) float32 in [-1, 1], channels-last."""
-    return np.stack([to_model_range(np.asarray(resize_and_center_crop(im, resolution)))
-                     for im in images])
+def check_input_size(image: Image.Image, size: tuple[int, int], what: str = "image") -> None:
+    """Refuses an input below `MIN_INPUT_SIDE` px; warns when it is upscaled by more than
+    `MAX_QUIET_UPSCALE`× to become a (width, height) = `size` model input."""
+    w, h = image.size
+    if min(w, h) < MIN_INPUT_SIDE:
+        raise InputError(f"{what} is {w}x{h}: its short side is below {MIN_INPUT_SIDE} px, "
+                         "too small to edit, perceive or caption")
+    factor = max(size[0] / w, size[1] / h) if min(size) else 1.0
+    if factor > MAX_QUIET_UPSCALE:
+        log.warning("%s (%dx%d) is upscaled %.1f× to %dx%d: expect a blurry input",
+                    what, w, h, factor, size[0], size[1])
+
+
+def preprocess(images_: Sequence[Image.Image], size: int | tuple[int, int],
+               resize: str = "crop") -> np.ndarray:
+    """(B, height, width, 3) float32 in [-1, 1], channels-last. `size` is the side of a
+    square ("crop": the release's short-side resize + centre crop) or (width, height)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return np.stack([to_model_range(np.asarray(fit_image(im, size, resize)))
+                     for im in images_])
 
 
 def to_pil(images) -> list[Image.Image]:

@@ -1,0 +1,137 @@
+"""Every attention kernel this CPU runs against jax.nn's XLA reference, and the kernel choice."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unialign_jax.models import attention
+
+# (batch, Lq, Lk, heads, head_dim): joint attention over image + text tokens (64 + 8, odd
+# 37 + 11) and cross-length attention (Lq != Lk, prime lengths)
+SHAPES = [(2, 72, 72, 3, 16), (2, 48, 48, 3, 16), (1, 23, 53, 3, 16)]
+
+KERNELS = {
+    "blockwise": attention.blockwise_attention,
+    # several query and key blocks, the last ones partly padding
+    "blockwise-small-blocks": functools.partial(attention.blockwise_attention,
+                                                block_q=16, block_kv=16),
+    "auto": attention.dot_product_attention,
+    # the Pallas TPU kernel in interpret mode: checks the padding / masking / layout wrapper
+    "splash-interpret": functools.partial(attention.splash_attention, interpret=True),
+}
+
+
+def reference(q, k, v, bias=None):
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
+
+
+def inputs(shape, with_bias, dtype, seed=0):
+    b, lq, lk, h, d = shape
+    keys = jax.random.split(jax.random.key(seed), 5)
+    q = jax.random.normal(keys[0], (b, lq, h, d))
+    k, v = (jax.random.normal(key, (b, lk, h, d)) for key in keys[1:3])
+    bias = jax.random.normal(keys[3], (1, h, lq, lk)) if with_bias else None
+    weights = jax.random.normal(keys[4], (b, lq, h, d))  # a random linear functional of the output
+    return [t.astype(dtype) for t in (q, k, v)], bias, weights
+
+
+def outputs_and_grads(fn, q, k, v, bias, weights):
+    """The output and d<weights, output>/d(q, k, v[, bias]), all in float32."""
+    def attend(q, k, v, bias):
+        return fn(q, k, v) if bias is None else fn(q, k, v, bias=bias)
+
+    def functional(*args):
+        return (attend(*args).astype(jnp.float32) * weights).sum()
+
+    argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+    out = jax.jit(attend)(q, k, v, bias)
+    grads = jax.jit(jax.grad(functional, argnums=argnums))(q, k, v, bias)
+    return [t.astype(jnp.float32) for t in (out, *grads)]
+
+
+def assert_close(got, want, rtol, name):
+    err, scale = float(jnp.abs(got - want).max()), float(jnp.abs(want).max())
+    assert err <= rtol * scale, f"{name}: max |error| {err:.3g} > {rtol} x max |ref| {scale:.3g}"
+
+
+def check(kernel, shape, with_bias, dtype, rtol):
+    (q, k, v), bias, weights = inputs(shape, with_bias, dtype)
+    upcast = [t.astype(jnp.float32) for t in (q, k, v)]
+    want = outputs_and_grads(reference, *upcast, bias, weights)
+    got = outputs_and_grads(KERNELS[kernel], q, k, v, bias, weights)
+    for name, g, w in zip(("output", "dq", "dk", "dv", "dbias"), got, want):
+        assert_close(g, w, rtol, f"{kernel} {shape} bias={with_bias} {name}")
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kernel", ["blockwise", "blockwise-small-blocks", "auto"])
+def test_blockwise_matches_xla_float32(kernel, shape, with_bias):
+    check(kernel, shape, with_bias, jnp.float32, 1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:])
+def test_splash_interpret_matches_xla_float32(shape):
+    check("splash-interpret", shape, False, jnp.float32, 1e-4)
+
+
+@pytest.mark.parametrize("kernel,with_bias", [("blockwise-small-blocks", True),
+                                              ("splash-interpret", False)])
+def test_bfloat16_inputs(kernel, with_bias):
+    check(kernel, SHAPES[1], with_bias, jnp.bfloat16, 3e-2)
+
+
+def test_output_dtype_and_shape():
+    (q, k, v), _, _ = inputs(SHAPES[2], False, jnp.bfloat16)
+    out = attention.dot_product_attention(q, k, v)
+    assert out.shape == q.shape and out.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("backend,bias,dtype,expected", [
+    ("gpu", False, None, "cudnn"),
+    ("cuda", False, jnp.bfloat16, "cudnn"),
+    ("gpu", True, jnp.float16, "cudnn"),  # JAX's cuDNN path takes the bias
+    ("gpu", False, jnp.float32, "xla"),  # cuDNN needs fp16/bf16
+    ("tpu", False, jnp.float32, "splash"),
+    ("tpu", True, jnp.bfloat16, "xla"),  # splash has no bias: T5 stays on XLA
+    ("cpu", False, jnp.float32, "blockwise"),
+    ("cpu", True, jnp.float32, "blockwise"),
+])
+def test_auto_per_backend(backend, bias, dtype, expected):
+    assert attention.resolve_implementation("auto", backend, bias=bias, dtype=dtype) == expected
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+@pytest.mark.parametrize("name", ["xla", "blockwise"])
+def test_portable_kernels_run_everywhere(name, backend):
+    assert attention.resolve_implementation(name, backend, bias=True) == name
+
+
+@pytest.mark.parametrize("name,backend,message", [
+    ("flash", "cpu", r"unknown attention implementation 'flash'; choose one of \('auto'"),
+    ("cudnn", "cpu", r"'cudnn' needs an NVIDIA GPU backend"),
+    ("cudnn", "tpu", r"'cudnn' needs an NVIDIA GPU backend"),
+    ("splash", "cpu", r"'splash' needs a TPU backend"),
+    ("splash", "gpu", r"'splash' needs a TPU backend"),
+])
+def test_unknown_or_wrong_backend_is_an_error(name, backend, message):
+    with pytest.raises(ValueError, match=message):
+        attention.resolve_implementation(name, backend)
+
+
+def test_splash_rejects_bias():
+    with pytest.raises(ValueError, match="'splash' takes no additive bias"):
+        attention.resolve_implementation("splash", "tpu", bias=True)
+
+
+def test_dispatch_checks_the_backend():
+    (q, k, v), _, _ = inputs(SHAPES[2], False, jnp.float32)
+    with pytest.raises(ValueError, match="needs a TPU backend"):
+        attention.dot_product_attention(q, k, v, implementation="splash")
+    np.testing.assert_array_equal(
+        attention.dot_product_attention(q, k, v, implementation="xla"), reference(q, k, v, None))
