@@ -14,10 +14,6 @@ from unialign_jax.models.vae import VAEConfig
 from unialign_jax.training.config import (ComputeConfig, DataConfig, LossConfig, ModelsConfig,
                                           OptimizerConfig, RunConfig, TrainConfig)
 
-RESOLUTION = 32
-MAX_LENGTH = 16
-
-
 def get_config() -> TrainConfig:
     return TrainConfig(
         models=ModelsConfig(
@@ -35,7 +31,7 @@ def get_config() -> TrainConfig:
                           norm_num_groups=8, latent_channels=4)),
         compute=ComputeConfig(dtype="float32", param_dtype="float32",
                               frozen_param_dtype="float32", remat_policy="none"),
-        data=DataConfig(resolution=RESOLUTION, max_length=MAX_LENGTH),
+        data=DataConfig(resolution=32, max_length=16),
         optimizer=OptimizerConfig(lr=1e-3, warmup_steps=100, weight_decay=0.01,
                                   grad_clip_norm=2.0, ema_decay=0.99),
         # Not the release's caption weight 0.2: captions are the slower learner here and are

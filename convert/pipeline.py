@@ -19,6 +19,7 @@ from unialign_convert.t5 import config_from_transformers, write_t5
 from unialign_convert.transformer import write_transformer
 from unialign_convert.vae import config_from_diffusers, write_vae
 from unialign_jax import files
+from unialign_jax.diffusion.flow import NUM_TRAIN_TIMESTEPS
 from unialign_jax.checkpoints.pipeline import COMPONENT_DIRS, FORMAT, INDEX_FILE, SCHEDULER_FILE
 from unialign_jax.text.tokenizer import load_tokenizer, mask_token_id
 
@@ -59,7 +60,7 @@ def read_scheduler(folder: str) -> dict:
         raise ConversionError(f"{path}: expected a {SCHEDULER_CLASS}, found "
                               f"{cfg.get('_class_name')!r}")
     return {"shift": float(cfg.get("shift", 1.0)),
-            "num_train_timesteps": int(cfg.get("num_train_timesteps", 1000))}
+            "num_train_timesteps": int(cfg.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS))}
 
 
 def check_compatible(src: str, layout: str, tokenizer, mask_embedding: str | None

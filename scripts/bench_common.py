@@ -60,7 +60,7 @@ def random_sd3(args, max_resolution: int):
     return model.to(device, tdtype), device, tdtype, folder
 
 
-def load_converted(folder, args, attention_impl=None):
+def load_converted(folder, args, attention="auto"):
     """Our model converted from the torch one saved by `random_sd3`."""
     import jax.numpy as jnp
 
@@ -71,7 +71,7 @@ def load_converted(folder, args, attention_impl=None):
     if not os.path.exists(dst):
         convert_transformer(src, dst, dtype=args.dtype)
     return unialign_jax.load_transformer(dst, dtype=jnp.dtype(args.dtype),
-                                         attention_impl=attention_impl)
+                                         attention=attention)
 
 
 def environment(device: str) -> dict:

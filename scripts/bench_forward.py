@@ -17,6 +17,7 @@ import argparse
 import sys
 import time
 
+from unialign_jax.models.attention import IMPLEMENTATIONS
 from bench_common import (POOLED_DIM, PRESETS, add_common_arguments, environment, fix_threads,
                           load_converted, random_sd3, write_json)
 
@@ -27,8 +28,9 @@ def parse_args():
     add_common_arguments(p, default_batch=2)
     p.add_argument("--resolution", type=int, nargs="+", default=[256],
                    help="image sides in pixels (latent = side / 8)")
-    p.add_argument("--attention", nargs="+", default=["xla"], choices=["xla", "cudnn"],
-                   help="jax.nn.dot_product_attention implementations to time")
+    p.add_argument("--attention", nargs="+", default=["auto"], choices=IMPLEMENTATIONS,
+                   help="attention kernels to time (unialign_jax.models.attention; auto: the "
+                        "backend's fastest)")
     p.add_argument("--iters", type=int, default=5)
     return p.parse_args()
 
@@ -76,7 +78,7 @@ def main():
 
     results = []
     for impl in args.attention:
-        model = load_converted(folder, args, None if impl == "xla" else impl)
+        model = load_converted(folder, args, impl)
         graphdef, state = nnx.split(model)
 
         @jax.jit

@@ -19,6 +19,7 @@ import argparse
 import sys
 import time
 
+from unialign_jax.models.attention import IMPLEMENTATIONS
 from bench_common import (POOLED_DIM, PRESETS, add_common_arguments, environment, fix_threads,
                           load_converted, random_sd3, write_json)
 
@@ -30,8 +31,9 @@ def parse_args():
     p.add_argument("--resolution", type=int, default=256, help="image side in pixels (latent /8)")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--guidance", type=float, default=7.0)
-    p.add_argument("--attention", default=None, choices=["xla", "cudnn"],
-                   help="jax.nn.dot_product_attention implementation (default: XLA's choice)")
+    p.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS,
+                   help="attention kernel (unialign_jax.models.attention; default: the "
+                        "backend's fastest)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of the whole loop each")
     return p.parse_args()
 

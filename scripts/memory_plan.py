@@ -6,7 +6,7 @@
 Builds the 2.18B transformer, the T5-XXL encoder and the SD3 VAE as abstract shapes
 (`nnx.eval_shape`: nothing is allocated), places them with the logical-axis rules on a
 mesh of simulated CPU devices, lowers and compiles the real train step
-(`unialign_jax.training.step.TrainStep`, the code path the TPU scripts run) and prints
+(`unialign_jax.training.step.make_train_step`, the code path the TPU scripts run) and prints
 what `compiled.memory_analysis()` reports per device. The budget column is a TPU v5e
 chip's 16 GiB HBM. Compiling takes minutes on a small CPU.
 """
@@ -35,7 +35,7 @@ def parse_args(argv=None):
                    help="batch kind(s): t2i (target only) or edit (+1 source image); "
                         "default both")
     p.add_argument("--remat", default="nothing_saveable",
-                   help="jax.checkpoint_policies name, or 'none'")
+                   help="remat policy name (unialign_jax.models.remat), or 'none'")
     p.add_argument("--budget-gib", type=float, default=16.0, help="per-chip HBM (v5e: 16)")
     return p.parse_args(argv)
 
@@ -48,36 +48,37 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    import unialign_jax  # noqa: F401  (variable sharding off: rules place arrays)
-    from unialign_jax.parallel import make_mesh
-    from unialign_jax.training.config import load_config
+    import unialign_configs
+    from unialign_jax import configlib
+    from unialign_jax.parallel import make_mesh, replicated
     from unialign_jax.training.models import build_models
-    from unialign_jax.training.step import TrainStep
+    from unialign_jax.training.step import FrozenModels, make_train_step
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    base = load_config(os.path.join(repo, "configs", "unialignment_512.py"))
     rows = []
     for mesh_text in args.mesh or ["1,64,1"]:
         data, fsdp, tensor = (int(v) for v in mesh_text.split(","))
-        cfg = dataclasses.replace(
-            base, mesh_data=data, mesh_fsdp=fsdp, mesh_tensor=tensor,
-            batch_size=args.batch_size, micro_batch_per_device=args.micro_batch_per_device,
-            resolution=args.resolution,
-            remat_policy=None if args.remat == "none" else args.remat)
+        cfg = configlib.apply_overrides(unialign_configs.load("unialignment_512"), [
+            f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}",
+            f"run.batch_size={args.batch_size}",
+            f"run.micro_batch_per_device={args.micro_batch_per_device}",
+            f"data.resolution={args.resolution}", f"compute.remat_policy={args.remat}"])
         mesh = make_mesh(data, fsdp, tensor, devices=jax.devices()[:args.devices])
-        models = build_models(cfg, mesh, None, abstract=True)
-        trainer = TrainStep(models, cfg, mesh, mask_id=32099,
-                            null_ids=np.ones((1, cfg.max_length), np.int32))
+        models = build_models(cfg.models, cfg.compute, mesh, None, abstract=True)
+        null_ids = jax.ShapeDtypeStruct((1, cfg.data.max_length), np.int32,
+                                        sharding=replicated(mesh))
+        frozen = FrozenModels.of(models, null_ids)
+        trainer = make_train_step(models, frozen, mesh, optimizer=cfg.optimizer,
+                                  loss=cfg.loss, run=cfg.run, mask_id=32099)
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(models["transformer"].params))
         n_t5 = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(models["t5"].rest))
         for task in args.task or ["t2i", "edit"]:
             batch = abstract_batch(cfg, trainer, task)
             start = time.time()
-            compiled = trainer.step.lower(trainer.abstract_state, trainer.frozen, batch).compile()
+            compiled = trainer.step.lower(trainer.abstract_state, frozen, batch).compile()
             mem = compiled.memory_analysis()
             rows.append(dict(
                 mesh=f"{data}x{fsdp}x{tensor}", task=task, accum=trainer.num_micro,
-                micro=cfg.micro_batch_per_device,
+                micro=cfg.run.micro_batch_per_device,
                 args=mem.argument_size_in_bytes / GIB, out=mem.output_size_in_bytes / GIB,
                 alias=mem.alias_size_in_bytes / GIB, temp=mem.temp_size_in_bytes / GIB,
                 code=mem.generated_code_size_in_bytes / GIB,
@@ -92,21 +93,15 @@ def main(argv=None) -> int:
 
 
 def abstract_batch(cfg, trainer, task: str) -> dict:
-    """ShapeDtypeStructs of one global batch, split over data × fsdp like real batches."""
+    """ShapeDtypeStructs of one global batch (`data.batch.shapes`), split over data × fsdp
+    like real batches."""
     import jax
-    import jax.numpy as jnp
 
-    from unialign_jax.training.models import transformer_config
+    from unialign_jax.data import batch
 
-    b, s, length = cfg.batch_size, cfg.resolution, cfg.max_length
-    dim = transformer_config(cfg, None).teacher_dim
-    shapes = {"target": ((b, s, s, 3), jnp.float32),
-              "caption_ids": ((b, length), jnp.int32),
-              "instruction_ids": ((b, length), jnp.int32),
-              "teacher_image": ((b, dim), jnp.float32),
-              "teacher_text": ((b, dim), jnp.float32)}
-    if task == "edit":
-        shapes["sources"] = ((b, 1, s, s, 3), jnp.float32)
+    shapes = batch.shapes(batch_size=cfg.run.batch_size, resolution=cfg.data.resolution,
+                          max_length=cfg.data.max_length, num_sources=int(task == "edit"),
+                          teacher_dim=cfg.models.transformer.teacher_dim)
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
             for k, (shape, dtype) in shapes.items()}
 

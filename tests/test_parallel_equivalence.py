@@ -18,9 +18,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(*overrides):
     from unialign_jax import configlib
-    from unialign_jax.training.config import load_config
+    from unialign_configs import load
 
-    return configlib.apply_overrides(load_config("tiny"), [
+    return configlib.apply_overrides(load("tiny"), [
         "models.transformer.vocab_size=64", "run.batch_size=16", *overrides])
 
 

@@ -9,7 +9,8 @@ import pytest
 from unialign_jax import configlib
 from unialign_jax.models.mmdit_config import MMDiTConfig
 from unialign_jax.training import cli
-from unialign_jax.training.config import TrainConfig, load_config, shipped_configs
+from unialign_configs import load as load_config, names as shipped_configs
+from unialign_jax.training.config import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

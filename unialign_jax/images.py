@@ -56,9 +56,11 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 class ImageError(ValueError):
     """An image that cannot be used; `reason` is a key of `REASONS`, `detail` says which/why."""
 
+    REASONS = REASONS
+
     def __init__(self, reason: str, detail: str):
-        if reason not in REASONS:
-            raise ValueError(f"unknown image error reason {reason!r}")
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown {type(self).__name__} reason {reason!r}")
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail

@@ -3,7 +3,7 @@
 1. writes the synthetic corpus (`unialign-data synth`: coloured shapes with captions, colour
    edits and segmentation requests), builds its training shards (`unialign-data build`)
    and precomputes stand-in teacher features into them (a fixed random projection in place
-   of Qwen2.5-VL, written the way `scripts/precompute_teacher.py` writes real ones), so all
+   of Qwen2.5-VL, written the way `unialign-data teacher` writes real ones), so all
    five losses train;
 2. trains a tiny T5-layout tokenizer on its texts and fits a tiny VAE to its images (a
    random VAE could not decode generated latents back to colours; see `apps/vae_fit.py`);
@@ -28,6 +28,14 @@ import time
 import numpy as np
 
 CONFIG = "quickstart"
+OPTIONS = (  # flag, default, meaning
+    ("--samples", 3000, "synthetic samples per kind, 10%% held out"),
+    ("--vae-steps", 400, "VAE fitting steps"),
+    ("--eval-samples", 96, "held-out prompts / images to evaluate"),
+    ("--sample-steps", 20, "flow sampler steps"),
+    ("--guidance", 4.0, "guidance scale"),
+    ("--caption-steps", 64, "masked-diffusion caption sampler steps"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,15 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="unialign_quickstart",
                    help="output folder (default ./unialign_quickstart); rerunning resumes")
-    p.add_argument("--samples", type=int, default=3000,
-                   help="synthetic samples per kind, 10%% held out (3000)")
-    p.add_argument("--vae-steps", type=int, default=400, help="VAE fitting steps (400)")
-    p.add_argument("--eval-samples", type=int, default=96,
-                   help="held-out prompts / images to evaluate (96)")
-    p.add_argument("--sample-steps", type=int, default=20, help="flow sampler steps (20)")
-    p.add_argument("--guidance", type=float, default=4.0, help="guidance scale (4.0)")
-    p.add_argument("--caption-steps", type=int, default=64,
-                   help="masked-diffusion caption sampler steps (64)")
+    for flag, default, text in OPTIONS:
+        p.add_argument(flag, type=type(default), default=default,
+                       help=f"{text} (default %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="training config overrides, e.g. run.num_steps=300")
     return p
@@ -85,7 +87,7 @@ def read_split(synth: str, kind: str, split: str, limit: int | None = None):
     """[(pixels in [-1, 1] of every image, caption, instruction)] of a synth JSONL file."""
     from PIL import Image
 
-    from unialign_jax.data.images import to_model_range
+    from unialign_jax.images import to_model_range
     from unialign_jax.files import read_jsonl
 
     rows = []
@@ -145,6 +147,7 @@ def majority_baseline(train_ids: np.ndarray) -> np.ndarray:
 def trained_pipeline(result, cfg, tokenizer):
     """`UniAlignPipeline` over the run's EMA transformer and its frozen T5 / VAE."""
     from unialign_jax.checkpoints.pipeline import PipelineComponents
+    from unialign_jax.diffusion import flow
     from unialign_jax.sampling.pipeline import UniAlignPipeline
     from unialign_jax.text.tokenizer import mask_token_id
 
@@ -152,7 +155,8 @@ def trained_pipeline(result, cfg, tokenizer):
     components = PipelineComponents(
         transformer=models["transformer"].module(result.state.ema_params),
         t5=models["t5"].module(), vae=models["vae"].module(), tokenizer=tokenizer,
-        scheduler={"shift": 3.0, "num_train_timesteps": 1000},
+        scheduler={"shift": flow.INFERENCE_SHIFT,
+                   "num_train_timesteps": flow.NUM_TRAIN_TIMESTEPS},
         mask_token_id=mask_token_id(tokenizer), path="<quickstart run>")
     return UniAlignPipeline(components, batch_size=32, progress=True)
 
@@ -243,15 +247,15 @@ def main(argv=None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import unialign_configs
     from unialign_jax import configlib
     from unialign_jax.files import write_json
-    from unialign_jax.training.config import load_config
     from unialign_jax.training.metrics import plot_losses
     from unialign_jax.training.trainer import train
 
     start = time.time()
     try:
-        cfg = configlib.apply_overrides(load_config(CONFIG), args.overrides)
+        cfg = configlib.apply_overrides(unialign_configs.load(CONFIG), args.overrides)
     except (ValueError, FileNotFoundError) as e:
         print(f"unialign-quickstart: error: {e}", file=sys.stderr)
         return 2

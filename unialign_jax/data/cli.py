@@ -1,4 +1,5 @@
-"""`unialign-data`: build training shards from JSONL corpora, or write a synthetic corpus."""
+"""`unialign-data`: build training shards from JSONL corpora, precompute their alignment-teacher
+features, or write a synthetic corpus."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from unialign_jax.data.faults import DEFAULT_MAX_SKIP_FRACTION, TooManySkipped
 from unialign_jax.data.fetch import FetchOptions
 from unialign_jax.data.jsonl import DEFAULT_COMPOSE_SOURCES, KINDS
 from unialign_jax.data.shards import DEFAULT_MAX_ASPECT
+from unialign_jax.data.teacher import POOLINGS, RELEASE_TEXT_BATCH
 from unialign_jax.images import DecodeOptions
 
 
@@ -105,12 +107,53 @@ def _synth(args) -> dict:
     return {k: info[k] for k in ("n", "seed", "size", "heldout", "files")}
 
 
+TEACHER_HELP = """\
+For every record of built shard folders: the mean of Qwen2.5-VL's vision tower's merged
+output tokens for the stored target image, and the pooled LLM input-embedding rows of the
+caption (spec section 2), written to SHARDS/teacher/; training reads them as teacher_image
+and teacher_text. Captions are pooled as the release pools them by default (--pooling
+release: each batch of --batch-size captions padded together, pads averaged in; the
+release pads its local batch of 48), or each on its own (--pooling clean). Interrupted
+runs resume; needs PyTorch, transformers and a local model folder (nothing is downloaded).
+"""
+
+
+def _add_teacher(sub) -> None:
+    p = sub.add_parser(
+        "teacher", help="precompute alignment-teacher features (Qwen2.5-VL) into shard folders",
+        description=TEACHER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="local Qwen2.5-VL folder (weights, preprocessor, tokenizer)")
+    p.add_argument("--shards", nargs="+", required=True, metavar="DIR",
+                   help="shard folders built by `unialign-data build`")
+    p.add_argument("--batch-size", type=int, default=RELEASE_TEXT_BATCH,
+                   help="records per forward, and captions padded together "
+                        "(default %(default)s, the release's local batch)")
+    p.add_argument("--pooling", choices=POOLINGS, default="release",
+                   help="text-feature pooling (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="model weights' dtype (float32); features are stored as float16")
+    p.add_argument("--force", action="store_true", help="recompute existing features")
+    p.set_defaults(func=_teacher)
+
+
+def _teacher(args) -> dict:
+    from unialign_jax.data.teacher import precompute
+    from unialign_jax.data.teacher_qwen import QwenTeacher
+
+    teacher = QwenTeacher(args.model, device=args.device, dtype=args.dtype,
+                          pooling=args.pooling)
+    return {d: precompute(d, teacher, args.batch_size, args.force) for d in args.shards}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unialign-data", description="Data preparation for UniAlignment training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_build(sub)
     _add_synth(sub)
+    _add_teacher(sub)
     return parser
 
 

@@ -29,22 +29,12 @@ MAX_EXAMPLES = 10
 DEFAULT_MAX_SKIP_FRACTION = 0.05
 
 
-class SkipSample(Exception):
-    """Raised for one sample that must be skipped; `reason` is a key of `REASONS`."""
+class SkipSample(images.ImageError):
+    """Raised for one sample that must be skipped; `reason` is a key of `REASONS`. An image
+    that cannot be used (`images.ImageError`) is the same kind of fault, with a narrower
+    set of reasons: builders catch the base class."""
 
-    def __init__(self, reason: str, detail: str):
-        if reason not in REASONS:
-            raise ValueError(f"unknown skip reason {reason!r}")
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-    def __reduce__(self):  # survives pickling back from worker processes
-        return type(self), (self.reason, self.detail)
-
-    @classmethod
-    def from_image_error(cls, error: images.ImageError) -> "SkipSample":
-        return cls(error.reason, error.detail)
+    REASONS = REASONS
 
 
 class TooManySkipped(RuntimeError):

@@ -31,6 +31,7 @@ import grain
 import numpy as np
 
 from unialign_jax.data import images as image_ops
+from unialign_jax.images import to_model_range
 from unialign_jax.data.records import decode_record
 from unialign_jax.data.source import ShardSource
 from unialign_jax.text.tokenizer import MAX_LENGTH, load_tokenizer, tokenize
@@ -76,8 +77,8 @@ class ToTrainingExample(grain.transforms.Map):
 
     def map(self, item: dict) -> dict:
         fields, blobs = decode_record(item["record"])
-        pixels = [image_ops.to_model_range(
-            image_ops.decode_stored(b, self.image_format, self.resolution)) for b in blobs]
+        pixels = [to_model_range(image_ops.decode_stored(b, self.image_format, self.resolution))
+                  for b in blobs]
         caption_ids, instruction_ids = self._ids([fields["caption"], fields["instruction"]])
         example = {"target": pixels[-1], "caption_ids": caption_ids,
                    "instruction_ids": instruction_ids,

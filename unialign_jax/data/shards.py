@@ -88,17 +88,14 @@ def staging_dir(out_dir: str) -> str:
 
 
 def preprocess_sample(sample: Sample, opts: BuildOptions) -> bytes:
-    """One sample → one encoded record; raises `SkipSample` if any of its images fails:
-    undecodable, too small, too elongated or too large."""
+    """One sample → one encoded record; raises `SkipSample` / `images.ImageError` if any of
+    its images fails: unreadable, undecodable, too small, too elongated or too large."""
     stored = []
     for location in sample.images:
-        try:
-            img = images.decode_image(read_image_bytes(location, opts.fetch), location,
-                                      opts.decode).image
-            images.check_size(img.size, min_side=opts.shortest_side,
-                              max_aspect=opts.max_aspect, name=location)
-        except images.ImageError as e:
-            raise SkipSample.from_image_error(e) from None
+        img = images.decode_image(read_image_bytes(location, opts.fetch), location,
+                                  opts.decode).image
+        images.check_size(img.size, min_side=opts.shortest_side, max_aspect=opts.max_aspect,
+                          name=location)
         img = images.resize_and_center_crop(img, opts.resolution)
         stored.append(image_ops.encode(img, opts.image_format))
     return encode_record({"caption": sample.caption, "instruction": sample.instruction,
@@ -108,7 +105,7 @@ def preprocess_sample(sample: Sample, opts: BuildOptions) -> bytes:
 def _preprocess_or_fault(args):
     try:
         return preprocess_sample(*args)
-    except SkipSample as fault:
+    except images.ImageError as fault:   # SkipSample is one
         return fault
 
 
@@ -123,7 +120,7 @@ def build_shard(folder: str, name: str, samples: list, opts: BuildOptions) -> di
         with concurrent.futures.ThreadPoolExecutor(opts.threads) as pool:
             results = pool.map(_preprocess_or_fault, [(s, opts) for s in samples])
             for sample, result in zip(samples, results):
-                if isinstance(result, SkipSample):
+                if isinstance(result, images.ImageError):
                     skipped.add(sample.where, result)
                 else:
                     writer.write(result)

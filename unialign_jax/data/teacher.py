@@ -2,7 +2,7 @@
 
 The alignment loss (spec section 4) compares mid-layer projections with Qwen2.5-VL
 features of the target image and of its caption. Both are constants per sample, so they
-are computed once (`precompute`, driven by `scripts/precompute_teacher.py` for Qwen or by
+are computed once (`precompute`, driven by `unialign-data teacher` for Qwen or by
 the quickstart for its stand-in `ProjectionTeacher`) and stored as two float16 `.npy`
 matrices in `SHARDS/teacher/`, row i belonging to record i of the shard folder (records
 in `summary.json` order). The folder is complete only once `teacher.json` exists; until
@@ -141,7 +141,7 @@ class TeacherFeatures:
             meta = json.load(f)
         if meta["shards"] != shards:
             raise ValueError(f"{self.folder} was computed for another build of {shard_dir}; "
-                             "rerun scripts/precompute_teacher.py --force")
+                             "rerun `unialign-data teacher --force`")
         self.dim = int(meta["dim"])
         self._arrays = None
 

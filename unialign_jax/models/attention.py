@@ -86,8 +86,8 @@ def _splash_block(length: int) -> tuple[int, int]:
     return padded, next(b for b in (512, 256, 128) if padded % b == 0)
 
 
-@functools.lru_cache(maxsize=None)
 def _splash_kernel(heads: int, lq: int, lk: int, interpret: bool):
+    """Built per trace: the kernel holds mask-info arrays, which must not outlive a trace."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash, splash_attention_mask as masks)
 

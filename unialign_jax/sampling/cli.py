@@ -23,6 +23,7 @@ from unialign_jax.models.attention import IMPLEMENTATIONS
 from unialign_jax.sampling.pipeline import (DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT,
                                             DEFAULT_STEPS, MAX_CONDITION_IMAGES)
 from unialign_jax.sampling.preprocess import InputError, check_resolution, load_image
+from unialign_jax.text.tokenizer import MAX_LENGTH
 
 TASKS = {
     "t2i": "text-to-image from prompts",
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         if task == "caption":
             p.add_argument("--steps", type=int, default=32,
                            help="unmasking steps, 32-64 (default %(default)s)")
-            p.add_argument("--length", type=int, default=256,
+            p.add_argument("--length", type=int, default=MAX_LENGTH,
                            help="token positions (default %(default)s)")
         else:
             p.add_argument("--steps", type=int, default=DEFAULT_STEPS,

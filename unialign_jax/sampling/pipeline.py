@@ -29,6 +29,7 @@ from unialign_jax.parallel import ActivationSharding, batch_ways, make_mesh, mod
 from unialign_jax.parallel.placement import place_module, put
 from unialign_jax.sampling.caption import ModelDenoiser, sample_caption
 from unialign_jax.sampling.flow import sample_images
+from unialign_jax.diffusion import flow
 from unialign_jax.images import RESIZE_MODES, bucket_size
 from unialign_jax.sampling.preprocess import (InputError, check_input_size, check_prompts,
                                               check_resolution, load_image, preprocess, to_pil)
@@ -140,8 +141,9 @@ class UniAlignPipeline:
         self.latent_channels = cfg.in_channels
         self.downsampling = components.vae.config.downsample_factor
         self.max_side = cfg.pos_embed_max_size * cfg.patch_size * self.downsampling
-        self.shift = float(components.scheduler.get("shift", 3.0))
-        self.num_train_timesteps = int(components.scheduler.get("num_train_timesteps", 1000))
+        self.shift = float(components.scheduler.get("shift", flow.INFERENCE_SHIFT))
+        self.num_train_timesteps = int(components.scheduler.get("num_train_timesteps",
+                                                                flow.NUM_TRAIN_TIMESTEPS))
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=jnp.float32, *, vae_dtype=jnp.float32,

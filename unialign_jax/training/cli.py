@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 
+import unialign_configs
 from unialign_jax import configlib
-from unialign_jax.training.config import TrainConfig, load_config, shipped_configs
+from unialign_jax.training.config import TrainConfig
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "checkpointed, rerun me"
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "contrastive + alignment losses) on a device mesh, with checkpoints, "
                     "automatic resume and metrics (stdout, WORKDIR/metrics.jsonl, "
                     "WORKDIR/tensorboard).",
-        epilog=EPILOG.format(configs=", ".join(shipped_configs())) + keys,
+        epilog=EPILOG.format(configs=", ".join(unialign_configs.names())) + keys,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, metavar="NAME|FILE",
                         help="a shipped config's name or a Python file with get_config()")
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
     try:
-        cfg = configlib.apply_overrides(load_config(args.config), args.overrides)
+        cfg = configlib.apply_overrides(unialign_configs.load(args.config), args.overrides)
         if args.print_config:
             print("\n".join(configlib.describe(cfg)))
             return 0

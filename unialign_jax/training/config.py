@@ -13,15 +13,17 @@ default.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.util
 import os
 from typing import Literal
 
 from unialign_jax.configlib import JsonConfig
+from unialign_jax.diffusion import masked
 from unialign_jax.models.mmdit_config import MMDiTConfig
 from unialign_jax.models.t5 import T5Config
 from unialign_jax.models.vae import VAEConfig
+from unialign_jax.text.tokenizer import MAX_LENGTH
+from unialign_jax.training.losses import CONTRASTIVE_TEMPERATURE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +63,7 @@ class DataConfig(JsonConfig):
     t2i_shards: tuple[str, ...] = ()      # shard folders of `unialign-data build --kind t2i`
     edit_shards: tuple[str, ...] = ()     # editing + perception shard folders
     resolution: int = 512
-    max_length: int = 256                 # caption / instruction tokens
+    max_length: int = MAX_LENGTH          # caption / instruction tokens
     seed: int = 0
     workers: int = 0                      # grain worker processes per host
 
@@ -96,8 +98,8 @@ class LossConfig(JsonConfig):
     align_weight: float = 0.1
     block_depth: int = 8                  # block after which alignment features are taken
     null_prompt_prob: float = 0.1
-    contrastive_temperature: float = 0.07
-    caption_eps: float = 1e-3             # ε of the masked-diffusion schedule
+    contrastive_temperature: float = CONTRASTIVE_TEMPERATURE
+    caption_eps: float = masked.SCHEDULE_EPS   # ε of the masked-diffusion schedule
     # "device": contrast within each device's micro-batch, as the release (per GPU, no
     # gather); "global": within the whole global micro-batch (independent of the mesh).
     contrastive_scope: Literal["device", "global"] = "device"
@@ -185,33 +187,24 @@ class TrainConfig(JsonConfig):
             tokenizer=m.tokenizer or where["tokenizer"]))
 
 
-def load_config(name_or_path: str) -> TrainConfig:
-    """`get_config()` of a config: a `.py` file, or the name of one shipped in `configs/`
-    (installed as `unialign_configs`), e.g. "quickstart"."""
-    if name_or_path.endswith(".py"):
-        if not os.path.isfile(name_or_path):
-            raise FileNotFoundError(f"config file not found: {name_or_path}")
-        name = os.path.basename(name_or_path)[:-3]
-        spec = importlib.util.spec_from_file_location(f"_config_{name}", name_or_path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(f"unialign_configs.{name_or_path}")
-        except ModuleNotFoundError:
-            raise FileNotFoundError(f"no config named {name_or_path!r}: give a .py file or one "
-                                    f"of {shipped_configs()}") from None
+def load_config(path: str) -> TrainConfig:
+    """`get_config()` of the Python file `path` (shipped configs load by name through
+    `unialign_configs.load`)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    name = os.path.basename(path)[:-3]
+    spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return config_of(module, path)
+
+
+def config_of(module, where: str) -> TrainConfig:
+    """The `TrainConfig` a config module's `get_config()` returns, checked."""
     if not hasattr(module, "get_config"):
-        raise ValueError(f"{name_or_path} defines no get_config()")
+        raise ValueError(f"{where} defines no get_config()")
     config = module.get_config()
     if not isinstance(config, TrainConfig):
-        raise ValueError(f"{name_or_path}: get_config() returned {type(config).__name__}, not "
+        raise ValueError(f"{where}: get_config() returned {type(config).__name__}, not "
                          "TrainConfig")
     return config
-
-
-def shipped_configs() -> list[str]:
-    import unialign_configs
-
-    folder = os.path.dirname(unialign_configs.__file__)
-    return sorted(n[:-3] for n in os.listdir(folder) if n.endswith(".py") and n[0] != "_")

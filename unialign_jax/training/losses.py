@@ -7,6 +7,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+CONTRASTIVE_TEMPERATURE = 0.07
+
 
 def _l2_normalise(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     """torch.nn.functional.normalize: x / max(‖x‖, eps)."""
@@ -14,7 +16,8 @@ def _l2_normalise(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 
 def contrastive_loss(image_hidden: jax.Array, text_hidden: jax.Array,
-                     temperature: float = 0.07, groups: int = 1) -> jax.Array:
+                     temperature: float = CONTRASTIVE_TEMPERATURE, groups: int = 1
+                     ) -> jax.Array:
     """Symmetric InfoNCE between token-averaged image and text states (diagonal = pairs).
 
     `groups` > 1 splits the rows into that many consecutive groups, contrasts within each

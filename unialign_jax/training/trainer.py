@@ -80,7 +80,7 @@ def train(cfg: TrainConfig, workdir: str, *, echo=None) -> TrainResult:
         if not cfg.loss.allow_missing_teacher:
             raise ValueError("the training data has no teacher features, so the alignment "
                              "losses cannot be computed: precompute them "
-                             "(scripts/precompute_teacher.py), set loss.align_weight=0, or set "
+                             "(unialign-data teacher), set loss.align_weight=0, or set "
                              "loss.allow_missing_teacher=True to train without them")
         log.warning("the data has no teacher features: alignment losses are off")
 
