@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from image_files import (BG, ORIENT, UPRIGHT, chunk, cmyk_reference, composite, exif,
+                         gif_frames, grey3, png, save, u16)
 from unialign_jax import images
 from unialign_jax.images import DecodeOptions, ImageError, check_size, decode_image, to_rgb
 
-BG = (10, 200, 30)  # a non-white background, so compositing is visible
 RNG = np.random.default_rng(1234)
 
 
@@ -35,126 +36,20 @@ def _decode(data: bytes, **options):
     return _rgb(d), d.notes
 
 
-def _save(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def _grey3(v: np.ndarray) -> np.ndarray:
-    return np.repeat(np.asarray(v)[..., None], 3, axis=-1)
-
-
-def _composite(rgb, alpha, alpha_max, colour_max, bg=BG) -> np.ndarray:
-    """alpha * colour + (1 - alpha) * background in float64, colour in source units."""
-    rgb = np.asarray(rgb, np.float64)
-    a = np.asarray(alpha, np.float64)[..., None] / alpha_max
-    bg = np.asarray(bg, np.float64) * colour_max / 255.0
-    return np.rint((rgb * a + bg * (1 - a)) * 255.0 / colour_max).astype(np.uint8)
-
-
-def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return (struct.pack(">I", len(payload)) + kind + payload
-            + struct.pack(">I", zlib.crc32(kind + payload)))
-
-
-def _filter_rows(img: np.ndarray, bpp: int) -> bytes:
-    """PNG-filters each row of an (H, W*bpp) byte array, cycling through all 5 filter types."""
-    out = []
-    prior = np.zeros(img.shape[1], np.int32)
-    for y, row in enumerate(img.astype(np.int32)):
-        ftype = y % 5
-        left = np.concatenate([np.zeros(bpp, np.int32), row[:-bpp]])
-        upleft = np.concatenate([np.zeros(bpp, np.int32), prior[:-bpp]])
-        if ftype == 0:
-            pred = np.zeros_like(row)
-        elif ftype == 1:
-            pred = left
-        elif ftype == 2:
-            pred = prior
-        elif ftype == 3:
-            pred = (left + prior) // 2
-        else:
-            p = left + prior - upleft
-            pa, pb, pc = np.abs(p - left), np.abs(p - prior), np.abs(p - upleft)
-            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prior, upleft))
-        out.append(bytes([ftype]) + ((row - pred) % 256).astype(np.uint8).tobytes())
-        prior = row
-    return b"".join(out)
-
-
-_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
-          (0, 1, 1, 2))
-
-
-def _png(arr: np.ndarray, color_type: int, bit_depth: int = 16, extra: bytes = b"",
-         interlace: bool = False) -> bytes:
-    """A PNG written by hand (Pillow cannot write 16-bit colour), with all filter types."""
-    arr = arr if arr.ndim == 3 else arr[..., None]
-    h, w, channels = arr.shape
-    dtype = ">u2" if bit_depth == 16 else "u1"
-    bpp = channels * bit_depth // 8
-
-    def stream(sub):
-        if sub.size == 0:
-            return b""
-        return _filter_rows(np.frombuffer(sub.astype(dtype).tobytes(), np.uint8)
-                            .reshape(sub.shape[0], -1), bpp)
-
-    if interlace:
-        raw = b"".join(stream(arr[y0::dy, x0::dx]) for x0, y0, dx, dy in _ADAM7)
-    else:
-        raw = stream(arr)
-    ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, int(interlace))
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + extra
-            + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b""))
-
-
-def _u16(shape) -> np.ndarray:
-    """Random 16-bit values plus the extremes and near-rounding-boundary values."""
-    v = RNG.integers(0, 65536, shape).astype(np.uint16)
-    flat = v.reshape(-1)
-    special = [0, 65535, 128, 129, 257, 257 * 100 + 128, 257 * 100 + 129, 32896]
-    flat[:len(special)] = special
-    return v
-
-
-# Non-symmetric 3x2 image with 6 distinct colours (for the orientation tests).
-ORIENT = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]],
-                   [[255, 255, 0], [0, 255, 255], [255, 0, 255]]], np.uint8)
-# What the viewer shows for each EXIF orientation, written from the EXIF spec's definitions.
-UPRIGHT = {
-    1: lambda a: a,
-    2: lambda a: a[:, ::-1],  # mirrored horizontally
-    3: lambda a: a[::-1, ::-1],  # rotated 180
-    4: lambda a: a[::-1],  # mirrored vertically
-    5: lambda a: a.transpose(1, 0, 2),  # transposed (main diagonal)
-    6: lambda a: np.rot90(a, k=-1),  # rotate 90 clockwise
-    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # transverse (anti-diagonal)
-    8: lambda a: np.rot90(a, k=1),  # rotate 90 counter-clockwise
-}
-
-
-def _exif(orientation: int) -> Image.Exif:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    return exif
-
-
 # ---------------------------------------------------------------- high bit depth
 
 @pytest.mark.parametrize("fmt,mode", [("PNG", "I;16"), ("TIFF", "I;16"), ("TIFF", "I;16B"),
                                       ("PNG-hand", "I;16")])
 def test_16bit_grey_is_scaled_not_clipped(fmt, mode):
-    v = _u16((5, 7))
+    v = u16(RNG, (5, 7))
     if fmt == "PNG-hand":
-        data = _png(v, 0)
+        data = png(v, 0)
     else:
         img = Image.frombytes(mode, (7, 5), v.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
-        data = _save(img, fmt)
+        data = save(img, fmt)
     assert Image.open(io.BytesIO(data)).mode.startswith("I;16")
     got, notes = _decode(data)
-    np.testing.assert_array_equal(got, _grey3(np.rint(v / 257.0).astype(np.uint8)))
+    np.testing.assert_array_equal(got, grey3(np.rint(v / 257.0).astype(np.uint8)))
     assert "scaled_16bit" in notes
 
 
@@ -162,16 +57,16 @@ def test_16bit_grey_is_scaled_not_clipped(fmt, mode):
 @pytest.mark.parametrize("color_type", [2, 6, 4])  # RGB, RGBA, LA at 16 bits
 def test_16bit_colour_png_exact(color_type, interlace):
     channels = {2: 3, 6: 4, 4: 2}[color_type]
-    v = _u16((9, 11, channels))
+    v = u16(RNG, (9, 11, channels))
     if channels in (2, 4):  # alpha: some transparent pixels hiding a bright colour, some opaque
         v[0, :, -1] = 0
         v[0, :, 0] = 65535
         v[1, :, -1] = 65535
-    data = _png(v, color_type, interlace=interlace)
+    data = png(v, color_type, interlace=interlace)
     got, notes = _decode(data, background=BG)
-    colour = v[..., :3] if channels >= 3 else _grey3(v[..., 0])
+    colour = v[..., :3] if channels >= 3 else grey3(v[..., 0])
     if channels in (2, 4):
-        expected = _composite(colour, v[..., -1], 65535, 65535)
+        expected = composite(colour, v[..., -1], 65535, 65535)
         np.testing.assert_array_equal(got[0], np.broadcast_to(BG, got[0].shape))
         assert "alpha_composited" in notes
     else:
@@ -182,60 +77,55 @@ def test_16bit_colour_png_exact(color_type, interlace):
 
 def test_16bit_colour_keys():
     grey = np.array([[1000, 50000, 65535]], np.uint16)
-    got, notes = _decode(_png(grey, 0, extra=_chunk(b"tRNS", struct.pack(">H", 50000))),
+    got, notes = _decode(png(grey, 0, extra=chunk(b"tRNS", struct.pack(">H", 50000))),
                          background=BG)
     np.testing.assert_array_equal(got[0], [[4] * 3, BG, [255] * 3])
     assert "alpha_composited" in notes
     # The key matches all 16 bits: (50000, 4, 5) is transparent, (50000, 4, 6) is not.
     rgb = np.array([[[50000, 4, 5], [50000, 4, 6], [257, 514, 771]]], np.uint16)
-    got, _ = _decode(_png(rgb, 2, extra=_chunk(b"tRNS", struct.pack(">HHH", 50000, 4, 5))),
+    got, _ = _decode(png(rgb, 2, extra=chunk(b"tRNS", struct.pack(">HHH", 50000, 4, 5))),
                      background=BG)
     np.testing.assert_array_equal(got[0], [BG, np.rint(np.array([50000, 4, 6]) / 257), [1, 2, 3]])
 
 
 def test_int_mode():
     small = RNG.integers(0, 65536, (4, 6)).astype(np.int32)
-    data = _save(Image.fromarray(small), "TIFF")
+    data = save(Image.fromarray(small), "TIFF")
     assert Image.open(io.BytesIO(data)).mode == "I"
     got, notes = _decode(data)
-    np.testing.assert_array_equal(got, _grey3(np.rint(small / 257.0)))
+    np.testing.assert_array_equal(got, grey3(np.rint(small / 257.0)))
     assert "scaled_16bit" in notes
     # Beyond 16 bits: negatives clip to 0, then scaled by the image's own maximum.
     big = np.array([[-5, 0, 70000, 1_000_000], [500_000, 250_000, 3, 999_999]], np.int32)
-    got, notes = _decode(_save(Image.fromarray(big), "TIFF"))
-    np.testing.assert_array_equal(got, _grey3(np.rint(np.clip(big, 0, None) * 255 / 1_000_000)))
+    got, notes = _decode(save(Image.fromarray(big), "TIFF"))
+    np.testing.assert_array_equal(got, grey3(np.rint(np.clip(big, 0, None) * 255 / 1_000_000)))
     assert "scaled_by_max" in notes
 
 
 def test_16bit_pgm_opens_as_int_mode():
-    v = _u16((3, 5))
+    v = u16(RNG, (3, 5))
     data = b"P5\n5 3\n65535\n" + v.astype(">u2").tobytes()
     assert Image.open(io.BytesIO(data)).mode == "I"
     got, _ = _decode(data)
-    np.testing.assert_array_equal(got, _grey3(np.rint(v / 257.0)))
+    np.testing.assert_array_equal(got, grey3(np.rint(v / 257.0)))
 
 
 def test_float_mode_is_taken_as_unit_range():
     v = np.array([[0.0, 0.5, 1.0, -0.25], [1.5, np.nan, 0.3, 1e-3]], np.float32)
-    data = _save(Image.fromarray(v), "TIFF")
+    data = save(Image.fromarray(v), "TIFF")
     assert Image.open(io.BytesIO(data)).mode == "F"
     got, notes = _decode(data)
     ref = np.rint(np.clip(np.nan_to_num(v.astype(np.float64)), 0, 1) * 255)
-    np.testing.assert_array_equal(got, _grey3(ref))
+    np.testing.assert_array_equal(got, grey3(ref))
     assert "scaled_float" in notes
 
 
 # ---------------------------------------------------------------- colour spaces
 
-def _cmyk_reference(cmyk: np.ndarray) -> np.ndarray:
-    c, k = cmyk[..., :3].astype(np.float64), cmyk[..., 3:].astype(np.float64)
-    return np.rint((255 - c) * (255 - k) / 255).astype(np.uint8)
-
-
 def test_cmyk_tiff_exact():
     cmyk = RNG.integers(0, 256, (4, 5, 4)).astype(np.uint8)
-    got, notes = _decode(_save(Image.frombytes("CMYK", (5, 4), cmyk.tobytes()), "TIFF"))
-    np.testing.assert_array_equal(got, _cmyk_reference(cmyk))
+    got, notes = _decode(save(Image.frombytes("CMYK", (5, 4), cmyk.tobytes()), "TIFF"))
+    np.testing.assert_array_equal(got, cmyk_reference(cmyk))
     assert "cmyk_converted" in notes
 
 
@@ -245,10 +135,10 @@ def test_cmyk_jpeg_adobe_inverted():
     colours = np.array([[10, 200, 30, 40], [250, 5, 128, 0], [0, 0, 0, 255], [60, 60, 180, 20]],
                        np.uint8)
     cmyk = np.kron(colours.reshape(2, 2, 4), np.ones((8, 8, 1), np.uint8))
-    data = _save(Image.frombytes("CMYK", (16, 16), cmyk.tobytes()), "JPEG", quality=100)
+    data = save(Image.frombytes("CMYK", (16, 16), cmyk.tobytes()), "JPEG", quality=100)
     assert "adobe" in Image.open(io.BytesIO(data)).info
     got, notes = _decode(data)
-    assert np.abs(got.astype(int) - _cmyk_reference(cmyk)).max() <= 3
+    assert np.abs(got.astype(int) - cmyk_reference(cmyk)).max() <= 3
     assert "cmyk_converted" in notes
 
 
@@ -261,25 +151,25 @@ def test_ycbcr_bilevel_grey_palette_lab():
     assert np.abs(got - np.clip(ref, 0, 255)).max() <= 1.01
 
     bits = RNG.integers(0, 2, (5, 9)).astype(bool)
-    got, _ = _decode(_save(Image.fromarray(bits), "PNG"))
-    np.testing.assert_array_equal(got, _grey3(bits * 255))
+    got, _ = _decode(save(Image.fromarray(bits), "PNG"))
+    np.testing.assert_array_equal(got, grey3(bits * 255))
 
     grey = RNG.integers(0, 256, (4, 4)).astype(np.uint8)
-    got, notes = _decode(_save(Image.fromarray(grey), "PNG"))
-    np.testing.assert_array_equal(got, _grey3(grey))
+    got, notes = _decode(save(Image.fromarray(grey), "PNG"))
+    np.testing.assert_array_equal(got, grey3(grey))
     assert notes == ()
 
     table = RNG.integers(0, 256, (256, 3)).astype(np.uint8)
     idx = RNG.integers(0, 256, (4, 6)).astype(np.uint8)
     pal = Image.fromarray(idx, "P")
     pal.putpalette(table.tobytes())
-    got, _ = _decode(_save(pal, "PNG"))
+    got, _ = _decode(save(pal, "PNG"))
     np.testing.assert_array_equal(got, table[idx])
 
     # CIELab TIFF, neutral greys (raw a = b = 0, signed as in TIFF) -> sRGB grey of lightness L*.
     lstar = np.array([20.0, 50.0, 80.0])
     lab = np.stack([np.rint(lstar * 255 / 100), [0] * 3, [0] * 3], -1).astype(np.uint8)
-    got, notes = _decode(_save(Image.frombytes("LAB", (3, 1), lab.tobytes()), "TIFF"))
+    got, notes = _decode(save(Image.frombytes("LAB", (3, 1), lab.tobytes()), "TIFF"))
     got = got[0]
     assert "lab_converted" in notes
     lq = lab[:, 0] * 100.0 / 255
@@ -294,18 +184,18 @@ def test_rgba_hidden_colour_never_shows():
     rgba = RNG.integers(0, 256, (6, 8, 4)).astype(np.uint8)
     rgba[:, :4, 3] = 0  # transparent left half, hiding random colours
     rgba[0, 4:, 3] = 255
-    got, notes = _decode(_save(Image.fromarray(rgba, "RGBA"), "PNG"), background=BG)
-    np.testing.assert_array_equal(got, _composite(rgba[..., :3], rgba[..., 3], 255, 255))
+    got, notes = _decode(save(Image.fromarray(rgba, "RGBA"), "PNG"), background=BG)
+    np.testing.assert_array_equal(got, composite(rgba[..., :3], rgba[..., 3], 255, 255))
     np.testing.assert_array_equal(got[:, :4], np.broadcast_to(BG, (6, 4, 3)))
     assert "alpha_composited" in notes
-    white, _ = _decode(_save(Image.fromarray(rgba, "RGBA"), "PNG"))
+    white, _ = _decode(save(Image.fromarray(rgba, "RGBA"), "PNG"))
     np.testing.assert_array_equal(white[:, :4], np.full((6, 4, 3), 255))
 
 
 def test_opaque_rgba_is_not_composited():
     rgba = RNG.integers(0, 256, (3, 3, 4)).astype(np.uint8)
     rgba[..., 3] = 255
-    got, notes = _decode(_save(Image.fromarray(rgba, "RGBA"), "PNG"), background=BG)
+    got, notes = _decode(save(Image.fromarray(rgba, "RGBA"), "PNG"), background=BG)
     np.testing.assert_array_equal(got, rgba[..., :3])
     assert notes == ()
 
@@ -313,15 +203,15 @@ def test_opaque_rgba_is_not_composited():
 def test_la_and_pa_and_premultiplied():
     la = RNG.integers(0, 256, (4, 5, 2)).astype(np.uint8)
     la[0, :, 1] = 0
-    got, _ = _decode(_save(Image.fromarray(la, "LA"), "PNG"), background=BG)
-    np.testing.assert_array_equal(got, _composite(_grey3(la[..., 0]), la[..., 1], 255, 255))
+    got, _ = _decode(save(Image.fromarray(la, "LA"), "PNG"), background=BG)
+    np.testing.assert_array_equal(got, composite(grey3(la[..., 0]), la[..., 1], 255, 255))
 
     table = RNG.integers(0, 256, (256, 3)).astype(np.uint8)
     pa = np.stack([RNG.integers(0, 256, (3, 4)), RNG.integers(0, 256, (3, 4))], -1)
     img = Image.frombytes("PA", (4, 3), pa.astype(np.uint8).tobytes())
     img.putpalette(table.tobytes())
     got = _rgb(to_rgb(img, DecodeOptions(background=BG)))
-    np.testing.assert_array_equal(got, _composite(table[pa[..., 0]], pa[..., 1], 255, 255))
+    np.testing.assert_array_equal(got, composite(table[pa[..., 0]], pa[..., 1], 255, 255))
 
     # Premultiplied "RGBa" (alpha 255 or 0 only, so un-premultiplying is exact).
     rgba = RNG.integers(0, 256, (2, 3, 4)).astype(np.uint8)
@@ -329,7 +219,7 @@ def test_la_and_pa_and_premultiplied():
     rgba[..., :3][rgba[..., 3] == 0] = 0
     got = _rgb(to_rgb(Image.frombytes("RGBa", (3, 2), rgba.tobytes()),
                       DecodeOptions(background=BG)))
-    np.testing.assert_array_equal(got, _composite(rgba[..., :3], rgba[..., 3], 255, 255))
+    np.testing.assert_array_equal(got, composite(rgba[..., :3], rgba[..., 3], 255, 255))
 
 
 @pytest.mark.parametrize("kind", ["index", "bytes"])
@@ -345,8 +235,8 @@ def test_palette_transparency(kind):
         alpha_table = RNG.integers(0, 256, 16)
         alpha_table[3] = 0
         trns = bytes(alpha_table.astype(np.uint8))
-    got, notes = _decode(_save(img, "PNG", transparency=trns), background=BG)
-    np.testing.assert_array_equal(got, _composite(table[idx], alpha_table[idx], 255, 255))
+    got, notes = _decode(save(img, "PNG", transparency=trns), background=BG)
+    np.testing.assert_array_equal(got, composite(table[idx], alpha_table[idx], 255, 255))
     assert tuple(got[0, 0]) == BG and "alpha_composited" in notes
 
 
@@ -356,19 +246,19 @@ def test_palette_with_rgba_palette():
     img = Image.fromarray(idx, "P")
     img.putpalette(table.tobytes(), "RGBA")
     got = _rgb(to_rgb(img, DecodeOptions(background=BG)))
-    np.testing.assert_array_equal(got, _composite(table[idx, :3], table[idx, 3], 255, 255))
+    np.testing.assert_array_equal(got, composite(table[idx, :3], table[idx, 3], 255, 255))
 
 
 def test_colour_keys_rgb_and_grey():
     rgb = RNG.integers(0, 256, (3, 4, 3)).astype(np.uint8)
     rgb[1, 2] = (7, 8, 9)
-    got, _ = _decode(_save(Image.fromarray(rgb), "PNG", transparency=(7, 8, 9)), background=BG)
+    got, _ = _decode(save(Image.fromarray(rgb), "PNG", transparency=(7, 8, 9)), background=BG)
     key = np.all(rgb == (7, 8, 9), axis=-1)
     np.testing.assert_array_equal(got, np.where(key[..., None], BG, rgb))
     grey = RNG.integers(0, 256, (3, 4)).astype(np.uint8)
     grey[0, 0] = 42
-    got, _ = _decode(_save(Image.fromarray(grey), "PNG", transparency=42), background=BG)
-    np.testing.assert_array_equal(got, np.where((grey == 42)[..., None], BG, _grey3(grey)))
+    got, _ = _decode(save(Image.fromarray(grey), "PNG", transparency=42), background=BG)
+    np.testing.assert_array_equal(got, np.where((grey == 42)[..., None], BG, grey3(grey)))
 
 
 # ---------------------------------------------------------------- EXIF orientation
@@ -376,7 +266,7 @@ def test_colour_keys_rgb_and_grey():
 @pytest.mark.parametrize("orientation", range(1, 9))
 @pytest.mark.parametrize("fmt,kw", [("PNG", {}), ("TIFF", {}), ("WEBP", {"lossless": True})])
 def test_exif_orientation_lossless(orientation, fmt, kw):
-    data = _save(Image.fromarray(ORIENT), fmt, exif=_exif(orientation), **kw)
+    data = save(Image.fromarray(ORIENT), fmt, exif=exif(orientation), **kw)
     got, notes = _decode(data)
     np.testing.assert_array_equal(got, UPRIGHT[orientation](ORIENT))
     assert ("exif_transposed" in notes) == (orientation != 1)
@@ -388,8 +278,8 @@ def test_exif_orientation_lossless(orientation, fmt, kw):
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_jpeg(orientation):
     big = np.kron(ORIENT, np.ones((8, 8, 1), np.uint8))  # 8x8 flat blocks: near lossless
-    data = _save(Image.fromarray(big), "JPEG", quality=100, subsampling=0,
-                 exif=_exif(orientation))
+    data = save(Image.fromarray(big), "JPEG", quality=100, subsampling=0,
+                 exif=exif(orientation))
     got, _ = _decode(data)
     expected = UPRIGHT[orientation](big)
     assert got.shape == expected.shape
@@ -397,7 +287,7 @@ def test_exif_orientation_jpeg(orientation):
 
 
 def test_decoding_again_is_a_no_op():
-    data = _save(Image.fromarray(ORIENT), "PNG", exif=_exif(6))
+    data = save(Image.fromarray(ORIENT), "PNG", exif=exif(6))
     first = decode_image(data)
     again = to_rgb(first.image)
     np.testing.assert_array_equal(_rgb(again), _rgb(first))
@@ -406,22 +296,9 @@ def test_decoding_again_is_a_no_op():
 
 # ---------------------------------------------------------------- animations
 
-def _gif_frames() -> tuple[list, list, list]:
-    frames, tables, idxs = [], [], []
-    for k in range(3):
-        table = RNG.integers(0, 256, (8, 3)).astype(np.uint8)
-        idx = RNG.integers(0, 8, (4, 5)).astype(np.uint8)
-        img = Image.fromarray(idx, "P")
-        img.putpalette(table.tobytes())
-        frames.append(img)
-        tables.append(table)
-        idxs.append(idx)
-    return frames, tables, idxs
-
-
 def test_animated_gif_first_frame():
-    frames, tables, idxs = _gif_frames()
-    data = _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50,
+    frames, tables, idxs = gif_frames(RNG)
+    data = save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50,
                  loop=0, optimize=False)
     got, notes = _decode(data)
     np.testing.assert_array_equal(got, tables[0][idxs[0]])
@@ -433,11 +310,11 @@ def test_animated_gif_first_frame():
 
 
 def test_animated_gif_transparent_first_frame():
-    frames, tables, idxs = _gif_frames()
+    frames, tables, idxs = gif_frames(RNG)
     idxs[0][0, :] = 5
     frames[0] = Image.fromarray(idxs[0], "P")
     frames[0].putpalette(tables[0].tobytes())
-    data = _save(frames[0], "GIF", save_all=True, append_images=frames[1:], transparency=5,
+    data = save(frames[0], "GIF", save_all=True, append_images=frames[1:], transparency=5,
                  optimize=False, disposal=2)
     got, _ = _decode(data, background=BG)
     expected = np.where((idxs[0] == 5)[..., None], BG, tables[0][idxs[0]])
@@ -448,7 +325,7 @@ def test_animated_gif_transparent_first_frame():
 def test_animated_png_webp_first_frame(fmt, kw):
     arrays = [RNG.integers(0, 256, (4, 5, 3)).astype(np.uint8) for _ in range(3)]
     frames = [Image.fromarray(a) for a in arrays]
-    data = _save(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, **kw)
+    data = save(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, **kw)
     got, notes = _decode(data)
     np.testing.assert_array_equal(got, arrays[0])
     assert "first_frame_of_3" in notes
@@ -457,7 +334,7 @@ def test_animated_png_webp_first_frame(fmt, kw):
 # ---------------------------------------------------------------- errors
 
 def _noise_file(fmt: str) -> bytes:
-    return _save(Image.fromarray(RNG.integers(0, 256, (64, 64, 3)).astype(np.uint8)), fmt)
+    return save(Image.fromarray(RNG.integers(0, 256, (64, 64, 3)).astype(np.uint8)), fmt)
 
 
 @pytest.mark.parametrize("data,reason", [
@@ -484,13 +361,13 @@ def test_truncated_files_are_corrupt(fmt):
 
 def test_decompression_bomb_and_max_pixels():
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
-    bomb = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr)
-            + _chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + _chunk(b"IEND", b""))
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b""))
     assert len(bomb) < 200
     with pytest.raises(ImageError) as e:
         decode_image(bomb)
     assert e.value.reason == "image_too_large"
-    data = _save(Image.new("RGB", (10, 12)), "PNG")
+    data = save(Image.new("RGB", (10, 12)), "PNG")
     _decode(data, max_pixels=120)  # exactly at the limit: accepted
     for call in (lambda o: decode_image(data, options=o),
                  lambda o: to_rgb(Image.open(io.BytesIO(data)), o)):
@@ -541,17 +418,17 @@ def test_check_size_boundaries():
 def _sample_files() -> dict:
     rgba = RNG.integers(0, 256, (5, 6, 4)).astype(np.uint8)
     rgba[0, :, 3] = 0
-    frames, _, _ = _gif_frames()
+    frames, _, _ = gif_frames(RNG)
     return {
-        "grey16": _png(_u16((4, 5)), 0),
-        "rgb16": _png(_u16((4, 5, 3)), 2),
-        "rgba16": _png(_u16((4, 5, 4)), 6, interlace=True),
-        "la16": _png(_u16((4, 5, 2)), 4),
-        "rgba": _save(Image.fromarray(rgba, "RGBA"), "PNG"),
-        "exif6": _save(Image.fromarray(ORIENT), "JPEG", exif=_exif(6)),
-        "cmyk": _save(Image.frombytes("CMYK", (2, 2), bytes(range(16))), "TIFF"),
-        "float": _save(Image.fromarray(RNG.random((3, 3)).astype(np.float32)), "TIFF"),
-        "gif": _save(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "grey16": png(u16(RNG, (4, 5)), 0),
+        "rgb16": png(u16(RNG, (4, 5, 3)), 2),
+        "rgba16": png(u16(RNG, (4, 5, 4)), 6, interlace=True),
+        "la16": png(u16(RNG, (4, 5, 2)), 4),
+        "rgba": save(Image.fromarray(rgba, "RGBA"), "PNG"),
+        "exif6": save(Image.fromarray(ORIENT), "JPEG", exif=exif(6)),
+        "cmyk": save(Image.frombytes("CMYK", (2, 2), bytes(range(16))), "TIFF"),
+        "float": save(Image.fromarray(RNG.random((3, 3)).astype(np.float32)), "TIFF"),
+        "gif": save(frames[0], "GIF", save_all=True, append_images=frames[1:]),
     }
 
 
@@ -571,9 +448,9 @@ def test_to_rgb_matches_decode_image(name, tmp_path):
 
 def test_to_rgb_in_memory_matches_png_bytes():
     rgba = Image.fromarray(RNG.integers(0, 256, (4, 4, 4)).astype(np.uint8), "RGBA")
-    grey16 = Image.fromarray(_u16((4, 4)))
+    grey16 = Image.fromarray(u16(RNG, (4, 4)))
     for img in (rgba, grey16):
-        a, b = to_rgb(img), decode_image(_save(img, "PNG"))
+        a, b = to_rgb(img), decode_image(save(img, "PNG"))
         np.testing.assert_array_equal(_rgb(a), _rgb(b))
         assert a.notes == b.notes
 

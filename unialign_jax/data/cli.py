@@ -9,7 +9,7 @@ import logging
 import sys
 
 from unialign_jax.data.faults import DEFAULT_MAX_SKIP_FRACTION, TooManySkipped
-from unialign_jax.data.fetch import FetchOptions
+from unialign_jax.data.fetch import DEFAULT_DEADLINE, DEFAULT_MAX_BYTES, MIB, FetchOptions
 from unialign_jax.data.jsonl import DEFAULT_COMPOSE_SOURCES, KINDS
 from unialign_jax.data.shards import DEFAULT_MAX_ASPECT
 from unialign_jax.data.teacher import POOLINGS, RELEASE_TEXT_BATCH
@@ -44,6 +44,14 @@ def _add_build(sub) -> None:
                    help="threads per worker, overlapping downloads and decoding (8)")
     p.add_argument("--url-timeout", type=float, default=10.0, help="seconds per download try")
     p.add_argument("--url-retries", type=int, default=2, help="extra tries per download")
+    p.add_argument("--url-deadline", type=float, default=DEFAULT_DEADLINE, metavar="S",
+                   help="seconds per image download, all tries together (default %(default)g); "
+                        "a slower one is counted as url_too_slow")
+    p.add_argument("--max-download-mib", type=float, default=DEFAULT_MAX_BYTES / MIB,
+                   metavar="MIB",
+                   help="largest download accepted, checked against Content-Length and while "
+                        "reading (default %(default)g MiB); a larger one is counted as "
+                        "url_too_large")
     p.add_argument("--max-skip-fraction", type=float, default=DEFAULT_MAX_SKIP_FRACTION,
                    help="fail when a larger fraction of samples is skipped (0.05)")
     p.add_argument("--min-side", type=int, default=None, metavar="PX",
@@ -73,7 +81,9 @@ def _build(args) -> dict:
         kind=args.kind, resolution=args.resolution, image_format=args.image_format,
         records_per_shard=args.records_per_shard, compose_sources=args.compose_sources,
         workers=args.workers, threads=args.threads,
-        fetch=FetchOptions(timeout=args.url_timeout, retries=args.url_retries),
+        fetch=FetchOptions(timeout=args.url_timeout, retries=args.url_retries,
+                           deadline=args.url_deadline,
+                           max_bytes=int(args.max_download_mib * MIB)),
         max_skip_fraction=args.max_skip_fraction,
         decode=DecodeOptions(exif_orientation=args.exif_orientation == "apply",
                              background=tuple(args.background), max_pixels=args.max_pixels),

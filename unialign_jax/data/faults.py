@@ -24,6 +24,8 @@ REASONS = {
     **images.REASONS,
     "url_timeout": "the download timed out on every try",
     "url_error": "the server answered with an error or could not be reached",
+    "url_too_large": "the download is larger than the byte cap (--max-download-mib)",
+    "url_too_slow": "the download did not finish within its deadline (--url-deadline)",
 }
 MAX_EXAMPLES = 10
 DEFAULT_MAX_SKIP_FRACTION = 0.05
