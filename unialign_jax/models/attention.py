@@ -16,11 +16,10 @@ and runs one of `IMPLEMENTATIONS`:
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "blockwise")
 _NVIDIA = ("gpu", "cuda")
@@ -88,14 +87,11 @@ def _splash_block(length: int) -> tuple[int, int]:
 
 def _splash_kernel(heads: int, lq: int, lk: int, interpret: bool):
     """Built per trace: the kernel holds mask-info arrays, which must not outlive a trace."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_kernel as splash, splash_attention_mask as masks)
-
     (_, bq), (_, bk) = _splash_block(lq), _splash_block(lk)
     blocks = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk,
                                block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk,
                                use_fused_bwd_kernel=True)
-    mask = masks.MultiHeadMask([masks.FullMask((lq, lk))] * heads)
+    mask = splash.MultiHeadMask([splash.FullMask((lq, lk))] * heads)
     return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
                                   interpret=interpret)
 
@@ -110,9 +106,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
     stay finite and are cut off). `interpret=True` runs the Pallas kernel in interpret mode on
     any backend, which is how the CPU tests check this wrapper against the reference.
     """
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
-
-    b, lq, h, d = q.shape
+    _, lq, h, d = q.shape
     lk = k.shape[1]
     (pq, _), (pk, _) = _splash_block(lq), _splash_block(lk)
     scale = d ** -0.5 if scale is None else scale
@@ -123,7 +117,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
 
     segments = None
     if pk != lk:
-        segments = splash_attention_kernel.SegmentIds(
+        segments = splash.SegmentIds(
             q=jnp.zeros(pq, jnp.int32), kv=(jnp.arange(pk) >= lk).astype(jnp.int32))
     kernel = _splash_kernel(h, pq, pk, interpret)
     out = jax.vmap(lambda q_, k_, v_: kernel(q_, k_, v_, segment_ids=segments))(
