@@ -13,9 +13,12 @@ import importlib
 import sys
 from typing import Any
 
+from unialign_convert import reruns
+from unialign_convert.export import DEFAULT_MAX_SHARD_SIZE
 from unialign_convert.mask_embedding import DEFAULT_MASK_TOKEN_ID
 from unialign_convert.param_mapping import DTYPE_NAMES
 from unialign_convert.safetensors_io import ConversionError
+from unialign_jax import compilation_cache, files
 from unialign_jax.checkpoints.io import CheckpointError
 
 
@@ -44,6 +47,22 @@ MASK_EMBEDDING = option(
     "--mask-embedding", metavar="FILE",
     help="UniAlignment's learned mask embedding (.pth torch tensor as released, .safetensors "
          "or .npy); replaces the text encoder's row of the mask token <extra_id_0>")
+
+PIPELINE_DTYPES = (
+    option("--dtype", choices=DTYPE_NAMES, default="float32",
+           help="stored dtype of the transformer and text encoder (default: %(default)s)"),
+    option("--vae-dtype", choices=DTYPE_NAMES, default="float32",
+           help="stored dtype of the VAE (default: %(default)s, as SD3 runs it)"))
+MAX_SHARD_SIZE = option("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
+                        help="largest safetensors file, e.g. 10GB or 500MB; a model above it "
+                             "is sharded with an index file (default: %(default)s)")
+RUN_OPTIONS = (  # choosing the weights of a training work dir
+    option("--step", type=int, default=None,
+           help="checkpoint step of a training work dir (default: the latest)"),
+    option("--ema", dest="weights", action="store_const", const="ema", default=None,
+           help="the EMA weights (the default when the run keeps an EMA)"),
+    option("--raw", dest="weights", action="store_const", const="raw",
+           help="the raw (optimizer's) weights instead of the EMA"))
 
 COMMANDS = {
     "transformer": Command(
@@ -86,11 +105,33 @@ COMMANDS = {
         "UniAlignment layout). UniAlignment layout: transformer/, vae/, text_encoder/, "
         "tokenizer/, scheduler/.",
         "diffusers pipeline folder",
-        (option("--dtype", choices=DTYPE_NAMES, default="float32",
-                help="stored dtype of the transformer and text encoder (default: %(default)s)"),
-         option("--vae-dtype", choices=DTYPE_NAMES, default="float32",
-                help="stored dtype of the VAE (default: %(default)s, as SD3 runs it)"),
-         MASK_EMBEDDING)),
+        (*PIPELINE_DTYPES, MASK_EMBEDDING)),
+    "from-run": Command(
+        "from_run", "a training work dir → a pipeline folder",
+        "Turn a unialign-train work dir into a pipeline folder loadable with "
+        "unialign_jax.load_pipeline and unialign-sample: the trained transformer of one "
+        "checkpoint step with the run's frozen T5, VAE and tokenizer (random frozen models "
+        "are redrawn from the run's seed; the tokenizer pads with </s> as in training). "
+        "load_pipeline and unialign-sample --ckpt also open a work dir directly.",
+        "training work dir (unialign-train --workdir)",
+        RUN_OPTIONS),
+    "export": Command(
+        "export", "our transformer → a diffusers folder (PyTorch)",
+        "Export a converted transformer folder, or a training work dir's transformer (EMA "
+        "weights by default when kept), as a diffusers folder: config.json + "
+        "diffusion_pytorch_model.safetensors, sharded with its index file above "
+        "--max-shard-size. The UniAlignment layout loads into the release's "
+        "SD3JointModelFlexible, the SD3 layout into diffusers' SD3Transformer2DModel, with no "
+        "missing or unexpected key. Host memory: about one copy of the weights.",
+        "converted transformer folder or training work dir",
+        (DTYPE, MAX_SHARD_SIZE, *RUN_OPTIONS)),
+    "export-pipeline": Command(
+        "export_pipeline", "a pipeline folder → the release's diffusers layout",
+        "Export a pipeline folder (unialign-convert pipeline / from-run) in the release's "
+        "layout: transformer/, text_encoder/ (T5EncoderModel), vae/, tokenizer/, scheduler/ "
+        "and model_index.json; `unialign-convert pipeline` reads it back unchanged.",
+        "pipeline folder",
+        (*PIPELINE_DTYPES, MAX_SHARD_SIZE)),
 }
 
 
@@ -108,17 +149,33 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("dst", metavar="DST", help="output folder (must not exist or be empty)")
         for opt in command.options:
             p.add_argument(*opt.flags, **opt.kwargs)
-        p.add_argument("--force", action="store_true", help="overwrite DST")
+        p.add_argument("--force", action="store_true",
+                       help="overwrite DST (without it, rerunning a finished conversion "
+                            "changes nothing and exits 0)")
+        compilation_cache.add_arguments(p)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    compilation_cache.setup_from_args(args)
     run = importlib.import_module(f"unialign_convert.{COMMANDS[args.command].module}").run
+    wanted = reruns.request(args, COMMANDS[args.command].options)
     try:
-        run(args)
+        if reruns.already_done(args.dst, wanted, args.force):
+            print(f"{args.dst} already holds this conversion (same source and options): "
+                  "nothing to do")
+            return 0
+        with files.recording(args.dst, wanted):
+            run(args)
     except (ConversionError, CheckpointError, FileExistsError, FileNotFoundError) as e:
         print(f"unialign-convert {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, RuntimeError) as e:
+        if not files.is_disk_full(e):
+            raise
+        print(f"unialign-convert {args.command}: error: {files.disk_full_message(args.dst)}",
+              file=sys.stderr)
         return 2
     return 0
 

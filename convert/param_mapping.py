@@ -49,6 +49,14 @@ class TensorMove:
     def placed_shape(self, source_shape: tuple[int, ...]) -> tuple[int, ...]:
         return source_shape if self.perm is None else tuple(source_shape[p] for p in self.perm)
 
+    # The way back (export): the same move read in reverse.
+    def source_shape(self, placed_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return placed_shape if self.perm is None else _unpermute(placed_shape, self.perm)
+
+    def unplace(self, placed: np.ndarray) -> np.ndarray:
+        """A tensor in our layout back in the source's (torch) layout."""
+        return placed if self.perm is None else placed.transpose(np.argsort(self.perm))
+
 
 def _listing(items: Sequence[str], limit: int = 20) -> str:
     shown = ", ".join(items[:limit])

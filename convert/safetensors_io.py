@@ -1,20 +1,27 @@
-"""Streaming, torch-free reading of safetensors files and diffusers/transformers folders.
+"""Streaming, torch-free reading and writing of safetensors files and diffusers/transformers
+folders.
 
 Tensors are memory-mapped and copied out one at a time, so converting a model needs about
 one copy of the output in host memory, whatever the size of the source. Headers are
 validated up front so that a corrupt or truncated file fails before anything is written.
+Writing (the export) is the mirror image: headers from the declared shapes first, then
+each tensor's bytes as it is produced.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import mmap
 import os
+import re
 import struct
-from typing import Iterator
+from typing import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
+
+from unialign_jax import files
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -138,3 +145,93 @@ def read_config(folder: str) -> dict:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ConversionError(f"{path}: invalid JSON ({e})") from None
+
+
+# -- writing ------------------------------------------------------------------------------
+_DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+_HEADER_ALIGN = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorOut:
+    """One tensor to write: its key, shape and dtype up front (the headers need them) and
+    `value()`, called once when its bytes are written."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    value: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]I?B|B)?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'10GB', '500MB', '2GiB', '1000' → bytes (decimal units as diffusers; 'i': binary)."""
+    match = _SIZE.fullmatch(str(text))
+    if not match:
+        raise ConversionError(f"not a size: {text!r} (e.g. 10GB, 500MB)")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+
+
+def shard_plan(tensors: list[TensorOut], max_shard_bytes: int) -> list[list[TensorOut]]:
+    """Tensors in their order, cut into shards of at most `max_shard_bytes` (a larger
+    tensor gets a shard of its own)."""
+    shards, size = [[]], 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def write_safetensors(path: str, tensors: list[TensorOut]) -> None:
+    """One .safetensors file written tensor by tensor: only one tensor's bytes are in
+    memory besides what the caller holds."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for t in tensors:
+        header[t.key] = {"dtype": _DTYPE_NAMES[np.dtype(t.dtype)], "shape": list(t.shape),
+                         "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % _HEADER_ALIGN)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for t in tensors:
+            value = np.ascontiguousarray(t.value(), dtype=t.dtype)
+            if value.shape != tuple(t.shape):
+                raise ConversionError(f"{t.key}: produced shape {value.shape}, declared "
+                                      f"{t.shape}")
+            f.write(memoryview(value.reshape(-1).view(np.uint8)))
+            del value
+
+
+def write_weights(folder: str, weights_name: str, tensors: list[TensorOut],
+                  max_shard_bytes: int) -> list[str]:
+    """`<weights_name>.safetensors`, or shards `<weights_name>-0000i-of-0000n.safetensors`
+    with the `.safetensors.index.json` that diffusers / transformers read; returns the
+    file names."""
+    shards = shard_plan(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        names = [f"{weights_name}.safetensors"]
+    else:
+        names = [f"{weights_name}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                 for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        write_safetensors(os.path.join(folder, name), shard)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
+                 "weight_map": {t.key: name for name, shard in zip(names, shards)
+                                for t in shard}}
+        files.write_json(os.path.join(folder, f"{weights_name}.safetensors.index.json"),
+                         index)
+    return names

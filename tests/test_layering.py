@@ -4,7 +4,8 @@ The layering, written once (lowest first): a module may import its own package a
 lower layer; packages of one layer stay side by side (training never imports sampling),
 except on the top floor, where apps and command lines may reuse each other.
 
-    ground      unialign_jax.files, .configlib, .images, .text   (no JAX / Orbax in files)
+    ground      unialign_jax.files, .configlib, .images, .text, .compilation_cache
+                (no JAX / Orbax in files)
     core        unialign_jax.models, unialign_jax.diffusion
     placement   unialign_jax.checkpoints, .data, .parallel
     use         unialign_jax.training, unialign_jax.sampling
@@ -26,7 +27,7 @@ ROOTS = {"unialign_jax": "unialign_jax", "unialign_convert": "convert",
          "unialign_configs": "configs"}
 LAYERS = [
     ("ground", ("unialign_jax.files", "unialign_jax.configlib", "unialign_jax.images",
-                "unialign_jax.text")),
+                "unialign_jax.text", "unialign_jax.compilation_cache")),
     ("core", ("unialign_jax.models", "unialign_jax.diffusion")),
     ("placement", ("unialign_jax.checkpoints", "unialign_jax.data", "unialign_jax.parallel")),
     ("use", ("unialign_jax.training", "unialign_jax.sampling")),

@@ -53,6 +53,26 @@ def load_params(folder: str, target: Any) -> Any:
         return ckptr.restore(path, target)
 
 
+def read_tree(path: str, target: Any, *, partial: bool = False, where: str | None = None
+              ) -> Any:
+    """The Orbax tree at `path` read into `target`'s structure (ShapeDtypeStruct leaves, cast
+    to their dtype): jax arrays placed where a leaf carries a sharding, host numpy arrays
+    where it does not (an exporter on an accelerator host keeps the model off the devices).
+    `partial`: read only `target`'s top-level items (one of a train state's trees). Stored
+    shapes are checked first; `where` names the tree in errors."""
+    restore_args = jax.tree.map(
+        lambda x: (ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
+                                        dtype=x.dtype) if x.sharding is not None
+                   else ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype)), target)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        stored = ckptr.metadata(path).item_metadata.tree
+        if partial:
+            stored = {k: stored.get(k) for k in target}
+        _check_stored_shapes(where or path, stored, target)
+        return ckptr.restore(path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=partial))
+
+
 def _shapes_by_path(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
     return {tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(leaf.shape)

@@ -89,6 +89,7 @@ def load_components(path: str, dtype=jnp.float32, *, vae_dtype=jnp.float32, para
         transformer=transformer,
         t5=registry.load_t5(where["text_encoder"], dtype, param_dtype=param_dtype,
                             attention=attention, **common),
-        vae=registry.load_vae(where["vae"], vae_dtype, shardings=shardings),
+        vae=registry.load_vae(where["vae"], vae_dtype, attention=attention,
+                              shardings=shardings),
         tokenizer=tokenizer, scheduler=scheduler, mask_token_id=index["mask_token_id"],
         path=os.path.abspath(path))

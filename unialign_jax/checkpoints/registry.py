@@ -133,8 +133,9 @@ def load_t5(path: str, dtype=jnp.float32, *, param_dtype=None, attention: str = 
                       attention=attention, activation_sharding=activation_sharding)
 
 
-def load_vae(path: str, dtype=jnp.float32, *, param_dtype=None, shardings=None
-             ) -> AutoencoderKL:
+def load_vae(path: str, dtype=jnp.float32, *, param_dtype=None, attention: str = "auto",
+             shardings=None) -> AutoencoderKL:
     """The VAE of a converted folder (`unialign-convert vae`): `encode(images, key)`,
     `decode(latents)`, channels-last, images in [-1, 1]."""
-    return load_model("vae", path, dtype, param_dtype=param_dtype, shardings=shardings)
+    return load_model("vae", path, dtype, param_dtype=param_dtype, shardings=shardings,
+                      attention=attention)

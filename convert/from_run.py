@@ -1,0 +1,86 @@
+"""`unialign-convert from-run`: a training work dir → a pipeline folder `load_pipeline` opens.
+
+The trained transformer of one checkpoint step (EMA weights by default when the run keeps
+them, else raw) and the run's frozen T5, VAE and tokenizer, read by
+`unialign_jax.checkpoints.training_runs` — the same reader `load_pipeline(WORKDIR)` uses, so
+the folder holds exactly what loading the work dir gives. Frozen models the run read from
+converted folders are copied as stored; random ones (the quickstart, tests) are redrawn
+from the run's seed and written out. The tokenizer is saved padding with `</s>`, as the run
+trained (inference pads with the folder's pad token).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import jax.numpy as jnp
+
+from unialign_jax import files
+from unialign_jax.checkpoints import registry, training_runs
+from unialign_jax.checkpoints.pipeline import COMPONENT_DIRS, FORMAT, INDEX_FILE, SCHEDULER_FILE
+from unialign_jax.parallel import make_mesh, module_shardings
+from unialign_jax.text.tokenizer import mask_token_id
+
+LAYOUT = "training_run"
+_FROZEN_DIRS = {"t5": "text_encoder", "vae": "vae"}
+
+
+def write_run_pipeline(workdir: str, out_dir: str, *, step: int | None = None,
+                       weights: str | None = None) -> dict:
+    """Writes the pipeline of `workdir` into the existing folder `out_dir`; returns its index."""
+    config = training_runs.read_run_config(workdir)
+    chosen = training_runs.describe(workdir, step, weights)
+    tokenizer = training_runs.run_tokenizer(workdir, config)
+    out = {k: os.path.join(out_dir, v) for k, v in COMPONENT_DIRS.items()}
+    tokenizer.save_pretrained(out["tokenizer"])
+
+    print(f"[1/3] transformer (step {chosen['step']}, {chosen['weights']} weights)",
+          file=sys.stderr)
+    param_dtype = config["compute"]["param_dtype"]
+    tcfg = training_runs.model_config(workdir, "transformer", len(tokenizer), config)
+    # Placed as load_pipeline places them: the same compiled initialisations serve both.
+    shardings = module_shardings(make_mesh())
+    transformer = training_runs.transformer_module(workdir, chosen["step"], chosen["weights"],
+                                                   tcfg, shardings=shardings, config=config)
+    registry.save_model("transformer", transformer, out["transformer"], param_dtype)
+    del transformer
+    frozen = {}
+    for number, (kind, name) in enumerate(_FROZEN_DIRS.items(), 2):
+        source = frozen[kind] = training_runs.frozen_source(config, kind)
+        how = (f"copied from {source['folder']}" if "folder" in source
+               else f"random initialisation redrawn (seed {source['seed']})")
+        print(f"[{number}/3] {kind}: {how}", file=sys.stderr)
+        if "folder" in source:
+            shutil.copytree(source["folder"], out[name])
+            continue
+        module = training_runs.frozen_module(
+            workdir, kind, training_runs.model_config(workdir, kind, len(tokenizer), config),
+            jnp.float32, shardings=shardings, config=config)
+        registry.save_model(kind, module, out[name], source["param_dtype"])
+
+    files.write_json(os.path.join(out_dir, SCHEDULER_FILE), training_runs.scheduler_of(config))
+    index = {"format": FORMAT, "source": os.path.abspath(workdir), "layout": LAYOUT,
+             "training_run": chosen, "frozen": frozen, "components": COMPONENT_DIRS,
+             "scheduler": SCHEDULER_FILE, "vocab_size": len(tokenizer),
+             "mask_token_id": mask_token_id(tokenizer), "mask_embedding": None,
+             "dtype": param_dtype, "vae_dtype": registry.read_config(out["vae"], "vae")[1],
+             "transformer_initialised": []}
+    files.write_json(os.path.join(out_dir, INDEX_FILE), index)
+    return index
+
+
+def convert_run(workdir: str, dst: str, *, step: int | None = None, weights: str | None = None,
+                force: bool = False) -> dict:
+    """`write_run_pipeline` into a new folder `dst`, written atomically."""
+    with files.atomic_output_dir(dst, force) as tmp:
+        return write_run_pipeline(workdir, tmp, step=step, weights=weights)
+
+
+def run(args) -> None:
+    index = convert_run(args.src, args.dst, step=args.step, weights=args.weights,
+                        force=args.force)
+    chosen = index["training_run"]
+    print(f"wrote the pipeline of {args.src} (step {chosen['step']}, {chosen['weights']} "
+          f"weights) into {args.dst} (load it with unialign_jax.load_pipeline)")

@@ -1,0 +1,279 @@
+"""Training work dirs (`unialign-train --workdir`) read as models, without the trainer.
+
+A work dir holds `config.json` (the run's `TrainConfig.to_dict()`, paths resolved) and
+`checkpoints/STEP/state` (Orbax: step, params, opt_state, ema_params, rng). Only the trained
+transformer is checkpointed, and only its parameters (EMA or raw) are read here; steps are
+the intact ones (`training_steps.valid_steps`) and the arrays read are checked against the
+fingerprint saved with them. The frozen T5 and VAE come from the folders the run named
+(`models.t5_path`, `models.vae_path`), or — when the run initialised them at random (the
+quickstart, tests) — are redrawn exactly: the trainer draws them inside `jit` from
+`nnx.Rngs(run.seed + offset)` (transformer 0, T5 1, VAE 2; `training/models.py`
+`build_models`) in `compute.frozen_param_dtype`, and the same draw is repeated here
+(tests/test_from_run.py checks it against the trainer's own builder). Decision: the trainer
+does not store its frozen models — a random one is cheaper to redraw than to write at every
+run start, and real runs name converted folders. The tokenizer is the run's, padding with
+`</s>` as training does.
+
+This module reads the config as a plain dict (the `use`-layer `TrainConfig` is not imported
+here), so samplers and converters can open runs as well.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from unialign_jax import files
+from unialign_jax.checkpoints import io, registry, training_steps
+from unialign_jax.checkpoints.pipeline import PipelineComponents, read_index
+from unialign_jax.checkpoints.training_steps import CHECKPOINT_DIR
+from unialign_jax.diffusion import flow
+from unialign_jax.models.mmdit import MMDiTConfig
+from unialign_jax.text.tokenizer import load_tokenizer, mask_token_id
+
+RUN_CONFIG_FILE = "config.json"
+STATE_ITEM = "state"
+WEIGHTS = ("ema", "raw")
+_STATE_KEYS = {"ema": "ema_params", "raw": "params"}
+# Offsets added to `run.seed` for each model's random initialisation (as build_models).
+SEED_OFFSETS = {"transformer": 0, "t5": 1, "vae": 2}
+_FROZEN = {"t5": "t5_path", "vae": "vae_path"}
+
+
+def is_training_run(path: str) -> bool:
+    """Whether `path` is a training work dir: a run config.json and a checkpoints folder."""
+    if not os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+        return False
+    config = files.read_json_or_none(os.path.join(path, RUN_CONFIG_FILE))
+    return isinstance(config, dict) and {"models", "compute", "run"} <= set(config)
+
+
+def read_run_config(workdir: str) -> dict:
+    """The run's config.json as a dict; a clear error for anything that is not a run."""
+    if not is_training_run(workdir):
+        raise io.CheckpointError(
+            f"{workdir} is not a training work dir (expected {RUN_CONFIG_FILE} written by "
+            f"unialign-train and a {CHECKPOINT_DIR}/ folder)")
+    return files.read_json(os.path.join(workdir, RUN_CONFIG_FILE))
+
+
+def resolve_step(workdir: str, step: int | None = None) -> int:
+    """`step`, checked to be saved and intact, or the latest intact one
+    (`training_steps.valid_steps`: a step damaged after its commit is never used)."""
+    steps = training_steps.valid_steps(workdir)
+    if step is None and steps:
+        return steps[-1]
+    if step in steps:
+        return step
+    damaged = {c.step: c for c in training_steps.step_checks(workdir) if not c.valid}
+    if step in damaged:
+        raise io.CheckpointError(f"{workdir}: checkpoint of step {step} is damaged: "
+                                 f"{damaged[step].describe()}")
+    if step is None:
+        raise io.CheckpointError(f"{workdir}: no intact checkpoint in {CHECKPOINT_DIR}/"
+                                 + (f" (damaged: {sorted(damaged)})" if damaged else " yet"))
+    raise io.CheckpointError(f"{workdir}: no checkpoint of step {step}; saved steps: {steps}")
+
+
+def _state_path(workdir: str, step: int) -> str:
+    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step), STATE_ITEM)
+
+
+def _state_keys(workdir: str, step: int) -> set[str]:
+    with ocp.PyTreeCheckpointer() as ckptr:
+        tree = ckptr.metadata(_state_path(workdir, step)).item_metadata.tree
+    return {k for k, v in tree.items() if v is not None}
+
+
+def resolve_weights(workdir: str, step: int, weights: str | None = None) -> str:
+    """'ema' or 'raw': as asked (EMA must exist), or by default EMA when the run keeps one."""
+    if weights is not None and weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    has_ema = _STATE_KEYS["ema"] in _state_keys(workdir, step)
+    if weights == "ema" and not has_ema:
+        raise io.CheckpointError(f"{workdir}: step {step} holds no EMA parameters (the run "
+                                 "had optimizer.ema_decay=None); use the raw weights")
+    return weights or ("ema" if has_ema else "raw")
+
+
+def _path(config: dict, key: str, workdir: str) -> str | None:
+    """A folder the run's config names (models.KEY), checked to exist."""
+    path = config["models"].get(key)
+    if path and not os.path.exists(path):
+        raise io.CheckpointError(f"{workdir}/{RUN_CONFIG_FILE}: models.{key} = {path} does "
+                                 "not exist (moved since training?)")
+    return path
+
+
+def run_tokenizer(workdir: str, config: dict | None = None):
+    """The run's tokenizer, padding with `</s>` as training did."""
+    config = config or read_run_config(workdir)
+    path = _path(config, "tokenizer", workdir)
+    if not path:
+        raise io.CheckpointError(f"{workdir}/{RUN_CONFIG_FILE}: models.tokenizer is not set")
+    return load_tokenizer(path)
+
+
+def model_config(workdir: str, kind: str, vocab_size: int, config: dict | None = None):
+    """The run's `kind` config: from its converted folder when the run named one, else the
+    inline config (a transformer's vocab_size None is the tokenizer's length)."""
+    config = config or read_run_config(workdir)
+    folder = _path(config, {"transformer": "transformer_path", **_FROZEN}[kind], workdir)
+    if folder:
+        return registry.read_config(folder, kind)[0]
+    model = registry.KINDS[kind].config_class.from_dict(config["models"][kind])
+    if kind == "transformer" and model.vocab_size is None:
+        model = MMDiTConfig.from_dict({**model.to_dict(), "vocab_size": vocab_size})
+    return model
+
+
+def frozen_source(config: dict, kind: str) -> dict:
+    """Where the run's frozen `kind` ('t5' or 'vae') comes from: {'folder': path} or
+    {'seed': s, 'param_dtype': d} of its random initialisation."""
+    path = config["models"].get(_FROZEN[kind])
+    if path:
+        return {"folder": os.path.abspath(path)}
+    return {"seed": int(config["run"]["seed"]) + SEED_OFFSETS[kind],
+            "param_dtype": config["compute"]["frozen_param_dtype"]}
+
+
+def random_module(kind: str, model_config, seed: int, param_dtype, dtype=jnp.float32,
+                  shardings: Callable[[nnx.Module], Any] | None = None,
+                  **options) -> nnx.Module:
+    """The `kind` module initialised from `nnx.Rngs(seed)` inside `jit`, as the trainer
+    initialises it (the same draws, bit for bit); `shardings` places it as computed."""
+    module_class = registry.KINDS[kind].module_class
+    abstract = nnx.eval_shape(lambda: module_class(
+        model_config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=jnp.dtype(param_dtype),
+        **options))
+    state = _initialiser(module_class, model_config, seed, jnp.dtype(param_dtype), nnx.Variable,
+                         _hashable(shardings(abstract) if shardings is not None else None))()
+    return nnx.merge(nnx.graphdef(abstract), state)
+
+
+def _hashable(tree):
+    return None if tree is None else (jax.tree.structure(tree), tuple(jax.tree.leaves(tree)))
+
+
+@functools.lru_cache(maxsize=16)
+def _initialiser(module_class, model_config, seed: int, param_dtype, which, placement):
+    """The jitted initialisation of the `which` variables of a module (`nnx.Variable`: all;
+    `nnx.Not(nnx.Param)`: the fixed buffers), cached so that loading a run again reuses the
+    compiled program. The compute dtype and runtime options change no initial value."""
+    out = None if placement is None else jax.tree.unflatten(*placement)
+    return jax.jit(lambda: nnx.state(module_class(model_config, rngs=nnx.Rngs(seed),
+                                                  param_dtype=param_dtype), which),
+                   out_shardings=out)
+
+
+def frozen_module(workdir: str, kind: str, model_config, dtype, *, param_dtype=None,
+                  shardings=None, config: dict | None = None, **options) -> nnx.Module:
+    """The run's frozen T5 or VAE: its folder as stored, or its random initialisation
+    redrawn (then cast to `param_dtype` when given)."""
+    config = config or read_run_config(workdir)
+    source = frozen_source(config, kind)
+    if "folder" in source:
+        return registry.load_model(kind, source["folder"], dtype, param_dtype=param_dtype,
+                                   shardings=shardings, **options)
+    module = random_module(kind, model_config, source["seed"], source["param_dtype"], dtype,
+                           shardings, **options)
+    if param_dtype is not None:
+        state = nnx.state(module)
+        nnx.update(module, jax.tree.map(lambda x: x.astype(param_dtype)
+                                        if jnp.issubdtype(x.dtype, jnp.floating) else x, state))
+    return module
+
+
+def trained_params(workdir: str, step: int, weights: str, target: dict) -> dict:
+    """The transformer parameters of `step` ("ema" or "raw") read into `target` (a pure dict
+    of ShapeDtypeStructs: host numpy arrays, or placed arrays where a leaf has a sharding);
+    nothing else of the train state is read."""
+    key = _STATE_KEYS[weights]
+    where = f"{workdir} step {step} {key}"
+    tree = io.read_tree(_state_path(workdir, step), {key: target}, partial=True, where=where)
+    recorded = training_steps.recorded_fingerprint(workdir, step)
+    bad = training_steps.fingerprint_mismatches(tree, recorded) if recorded else []
+    if bad:
+        raise io.CheckpointError(f"{where}: array data differ from what was saved (damaged "
+                                 f"after the save?): {', '.join(bad[:5])}")
+    return tree[key]
+
+
+def transformer_module(workdir: str, step: int, weights: str, model_config, dtype=jnp.float32,
+                       *, param_dtype=None, shardings=None, config: dict | None = None,
+                       **options) -> nnx.Module:
+    """The run's transformer: its trained parameters of `step` (EMA or raw) in
+    `param_dtype` (default: as trained), its fixed buffers (the position table) recomputed
+    from its config, placed by `shardings(abstract module)` as they are read."""
+    config = config or read_run_config(workdir)
+    param_dtype = jnp.dtype(param_dtype or config["compute"]["param_dtype"])
+    module_class = registry.KINDS["transformer"].module_class
+    abstract = nnx.eval_shape(lambda: module_class(
+        model_config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, **options))
+    graphdef, params, _ = nnx.split(abstract, nnx.Param, ...)
+    place = shardings(abstract) if shardings is not None else None
+    trained = trained_params(workdir, step, weights, io.abstract_like(
+        nnx.to_pure_dict(params), None,
+        nnx.to_pure_dict(nnx.filter_state(place, nnx.Param)) if place is not None else None))
+    nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, trained))
+    buffers = fixed_buffers(model_config, param_dtype, None if place is None
+                            else nnx.filter_state(place, nnx.Not(nnx.Param)))
+    return nnx.merge(graphdef, params, buffers)
+
+
+def fixed_buffers(model_config, param_dtype, placement: nnx.State | None = None) -> nnx.State:
+    """The transformer's variables that are not trained parameters (the position table),
+    computed from its config; the parameters' initialisation is compiled away."""
+    module_class = registry.KINDS["transformer"].module_class
+    return _initialiser(module_class, model_config, 0, jnp.dtype(param_dtype),
+                        nnx.Not(nnx.Param), _hashable(placement))()
+
+
+def scheduler_of(config: dict) -> dict:
+    """The sampler settings of a run: its source pipeline's when it started from one, else
+    SD3's (shift 3, 1000 training timesteps)."""
+    pipeline = config["models"].get("pipeline")
+    if pipeline:
+        return files.read_json(os.path.join(pipeline, read_index(pipeline)["scheduler"]))
+    return {"shift": flow.INFERENCE_SHIFT, "num_train_timesteps": flow.NUM_TRAIN_TIMESTEPS}
+
+
+def describe(workdir: str, step: int | None = None, weights: str | None = None) -> dict:
+    """Which weights a run stands for — {'run', 'step', 'weights'} — without loading them."""
+    read_run_config(workdir)
+    step = resolve_step(workdir, step)
+    return {"run": os.path.abspath(workdir), "step": step,
+            "weights": resolve_weights(workdir, step, weights)}
+
+
+def load_run_components(workdir: str, dtype=jnp.float32, *, vae_dtype=jnp.float32,
+                        param_dtype=None, shardings=None, attention: str = "auto",
+                        activation_sharding=None, step: int | None = None,
+                        weights: str | None = None) -> PipelineComponents:
+    """`PipelineComponents` of a training work dir: the transformer of `step` (default: the
+    latest) with its EMA weights (default when kept) or raw ones, and the run's frozen T5,
+    VAE and tokenizer. Arguments as `checkpoints.pipeline.load_components`."""
+    config = read_run_config(workdir)
+    chosen = describe(workdir, step, weights)
+    tokenizer = run_tokenizer(workdir, config)
+    vocab = len(tokenizer)
+    tcfg = model_config(workdir, "transformer", vocab, config)
+    common = dict(shardings=shardings, activation_sharding=activation_sharding)
+    transformer = transformer_module(workdir, chosen["step"], chosen["weights"], tcfg, dtype,
+                                     param_dtype=param_dtype, config=config,
+                                     attention=attention, **common)
+    t5 = frozen_module(workdir, "t5", model_config(workdir, "t5", vocab, config), dtype,
+                       param_dtype=param_dtype, config=config, attention=attention, **common)
+    vae = frozen_module(workdir, "vae", model_config(workdir, "vae", vocab, config),
+                        vae_dtype, shardings=shardings, config=config)
+    return PipelineComponents(
+        transformer=transformer, t5=t5, vae=vae, tokenizer=tokenizer,
+        scheduler=scheduler_of(config), mask_token_id=mask_token_id(tokenizer),
+        path=os.path.abspath(workdir))
+
