@@ -39,6 +39,7 @@ class Command:
     description: str
     src: str             # what SRC is
     options: tuple[Option, ...] = ()
+    dst: str = "output folder (must not exist or be empty)"
 
 
 DTYPE = option("--dtype", choices=DTYPE_NAMES, default="float32",
@@ -132,6 +133,16 @@ COMMANDS = {
         "and model_index.json; `unialign-convert pipeline` reads it back unchanged.",
         "pipeline folder",
         (*PIPELINE_DTYPES, MAX_SHARD_SIZE)),
+    "export-lora": Command(
+        "export_lora", "a LoRA run's factors → a diffusers / PEFT LoRA file",
+        "Export the LoRA factors of a training work dir trained with lora.rank > 0 (EMA "
+        "weights by default when kept) as one safetensors file in the diffusers / PEFT "
+        "naming (transformer.<module>.lora_A.weight (r, in), .lora_B.weight (out, r)), the "
+        "run's alpha / rank folded into lora_B so that every loader applies the same "
+        "update: pipe.load_lora_weights(DST) or transformer.load_lora_adapter(DST) in "
+        "diffusers, UniAlignPipeline.load_lora(DST) or unialign-sample --lora DST here.",
+        "LoRA training work dir (unialign-train ... lora.rank=R)",
+        (DTYPE, *RUN_OPTIONS), dst="output .safetensors file"),
 }
 
 
@@ -146,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.description)
         p.add_argument("src", metavar="SRC", help=command.src)
-        p.add_argument("dst", metavar="DST", help="output folder (must not exist or be empty)")
+        p.add_argument("dst", metavar="DST", help=command.dst)
         for opt in command.options:
             p.add_argument(*opt.flags, **opt.kwargs)
         p.add_argument("--force", action="store_true",

@@ -126,6 +126,10 @@ def read_run(workdir: str, step: int | None, weights: str | None) -> tuple[MMDiT
     vocab = len(training_runs.run_tokenizer(workdir, run_config))
     config = training_runs.model_config(workdir, "transformer", vocab, run_config)
     dtype = run_config["compute"]["param_dtype"]
+    if training_runs.lora_of(run_config):  # its base with the factors merged in
+        module = training_runs.transformer_module(workdir, chosen["step"], chosen["weights"],
+                                                  config, config=run_config)
+        return config, jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(module))), chosen
     module_class = registry.KINDS["transformer"].module_class
     abstract = nnx.eval_shape(lambda: module_class(config, rngs=nnx.Rngs(0), param_dtype=dtype))
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),

@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 import unialign_jax
 from conftest import shared_fixture
+from unialign_convert.export import transformer_config
 from unialign_convert.safetensors_io import ConversionError
 from unialign_convert.transformer import convert_transformer
 from unialign_convert.transformer_keys import tensor_moves, torch_shapes
@@ -19,19 +20,6 @@ from unialign_jax.models.mmdit import MMDiTConfig
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 SD3 = MMDiTConfig.tiny(variant="sd3", vocab_size=None, num_layers=3)
-
-
-def _diffusers_config(config: MMDiTConfig) -> dict:
-    return {"_class_name": "SD3Transformer2DModel" if config.is_sd3 else "SD3JointModelFlexible",
-            "sample_size": config.sample_size, "patch_size": config.patch_size,
-            "in_channels": config.in_channels, "out_channels": config.out_channels,
-            "num_layers": config.num_layers, "attention_head_dim": config.head_dim,
-            "num_attention_heads": config.num_heads,
-            "joint_attention_dim": config.joint_attention_dim,
-            "caption_projection_dim": config.width,
-            "pooled_projection_dim": config.pooled_projection_dim,
-            "pos_embed_max_size": config.pos_embed_max_size, "vocab_size": config.vocab_size,
-            "adapter_hidden_dim": config.adapter_hidden_dim, "teacher_dim": config.teacher_dim}
 
 
 def _write_source(folder, config: MMDiTConfig, tensors=None, shards: int = 1):
@@ -42,7 +30,7 @@ def _write_source(folder, config: MMDiTConfig, tensors=None, shards: int = 1):
         tensors = {k: rng.standard_normal(s).astype(np.float32)
                    for k, s in torch_shapes(config).items()}
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(_diffusers_config(config), f)
+        json.dump(transformer_config(config), f)
     if shards == 1:
         save_file(tensors, os.path.join(folder, WEIGHTS))
         return tensors

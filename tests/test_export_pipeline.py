@@ -19,6 +19,7 @@ from test_convert_pipeline import build_unialignment_folder  # noqa: E402
 from test_export_transformer import load_torch  # noqa: E402
 from unialign_convert import cli  # noqa: E402
 from unialign_jax.checkpoints.pipeline import load_components  # noqa: E402
+from unialign_jax.files import PRODUCED_BY  # noqa: E402
 
 
 def assert_no_loading_problems(info):
@@ -36,8 +37,8 @@ def test_exported_pipeline_reimports_equal(tmp_path):
     assert cli.main(["export-pipeline", str(first), str(exported),
                      "--max-shard-size", "200KB"]) == 0
 
-    assert sorted(os.listdir(exported)) == ["model_index.json", "scheduler", "text_encoder",
-                                            "tokenizer", "transformer", "vae"]
+    assert sorted(os.listdir(exported)) == ["model_index.json", PRODUCED_BY, "scheduler",
+                                            "text_encoder", "tokenizer", "transformer", "vae"]
     assert json.loads((exported / "model_index.json").read_text())["_class_name"] == \
         "UniAlignmentPipeline"
     load_torch(exported / "transformer", "unialignment")

@@ -29,6 +29,7 @@ from unialign_convert import cli  # noqa: E402
 from unialign_convert.export import export_tensors  # noqa: E402
 from unialign_convert.transformer import convert_transformer  # noqa: E402
 from unialign_convert.transformer_keys import abstract_params  # noqa: E402
+from unialign_jax.files import PRODUCED_BY  # noqa: E402
 from unialign_jax.models.mmdit import MMDiTConfig  # noqa: E402
 
 WEIGHTS = "diffusion_pytorch_model"
@@ -73,7 +74,7 @@ def test_round_trip_is_bit_identical(tmp_path, layout, sharded):
         for name in shards:
             assert os.path.getsize(tmp_path / "dst" / name) < 40_000 + 4096
     else:
-        assert names == ["config.json", f"{WEIGHTS}.safetensors"]
+        assert names == ["config.json", f"{WEIGHTS}.safetensors", PRODUCED_BY]
     written = stored_tensors(tmp_path / "dst")
     assert set(written) == set(source)
     state = load_torch(tmp_path / "dst", layout).state_dict()

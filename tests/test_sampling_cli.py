@@ -10,6 +10,7 @@ from PIL import Image
 
 from test_sampling_pipeline import tiny_components
 from unialign_jax.sampling import cli
+from unialign_jax.sampling import pipeline as cli_pipeline
 from unialign_jax.sampling.pipeline import DEFAULT_NEGATIVE_PROMPT, UniAlignPipeline
 
 FAST = ["--steps", "2", "--batch-size", "2", "--no-progress"]
@@ -133,6 +134,42 @@ def test_bad_arguments_exit_before_loading_anything(tmp_path, loads, capsys, arg
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert loads == []
+
+
+# The release's defaults (modules/pipeline.py): text_to_image_sampling_loop 28 steps,
+# image_editing_sampling_loop (editing and, in infer.py, perception) and
+# image_composing_sampling_loop 50, guidance 7.0 for all; captions as infer.py runs them.
+RELEASE_STEPS = {"t2i": 28, "edit": 50, "perceive": 50, "compose": 50, "caption": 32}
+
+
+def test_each_task_defaults_to_the_releases_steps_in_the_cli_and_the_pipeline(
+        tmp_path, tiny_pipe, monkeypatch):
+    parser = cli.build_parser()
+    for task, steps in RELEASE_STEPS.items():
+        args = parser.parse_args([task, "--ckpt", "c", "--out", "o"])
+        assert args.steps == steps, task
+        assert task == "caption" or args.guidance == 7.0
+
+    used = []  # (steps, guidance) reaching the samplers when each task runs by default
+
+    class Sampled(Exception):
+        pass
+
+    def caption_sampler(*args, num_steps, **kwargs):
+        used.append((num_steps, None))
+        raise Sampled
+
+    monkeypatch.setattr(tiny_pipe, "_diffuse", lambda *a: used.append(a[5:7]) or [])
+    monkeypatch.setattr(cli_pipeline, "sample_caption", caption_sampler)
+    image = Image.open(save_picture(tmp_path / "p.png", size=(64, 64)))
+    tiny_pipe.generate("a cat", height=64, width=64)
+    tiny_pipe.edit([image], "x", resolution=64)
+    tiny_pipe.perceive([image], "x", resolution=64)
+    tiny_pipe.compose([[image]], "x", resolution=64)
+    with pytest.raises(Sampled):
+        tiny_pipe.caption([image], resolution=64, length=8)
+    assert used == [(RELEASE_STEPS[t], None if t == "caption" else 7.0)
+                    for t in ("t2i", "edit", "perceive", "compose", "caption")]
 
 
 def test_real_converted_checkpoint_end_to_end(tmp_path, capsys):

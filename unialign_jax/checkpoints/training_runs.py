@@ -14,6 +14,11 @@ does not store its frozen models — a random one is cheaper to redraw than to w
 run start, and real runs name converted folders. The tokenizer is the run's, padding with
 `</s>` as training does.
 
+A LoRA run (`lora.rank > 0`) checkpoints only its factors (and `train_also` tensors); its
+transformer is the frozen base its config points to (`models.transformer_path`, or the
+random initialisation of `run.seed`), in the dtype it trained over (`lora.base_dtype`),
+with the trained tensors set and the factors merged in.
+
 This module reads the config as a plain dict (the `use`-layer `TrainConfig` is not imported
 here), so samplers and converters can open runs as well.
 """
@@ -34,6 +39,7 @@ from unialign_jax.checkpoints import io, registry, training_steps
 from unialign_jax.checkpoints.pipeline import PipelineComponents, read_index
 from unialign_jax.checkpoints.training_steps import CHECKPOINT_DIR
 from unialign_jax.diffusion import flow
+from unialign_jax.models import lora
 from unialign_jax.models.mmdit import MMDiTConfig
 from unialign_jax.text.tokenizer import load_tokenizer, mask_token_id
 
@@ -205,14 +211,69 @@ def trained_params(workdir: str, step: int, weights: str, target: dict) -> dict:
     return tree[key]
 
 
+def lora_of(config: dict) -> dict | None:
+    """A LoRA run's `lora` section; None for a run that trained the whole transformer."""
+    section = config.get("lora") or {}
+    return section if section.get("rank") else None
+
+
+def lora_tree(workdir: str, step: int, weights: str, model_config,
+              config: dict | None = None) -> dict:
+    """What a LoRA run trained, at `step` (EMA or raw): its factor tree and `train_also`
+    tensors, as host numpy arrays in the run's param_dtype."""
+    config = config or read_run_config(workdir)
+    section, param_dtype = lora_of(config), jnp.dtype(config["compute"]["param_dtype"])
+    if section is None:
+        raise io.CheckpointError(f"{workdir} is not a LoRA run (lora.rank is 0)")
+    module_class = registry.KINDS["transformer"].module_class
+    abstract = nnx.eval_shape(lambda: module_class(model_config, rngs=nnx.Rngs(0)))
+    shapes = lora.target_shapes(abstract, section["targets"])
+    lora.wrap(abstract, jax.eval_shape(lambda: lora.new_factors(
+        shapes, section["rank"], jax.random.key(0), section["init"])), 1.0)
+    target = nnx.to_pure_dict(nnx.state(abstract, lora.trained_filter(section["train_also"])))
+    return trained_params(workdir, step, weights, io.abstract_like(target, param_dtype))
+
+
+def _lora_transformer(workdir: str, step: int, weights: str, model_config, dtype, *,
+                      param_dtype, shardings, config: dict, **options) -> nnx.Module:
+    """A LoRA run's transformer: its base as trained over, then cast to `param_dtype`, with
+    the `train_also` tensors set and scale·A·B merged into the adapted kernels."""
+    section = lora_of(config)
+    base_dtype = jnp.dtype(section.get("base_dtype") or config["compute"]["dtype"])
+    folder = _path(config, "transformer_path", workdir)
+    if folder:
+        module = registry.load_model("transformer", folder, dtype, param_dtype=base_dtype,
+                                     shardings=shardings, **options)
+    else:
+        module = random_module("transformer", model_config,
+                               int(config["run"]["seed"]) + SEED_OFFSETS["transformer"],
+                               base_dtype, dtype, shardings, **options)
+    nnx.update(module, jax.tree.map(lambda x: x.astype(param_dtype), nnx.state(module)))
+    tree = lora_tree(workdir, step, weights, model_config, config)
+    full = lora.split_tree(tree)[1]
+    if full:
+        trained = nnx.state(module, lora.full_filter(section["train_also"]))
+        nnx.replace_by_pure_dict(trained, jax.tree.map(
+            lambda x, old: jnp.asarray(x, param_dtype, device=old.sharding), full,
+            nnx.to_pure_dict(trained)))
+        nnx.update(module, trained)
+    lora.merge(module, tree, lora.scale(section["rank"], section.get("alpha")))
+    return module
+
+
 def transformer_module(workdir: str, step: int, weights: str, model_config, dtype=jnp.float32,
                        *, param_dtype=None, shardings=None, config: dict | None = None,
                        **options) -> nnx.Module:
     """The run's transformer: its trained parameters of `step` (EMA or raw) in
     `param_dtype` (default: as trained), its fixed buffers (the position table) recomputed
-    from its config, placed by `shardings(abstract module)` as they are read."""
+    from its config, placed by `shardings(abstract module)` as they are read. A LoRA run's:
+    its base with the trained factors merged in."""
     config = config or read_run_config(workdir)
     param_dtype = jnp.dtype(param_dtype or config["compute"]["param_dtype"])
+    if lora_of(config):
+        return _lora_transformer(workdir, step, weights, model_config, dtype,
+                                 param_dtype=param_dtype, shardings=shardings, config=config,
+                                 **options)
     module_class = registry.KINDS["transformer"].module_class
     abstract = nnx.eval_shape(lambda: module_class(
         model_config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, **options))

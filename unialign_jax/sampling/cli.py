@@ -17,11 +17,18 @@ from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from unialign_jax.files import read_json_or_none, save_png, write_json, write_jsonl
+from unialign_jax import compilation_cache
+from unialign_jax.checkpoints import training_runs
+from unialign_jax.checkpoints.io import CheckpointError
+from unialign_jax.checkpoints.training_runs import WEIGHTS
+from unialign_jax.files import (disk_full_message, is_disk_full, jsonl, read_json_or_none,
+                                remove_stale_partials, save_png, write_json,
+                                write_text_if_changed)
 from unialign_jax.images import RESIZE_MODES
 from unialign_jax.models.attention import IMPLEMENTATIONS
+from unialign_jax.parallel import batch_ways
 from unialign_jax.sampling.pipeline import (DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT,
-                                            DEFAULT_STEPS, MAX_CONDITION_IMAGES)
+                                            DEFAULT_STEPS, MAX_CONDITION_IMAGES, chunk_size)
 from unialign_jax.sampling.preprocess import InputError, check_resolution, load_image
 from unialign_jax.text.tokenizer import MAX_LENGTH
 
@@ -34,11 +41,14 @@ TASKS = {
 }
 EXAMPLES = """examples:
   unialign-sample t2i --ckpt ckpt/ua --prompt "a red cube on a table" --out out/
+  unialign-sample t2i --ckpt runs/qs/train --prompt "a red circle" --out out/  # a work dir
   unialign-sample t2i --ckpt ckpt/ua --prompts-file prompts.txt --steps 50 --out out/
   unialign-sample edit --ckpt ckpt/ua --image cat.png --prompt "make it a tiger" --out out/
   unialign-sample perceive --ckpt ckpt/ua --image room.jpg --prompt "depth map" --out out/
   unialign-sample compose --ckpt ckpt/ua --image a.png --image b.png --prompt "..." --out out/
   unialign-sample caption --ckpt ckpt/ua --image photo.jpg --out out/
+  unialign-sample t2i --ckpt ckpt/ua --lora style.safetensors --lora-scale 0.8 --prompt "a cat" \
+      --out out/
 
 --prompts-file: a text file (one prompt per line), or a .jsonl file with one object per
 line: {"prompt": ..., "image": path} or {"prompt": ..., "images": [paths]}, optional
@@ -51,7 +61,14 @@ many images with one prompt, or as many of each (in order).
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Options shared with `unialign-semgen`: the checkpoint and how to run it."""
     parser.add_argument("--ckpt", required=True,
-                        help="converted pipeline folder (unialign-convert pipeline)")
+                        help="converted pipeline folder (unialign-convert pipeline), or a "
+                             "training work dir (unialign-train --workdir)")
+    parser.add_argument("--step", type=int, default=None,
+                        help="with a training work dir: the checkpoint step (default: the "
+                             "latest)")
+    parser.add_argument("--weights", choices=WEIGHTS, default=None,
+                        help="with a training work dir: its EMA or raw transformer weights "
+                             "(default: EMA when the run keeps one)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype of the transformer and T5; the VAE stays float32 "
                              "(default %(default)s)")
@@ -63,7 +80,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "(default %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="base seed: item i uses seed + i (default %(default)s)")
+    parser.add_argument("--lora", metavar="FILE", default=None,
+                        help="a LoRA .safetensors file to apply: ours (unialign-convert "
+                             "export-lora) or a diffusers / PEFT SD3 LoRA; merged into the "
+                             "weights")
+    parser.add_argument("--lora-scale", type=float, default=1.0,
+                        help="multiplier of the LoRA's update (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    compilation_cache.add_arguments(parser)
 
 
 def load_pipeline_from_args(args):
@@ -74,10 +98,43 @@ def load_pipeline_from_args(args):
 
     if not os.path.isdir(args.ckpt):
         raise InputError(f"checkpoint folder not found: {args.ckpt}")
+    compilation_cache.setup_from_args(args)
     # Weights are stored in the compute dtype too: bf16 inference needs half the memory.
-    return UniAlignPipeline.from_pretrained(
+    pipe = UniAlignPipeline.from_pretrained(
         args.ckpt, jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.dtype),
-        attention=args.attention, batch_size=args.batch_size, progress=not args.no_progress)
+        attention=args.attention, batch_size=args.batch_size, progress=not args.no_progress,
+        step=args.step, weights=args.weights)
+    if args.lora:
+        pipe.load_lora(args.lora, scale=args.lora_scale)
+    return pipe
+
+
+def lora_of(args) -> dict | None:
+    """The LoRA a sidecar records ({'path', 'scale', 'file': [bytes, mtime_ns]}), so that
+    another LoRA, scale or a rewritten file redoes the items; None without --lora."""
+    if not args.lora:
+        return None
+    try:
+        stat = os.stat(args.lora)
+    except OSError as e:
+        raise InputError(f"cannot read the LoRA file {args.lora}: {e.strerror or e}") from None
+    return {"path": os.path.abspath(args.lora), "scale": args.lora_scale,
+            "file": [stat.st_size, stat.st_mtime_ns]}
+
+
+def checkpoint_of(args) -> dict | None:
+    """Which weights --ckpt stands for when it is a training work dir ({'run', 'step',
+    'weights'}, recorded in every sidecar so that a rerun after more training redoes the
+    items); None for a pipeline folder."""
+    if not training_runs.is_training_run(args.ckpt):
+        if args.step is not None or args.weights is not None:
+            raise InputError(f"--step / --weights need a training work dir; {args.ckpt} is "
+                             "not one")
+        return None
+    try:
+        return training_runs.describe(args.ckpt, args.step, args.weights)
+    except (CheckpointError, ValueError) as e:
+        raise InputError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,13 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 "about resolution² pixels, or fitted inside it on grey; "
                                 "outputs then have the bucket's size")
         if task == "caption":
-            p.add_argument("--steps", type=int, default=32,
+            p.add_argument("--steps", type=int, default=DEFAULT_STEPS[task],
                            help="unmasking steps, 32-64 (default %(default)s)")
             p.add_argument("--length", type=int, default=MAX_LENGTH,
                            help="token positions (default %(default)s)")
         else:
-            p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                           help="Euler steps, 28-50 (default %(default)s)")
+            p.add_argument("--steps", type=int, default=DEFAULT_STEPS[task],
+                           help="Euler steps, 28-50 (default %(default)s, the release's for "
+                                "this task)")
             p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                            help="classifier-free guidance scale (default %(default)s)")
             p.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT,
@@ -209,6 +267,10 @@ def settings_of(args, item: dict, index: int) -> dict:
          "images": [os.path.abspath(p) for p in item["images"]], "steps": args.steps,
          "checkpoint": os.path.abspath(args.ckpt), "dtype": args.dtype,
          "attention": args.attention}
+    if args.training_run is not None:
+        s["training_run"] = args.training_run
+    if args.lora_record is not None:
+        s["lora"] = args.lora_record
     if args.task == "t2i":
         s.update(height=args.height, width=args.width)
     else:
@@ -254,6 +316,15 @@ def run_task(pipe, args, items: list[dict]) -> None:
                       guidance_scale=args.guidance, **common)
 
 
+def at_run_shape(pipe, items: list[dict], total: int) -> list[dict]:
+    """`items` padded, with copies of the last one that write nothing, to the batch size
+    of a run of all `total` items: XLA's results depend on the batch shape, so the items a
+    resumed run redoes come out byte-identical to an uninterrupted run's only at its
+    shape."""
+    size = chunk_size(total, pipe.batch_size, batch_ways(pipe.mesh))
+    return items + [{**items[-1], "write": lambda result: None}] * (size - len(items))
+
+
 def run_skipping_bad_items(run: Callable[[list[dict]], None], items: list[dict],
                            report: Callable[[dict, str], None]) -> None:
     """`run(items)`; if the pipeline rejects the batch (it checks everything before
@@ -279,10 +350,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.steps < 1:
             raise InputError(f"--steps must be at least 1, got {args.steps}")
         items = collect_items(args)
+        args.training_run = checkpoint_of(args) if os.path.isdir(args.ckpt) else None
+        args.lora_record = lora_of(args)
     except InputError as e:
         parser.error(str(e))
 
     os.makedirs(args.out, exist_ok=True)
+    remove_stale_partials(args.out)  # PNGs / sidecars a killed run was writing
     written, failed, todo = [], [], []
     already_done = 0
 
@@ -315,7 +389,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (InputError, OSError, ValueError) as e:
             print(f"error: cannot load {args.ckpt}: {e}", file=sys.stderr)
             return 1
-        run_skipping_bad_items(lambda chunk: run_task(pipe, args, chunk), todo, report)
+        try:
+            run_skipping_bad_items(
+                lambda chunk: run_task(pipe, args, at_run_shape(pipe, chunk, len(items))),
+                todo, report)
+        except (OSError, RuntimeError, ValueError) as e:
+            if not is_disk_full(e):
+                raise
+            print(f"error: {disk_full_message(args.out)} ({len(written)} items were written "
+                  "whole)", file=sys.stderr)
+            return 2
     if args.task == "caption":
         _gather_captions(args.out, items)
     print(f"{len(written)} written, {already_done} already done, {len(failed)} skipped as "
@@ -346,7 +429,8 @@ def _writer(args, item: dict, stem: str, written: list) -> Callable[[Any], None]
 
 
 def _gather_captions(out: str, items: list[dict]) -> None:
-    """captions.jsonl: every finished caption in item order (rewritten whole each run)."""
+    """captions.jsonl: every finished caption in item order (rewritten whole when it
+    changed)."""
     records = []
     for item in items:
         side = read_json_or_none(item["sidecar"])
@@ -354,7 +438,7 @@ def _gather_captions(out: str, items: list[dict]) -> None:
             records.append({"index": side["index"], "image": side["images"][0],
                             "prompt": side["prompt"], "caption": side["caption"],
                             "answer": side.get("answer")})
-    write_jsonl(os.path.join(out, "captions.jsonl"), records)
+    write_text_if_changed(os.path.join(out, "captions.jsonl"), jsonl(records))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ seed: an image depends on its prompt, inputs and seed, not on what it was batche
 (bit for bit at a fixed batch size; across batch sizes up to float rounding).
 
 `UniAlignPipeline.from_pretrained(path)` (also `unialign_jax.load_pipeline`) loads a
-converted pipeline folder with its weights placed on the mesh as they are read.
+converted pipeline folder, or a training work dir, with its weights placed on the mesh as
+they are read.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -24,13 +26,18 @@ from jax.sharding import Mesh
 from PIL import Image
 from tqdm.auto import tqdm
 
-from unialign_jax.checkpoints.pipeline import PipelineComponents, load_components
+from unialign_jax import files
+from unialign_jax.checkpoints import lora_files, registry, training_runs
+from unialign_jax.checkpoints.io import CheckpointError
+from unialign_jax.checkpoints.pipeline import (COMPONENT_DIRS, FORMAT, INDEX_FILE, SCHEDULER_FILE,
+                                               PipelineComponents, load_components)
 from unialign_jax.parallel import ActivationSharding, batch_ways, make_mesh, module_shardings
 from unialign_jax.parallel.placement import place_module, put
 from unialign_jax.sampling.caption import ModelDenoiser, sample_caption
 from unialign_jax.sampling.flow import sample_images
 from unialign_jax.diffusion import flow
 from unialign_jax.images import RESIZE_MODES, bucket_size
+from unialign_jax.models import lora
 from unialign_jax.sampling.preprocess import (InputError, check_input_size, check_prompts,
                                               check_resolution, load_image, preprocess, to_pil)
 from unialign_jax.text.tokenizer import MAX_LENGTH, decode, prompt_ids, tokenize
@@ -40,7 +47,10 @@ DEFAULT_NEGATIVE_PROMPT = (
     "oversaturated, undersaturated, out of frame")
 # Composition in the release uses up to 3 condition images (spec section 1).
 MAX_CONDITION_IMAGES = 3
-DEFAULT_STEPS = 28
+# Per-task defaults of the release's pipeline (modules/pipeline.py): text-to-image 28 Euler
+# steps, editing (and perception, the same loop) and composition 50, guidance 7.0 for all;
+# captions as its infer.py runs them (32 unmasking steps over 256 positions).
+DEFAULT_STEPS = {"t2i": 28, "edit": 50, "perceive": 50, "compose": 50, "caption": 32}
 DEFAULT_GUIDANCE = 7.0
 
 # Called with (item index, output) as soon as an output exists, so that batch writers can
@@ -144,30 +154,104 @@ class UniAlignPipeline:
         self.shift = float(components.scheduler.get("shift", flow.INFERENCE_SHIFT))
         self.num_train_timesteps = int(components.scheduler.get("num_train_timesteps",
                                                                 flow.NUM_TRAIN_TIMESTEPS))
+        self.lora: dict | None = None  # the loaded LoRA: path, scale, merged, layers, ranks
+        self._unload_lora: Callable[[], None] | None = None
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=jnp.float32, *, vae_dtype=jnp.float32,
                         param_dtype=None, attention: str = "auto", mesh: Mesh | None = None,
+                        step: int | None = None, weights: str | None = None,
                         **pipeline_kwargs) -> "UniAlignPipeline":
-        """The pipeline of a converted folder (`unialign-convert pipeline`).
+        """The pipeline of a converted folder (`unialign-convert pipeline`) or of a training
+        work dir (`unialign-train --workdir`).
 
         `dtype`: compute dtype of the transformer and T5 (`vae_dtype`: the VAE's);
         `param_dtype`: their stored weights' dtype (bf16 halves memory); `attention`: the
         kernel (`models.attention`). Weights are read straight into their place on `mesh`
         (default: every device); `pipeline_kwargs` (`batch_size`, `progress`) go to the
-        constructor.
+        constructor. For a work dir: `step` (default: the latest checkpoint) and `weights`
+        ("ema", the default when the run keeps an EMA, or "raw"); the frozen T5 / VAE and
+        the tokenizer are the run's (`checkpoints.training_runs`).
         """
         mesh = mesh if mesh is not None else make_mesh()
-        components = load_components(
-            path, dtype, vae_dtype=vae_dtype, param_dtype=param_dtype,
-            shardings=module_shardings(mesh), attention=attention,
-            activation_sharding=ActivationSharding(mesh))
+        options = dict(vae_dtype=vae_dtype, param_dtype=param_dtype,
+                       shardings=module_shardings(mesh), attention=attention,
+                       activation_sharding=ActivationSharding(mesh))
+        if training_runs.is_training_run(path):
+            components = training_runs.load_run_components(path, dtype, step=step,
+                                                           weights=weights, **options)
+        elif step is not None or weights is not None:
+            raise InputError(f"{path} is a pipeline folder, not a training work dir: it has "
+                             "no steps or EMA weights to choose from")
+        else:
+            components = load_components(path, dtype, **options)
         return cls(components, mesh=mesh, **pipeline_kwargs)
+
+    def save_pretrained(self, path: str, *, force: bool = False) -> None:
+        """Writes the components as a pipeline folder (`from_pretrained` reads it back):
+        each model in the dtype its weights have, the tokenizer with its pad token; a
+        merged LoRA is saved as part of the weights."""
+        if self.lora is not None and not self.lora["merged"]:
+            raise InputError("an unmerged LoRA is loaded: unload it, or load it with "
+                             "merge=True to save it into the weights")
+        c = self.components
+        with files.atomic_output_dir(path, force) as tmp:
+            where = {k: os.path.join(tmp, v) for k, v in COMPONENT_DIRS.items()}
+            dtypes = {}
+            for kind, name, module in (("transformer", "transformer", c.transformer),
+                                       ("t5", "text_encoder", c.t5), ("vae", "vae", c.vae)):
+                dtypes[name] = str(jax.tree.leaves(nnx.state(module, nnx.Param))[0].dtype)
+                registry.save_model(kind, module, where[name], dtypes[name])
+            c.tokenizer.save_pretrained(where["tokenizer"])
+            files.write_json(os.path.join(tmp, SCHEDULER_FILE), dict(c.scheduler))
+            files.write_json(os.path.join(tmp, INDEX_FILE), {
+                "format": FORMAT, "source": c.path, "layout": "saved", "components":
+                COMPONENT_DIRS, "scheduler": SCHEDULER_FILE, "vocab_size": len(c.tokenizer),
+                "mask_token_id": c.mask_token_id, "mask_embedding": None,
+                "dtype": dtypes["transformer"], "vae_dtype": dtypes["vae"],
+                "transformer_initialised": []})
+
+    # -- LoRA ---------------------------------------------------------------------------
+    def load_lora(self, path: str, scale: float = 1.0, merge: bool = True) -> dict:
+        """Applies a LoRA file to the transformer: ours (`unialign-convert export-lora`) or
+        a diffusers / PEFT SD3 LoRA (`save_lora_weights`), its alpha / r as stored.
+
+        `merge=True` adds scale·B·A into the kernels (no cost per call; rounded to the
+        kernels' dtype); `merge=False` keeps the factors apart and applies them at every
+        call (`models.lora.LoraLinear`). Either way `unload_lora()` restores the base
+        exactly. Returns `self.lora`. A file that does not fit the model fails with every
+        problem listed (InputError) and changes nothing."""
+        if self.lora is not None:
+            raise InputError(f"a LoRA is loaded already ({self.lora['path']}); call "
+                             "unload_lora() first")
+        transformer = self.components.transformer
+        try:
+            factors, summary = lora_files.read_lora(path, transformer)
+        except CheckpointError as e:
+            raise InputError(str(e)) from None
+        if merge:
+            kernels = lora.merge(transformer, factors, scale)
+            self._unload_lora = lambda: lora.restore_kernels(transformer, kernels)
+        else:
+            layers = lora.wrap(transformer, factors, scale)
+            if self.mesh.size > 1:
+                place_module(transformer, self.mesh)
+            self._unload_lora = lambda: lora.unwrap(transformer, layers)
+        self.lora = {"path": os.path.abspath(path), "scale": float(scale), "merged": merge,
+                     **summary}
+        return self.lora
+
+    def unload_lora(self) -> None:
+        """Removes the loaded LoRA: the transformer's weights are the base's, bit for bit."""
+        if self._unload_lora is None:
+            raise InputError("no LoRA is loaded")
+        self._unload_lora()
+        self.lora = self._unload_lora = None
 
     # -- the five tasks -----------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str], *,
                  negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT, height: int = 512,
-                 width: int = 512, num_steps: int = DEFAULT_STEPS,
+                 width: int = 512, num_steps: int = DEFAULT_STEPS["t2i"],
                  guidance_scale: float = DEFAULT_GUIDANCE, seed: int | Sequence[int] = 0,
                  on_result: OnResult | None = None) -> list[Image.Image]:
         """Text-to-image: one image per prompt (`negative_prompt=None`: no guidance)."""
@@ -179,7 +263,7 @@ class UniAlignPipeline:
 
     def edit(self, images: Sequence[Any], instructions: str | Sequence[str], *,
              negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT, resolution: int = 512,
-             resize: str = "crop", num_steps: int = DEFAULT_STEPS,
+             resize: str = "crop", num_steps: int = DEFAULT_STEPS["edit"],
              guidance_scale: float = DEFAULT_GUIDANCE, seed: int | Sequence[int] = 0,
              on_result: OnResult | None = None) -> list[Image.Image]:
         """Edits each image by its instruction (one instruction may serve all images).
@@ -202,7 +286,8 @@ class UniAlignPipeline:
 
     def compose(self, image_lists: Sequence[Sequence[Any]], instructions: str | Sequence[str],
                 *, negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
-                resolution: int = 512, resize: str = "crop", num_steps: int = DEFAULT_STEPS,
+                resolution: int = 512, resize: str = "crop",
+                num_steps: int = DEFAULT_STEPS["compose"],
                 guidance_scale: float = DEFAULT_GUIDANCE, seed: int | Sequence[int] = 0,
                 on_result: OnResult | None = None) -> list[Image.Image]:
         """One output per list of condition images (1 to 3 each), following the instruction
@@ -235,7 +320,8 @@ class UniAlignPipeline:
 
     def caption(self, images: Sequence[Any], *, prompt: str | Sequence[str] | None = None,
                 prefix: str | Sequence[str] | None = None, resolution: int = 512,
-                resize: str = "crop", length: int = MAX_LENGTH, num_steps: int = 32,
+                resize: str = "crop", length: int = MAX_LENGTH,
+                num_steps: int = DEFAULT_STEPS["caption"],
                 seed: int | Sequence[int] = 0, on_result: OnResult | None = None
                 ) -> list[Caption]:
         """Captions (or, with a question as `prompt`, answers) by masked diffusion.

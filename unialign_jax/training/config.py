@@ -19,6 +19,7 @@ from typing import Literal
 
 from unialign_jax.configlib import JsonConfig
 from unialign_jax.diffusion import masked
+from unialign_jax.models import lora as lora_layers
 from unialign_jax.models.mmdit_config import MMDiTConfig
 from unialign_jax.models.t5 import T5Config
 from unialign_jax.models.vae import VAEConfig
@@ -66,6 +67,13 @@ class DataConfig(JsonConfig):
     max_length: int = MAX_LENGTH          # caption / instruction tokens
     seed: int = 0
     workers: int = 0                      # grain worker processes per host
+    # A record that cannot be read or decoded (a shard damaged after its build) stops the
+    # run naming its shard and record (False), or is skipped: replaced by the next readable
+    # record and counted in the metrics as data_skipped (True).
+    skip_corrupt: bool = False
+    # Seconds to wait for one batch before failing with an error (a hung data worker or
+    # storage); 0 waits forever. A crashed worker fails at once either way.
+    worker_timeout_s: float = 600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +125,9 @@ class MeshConfig(JsonConfig):
     fsdp: int = -1                        # -1: all remaining devices
     tensor: int = 1
     distributed: bool | None = None       # jax.distributed.initialize(); None: from env
+    # Multi-host: seconds without a heartbeat after which jax.distributed declares a host
+    # dead and stops the others (JAX's default).
+    heartbeat_timeout_s: int = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +142,56 @@ class RunConfig(JsonConfig):
     async_checkpoints: bool = True
     tensorboard: bool = True
     progress_bar: bool = True
+    # Resume from the newest intact checkpoint when newer ones are damaged, with a warning
+    # naming the damage ("latest-valid"), or stop ("latest-only").
+    resume: Literal["latest-valid", "latest-only"] = "latest-valid"
+    # A step whose loss or gradient norm is not finite skips its update (parameters,
+    # optimizer state and EMA unchanged) and is counted (metric nonfinite_steps); this many
+    # in a row stop the run. Runs with finite losses are unaffected (the release has no
+    # guard: one non-finite step spoils its weights for good).
+    max_nonfinite_steps: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig(JsonConfig):
+    """LoRA fine-tuning (`unialign_jax.models.lora`): rank 0 (the default) trains the whole
+    transformer; rank r > 0 trains only r-rank factors on the `targets` layers (plus the
+    `train_also` tensors), over a frozen base that the checkpoints do not hold (they point
+    to it: this section and `models` in the run's config.json)."""
+
+    rank: int = 0
+    alpha: float | None = None            # scale alpha / rank; None: alpha = rank (scale 1)
+    # Groups (image_attn, text_attn: q/k/v/out of each stream; image_mlp, text_mlp;
+    # adapters) or globs over dotted module paths ('blocks.attn.to_q', '*.ff.proj_in',
+    # 'text_proj_out'); each must match a linear layer (checked when the model is built).
+    targets: tuple[str, ...] = lora_layers.DEFAULT_TARGETS
+    init: Literal["kaiming", "gaussian"] = "kaiming"   # A as PEFT draws it; B = 0
+    # Parameters also trained in full, by glob over dotted paths ('text_proj_out.*').
+    train_also: tuple[str, ...] = ()
+    # Storage dtype of the frozen base; None: compute.dtype (every layer casts its weights
+    # to it anyway, so the forward pass is unchanged and memory is as small as it can be).
+    base_dtype: Literal["float32", "bfloat16"] | None = None
+    # The frozen base: a converted pipeline folder (used as models.pipeline) or transformer
+    # folder (models.transformer_path). None: the transformer `models` names, or its random
+    # initialisation from run.seed; the resolved config records which.
+    base: str | None = None
+
+    @property
+    def scale(self) -> float:
+        return lora_layers.scale(self.rank, self.alpha)
+
+    def problems(self) -> list[str]:
+        if self.rank < 0:
+            return [f"lora.rank must be >= 0 (0: no LoRA), got {self.rank}"]
+        if self.rank == 0:
+            unused = [k for k in ("base", "train_also") if getattr(self, k)]
+            return [f"lora.{k} is set but lora.rank is 0 (LoRA off)" for k in unused]
+        out = []
+        if self.alpha is not None and self.alpha <= 0:
+            out.append(f"lora.alpha must be > 0, got {self.alpha}")
+        if not self.targets:
+            out.append("lora.targets is empty: name the layers to adapt")
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +203,7 @@ class TrainConfig(JsonConfig):
     loss: LossConfig = LossConfig()
     mesh: MeshConfig = MeshConfig()
     run: RunConfig = RunConfig()
+    lora: LoraConfig = LoraConfig()
 
     def validate(self) -> None:
         """Errors that do not depend on devices or files, in the config's own words."""
@@ -152,6 +214,8 @@ class TrainConfig(JsonConfig):
                            ("run.log_every", self.run.log_every),
                            ("run.ckpt_every", self.run.ckpt_every),
                            ("run.keep_checkpoints", self.run.keep_checkpoints),
+                           ("run.max_nonfinite_steps", self.run.max_nonfinite_steps),
+                           ("mesh.heartbeat_timeout_s", self.mesh.heartbeat_timeout_s),
                            ("data.max_length", self.data.max_length),
                            ("data.resolution", self.data.resolution)):
             if value < 1:
@@ -162,29 +226,60 @@ class TrainConfig(JsonConfig):
         if self.optimizer.ema_decay is not None and not 0.0 <= self.optimizer.ema_decay < 1.0:
             problems.append(f"optimizer.ema_decay must be in [0, 1) or None, got "
                             f"{self.optimizer.ema_decay}")
+        if self.data.worker_timeout_s < 0:
+            problems.append(f"data.worker_timeout_s must be >= 0 (0: no limit), got "
+                            f"{self.data.worker_timeout_s}")
         if self.optimizer.warmup_steps < 0:
             problems.append(f"optimizer.warmup_steps must be >= 0, got "
                             f"{self.optimizer.warmup_steps}")
         if not self.data.t2i_shards and not self.data.edit_shards:
             problems.append("no training data: set data.t2i_shards and/or data.edit_shards to "
                             "folders built by `unialign-data build`")
-        if self.models.tokenizer is None and self.models.pipeline is None:
+        unresolved_base = self.lora.base and self.models.transformer_path is None
+        if self.models.tokenizer is None and self.models.pipeline is None \
+                and not unresolved_base:  # a pipeline folder as lora.base may give it
             problems.append("set models.tokenizer (a local T5 tokenizer folder) or "
                             "models.pipeline")
+        problems += self.lora.problems()
         if problems:
             raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 
     def resolved(self) -> "TrainConfig":
-        """A copy with the pipeline folder expanded into its component paths."""
-        if self.models.pipeline is None:
-            return self
-        from unialign_jax.checkpoints.pipeline import component_paths
+        """A copy with the LoRA base and the pipeline folder expanded into component paths
+        (a LoRA run then records the transformer it adapts as lora.base)."""
+        cfg = self._with_lora_base() if self.lora.base else self
+        if cfg.models.pipeline is not None:
+            from unialign_jax.checkpoints.pipeline import component_paths
 
-        where, m = component_paths(self.models.pipeline), self.models
-        return dataclasses.replace(self, models=dataclasses.replace(
-            m, transformer_path=m.transformer_path or where["transformer"],
-            t5_path=m.t5_path or where["text_encoder"], vae_path=m.vae_path or where["vae"],
-            tokenizer=m.tokenizer or where["tokenizer"]))
+            where, m = component_paths(cfg.models.pipeline), cfg.models
+            cfg = dataclasses.replace(cfg, models=dataclasses.replace(
+                m, transformer_path=m.transformer_path or where["transformer"],
+                t5_path=m.t5_path or where["text_encoder"], vae_path=m.vae_path or where["vae"],
+                tokenizer=m.tokenizer or where["tokenizer"]))
+        if cfg.lora.rank and cfg.lora.base is None:
+            cfg = dataclasses.replace(cfg, lora=dataclasses.replace(
+                cfg.lora, base=cfg.models.transformer_path))
+        return cfg
+
+    def _with_lora_base(self) -> "TrainConfig":
+        """lora.base in `models`: a pipeline folder as models.pipeline, a transformer folder
+        as models.transformer_path; another transformer named there is an error."""
+        from unialign_jax.checkpoints.pipeline import INDEX_FILE, component_paths
+        from unialign_jax.checkpoints.training_runs import is_training_run
+
+        base, m = os.path.abspath(self.lora.base), self.models
+        if is_training_run(base):
+            raise ValueError(f"lora.base {self.lora.base} is a training work dir: make it a "
+                             "pipeline folder first (unialign-convert from-run WORKDIR DST)")
+        is_pipeline = os.path.isfile(os.path.join(base, INDEX_FILE))
+        transformer = component_paths(base)["transformer"] if is_pipeline else base
+        if m.transformer_path and os.path.abspath(m.transformer_path) != transformer:
+            raise ValueError(f"lora.base ({self.lora.base}) and models.transformer_path "
+                             f"({m.transformer_path}) name different transformers")
+        models = dataclasses.replace(m, transformer_path=transformer,
+                                     pipeline=base if is_pipeline else m.pipeline)
+        return dataclasses.replace(self, models=models,
+                                   lora=dataclasses.replace(self.lora, base=base))
 
 
 def load_config(path: str) -> TrainConfig:

@@ -1,24 +1,34 @@
 """The three models of a training run — trained transformer, frozen T5 and VAE — built
 directly in their sharded placement (random init inside `jit` with out-shardings, or read
-from converted folders straight into place), or only abstractly for planning."""
+from converted folders straight into place), or only abstractly for planning.
+
+A LoRA run (`lora.rank > 0`) builds the transformer as its frozen base, in
+`lora.base_dtype`, and wraps the targeted layers with factors initialised in place
+(`models.lora`); its trained parameters are then only the factors and the `train_also`
+tensors (in `compute.param_dtype`), and the base joins the frozen state.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
 from unialign_jax.checkpoints import registry
+from unialign_jax.models import lora as lora_layers
 from unialign_jax.models.mmdit import MMDiT, MMDiTConfig
 from unialign_jax.models.t5 import T5Encoder
 from unialign_jax.models.vae import AutoencoderKL
 from unialign_jax.parallel import placement, rules
-from unialign_jax.training.config import ComputeConfig, ModelsConfig
+from unialign_jax.training.config import ComputeConfig, LoraConfig, ModelsConfig
 
 TRAINED = "transformer"
+LORA_SEED_OFFSET = 3  # added to run.seed for the factors' draw (models: 0, 1, 2)
 
 
 @dataclasses.dataclass
@@ -34,12 +44,38 @@ class SplitModel:
         return nnx.merge(self.graphdef, self.params if params is None else params, self.rest)
 
 
-def _split(module: nnx.Module, trainable: bool) -> SplitModel:
-    if trainable:
-        graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+def _split(module: nnx.Module, trained=None) -> SplitModel:
+    """`trained`: the nnx filter of the trained variables (None: a frozen model)."""
+    if trained is not None:
+        graphdef, params, rest = nnx.split(module, trained, ...)
         return SplitModel(graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
     graphdef, state = nnx.split(module)
     return SplitModel(graphdef, {}, nnx.to_pure_dict(state))
+
+
+def add_lora(module: nnx.Module, lora: LoraConfig, param_dtype, mesh: Mesh, seed: int,
+             abstract: bool = False):
+    """Wraps `module`'s targeted layers with fresh factors drawn in place (from `seed`),
+    casts its `train_also` tensors to `param_dtype`; returns the trained filter."""
+    lora_layers.check_train_also(module, lora.train_also)
+    draw = functools.partial(lora_layers.new_factors,
+                             lora_layers.target_shapes(module, lora.targets), lora.rank,
+                             jax.random.key(seed + LORA_SEED_OFFSET), lora.init, param_dtype)
+    lora_layers.wrap(module, jax.eval_shape(draw), lora.scale)
+    factors = nnx.state(module, lora_layers.LoraParam)
+    shardings = nnx.to_pure_dict(rules.state_shardings(factors, mesh))
+    if abstract:
+        values = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              nnx.to_pure_dict(factors), shardings)
+        cast = lambda x: jax.ShapeDtypeStruct(  # noqa: E731
+            x.shape, param_dtype, sharding=x.sharding)
+    else:
+        values = jax.jit(draw, out_shardings=shardings)()
+        cast = lambda x: x.astype(param_dtype)  # noqa: E731
+    nnx.replace_by_pure_dict(factors, values)
+    full = nnx.state(module, lora_layers.full_filter(lora.train_also))
+    nnx.update(module, factors, jax.tree.map(cast, full))
+    return lora_layers.trained_filter(lora.train_also)
 
 
 def transformer_config(models: ModelsConfig, vocab_size: int | None) -> MMDiTConfig:
@@ -69,10 +105,11 @@ def frozen_configs(models: ModelsConfig):
 
 
 def build_models(models: ModelsConfig, compute: ComputeConfig, mesh: Mesh,
-                 vocab_size: int | None, *, seed: int = 0, abstract: bool = False
-                 ) -> dict[str, SplitModel]:
+                 vocab_size: int | None, *, seed: int = 0, abstract: bool = False,
+                 lora: LoraConfig = LoraConfig()) -> dict[str, SplitModel]:
     """{'transformer', 't5', 'vae'}, placed on `mesh` by the logical-axis rules, their
-    activations constrained by the same rules.
+    activations constrained by the same rules; with `lora.rank`, the transformer is a
+    frozen base carrying trained LoRA factors.
 
     `abstract=True` builds ShapeDtypeStructs only (memory planning); converted folders are
     then read for their configs, never for weights.
@@ -93,11 +130,13 @@ def build_models(models: ModelsConfig, compute: ComputeConfig, mesh: Mesh,
 
     shard = rules.ActivationSharding(mesh)
     text_options = dict(attention=compute.attention, activation_sharding=shard)
+    base_dtype = jnp.dtype(lora.base_dtype or compute.dtype) if lora.rank else param_dtype
     specs = {  # name: (class, config, constructor options, stored dtype, folder)
         "transformer": (MMDiT, tcfg, dict(remat_policy=compute.remat_policy, **text_options),
-                        param_dtype, models.transformer_path),
+                        base_dtype, models.transformer_path),
         "t5": (T5Encoder, t5_cfg, text_options, frozen_dtype, models.t5_path),
-        "vae": (AutoencoderKL, vae_cfg, {}, frozen_dtype, models.vae_path),
+        "vae": (AutoencoderKL, vae_cfg, dict(attention=compute.attention), frozen_dtype,
+                models.vae_path),
     }
     out = {}
     for offset, (name, (cls, config, options, stored, path)) in enumerate(specs.items()):
@@ -111,5 +150,8 @@ def build_models(models: ModelsConfig, compute: ComputeConfig, mesh: Mesh,
             module = registry.restore_module(path, build, stored, rules.module_shardings(mesh))
         else:
             module = placement.sharded_init(build, mesh)
-        out[name] = _split(module, trainable=name == TRAINED)
+        trained = None if name != TRAINED else (
+            add_lora(module, lora, param_dtype, mesh, seed, abstract) if lora.rank
+            else nnx.Param)
+        out[name] = _split(module, trained)
     return out
