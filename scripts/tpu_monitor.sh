@@ -20,7 +20,8 @@ if [[ "${STOP:-0}" == 1 ]]; then
   # Stop the resume loop first, then SIGTERM the trainer: it finishes its step, saves a
   # checkpoint and exits 143; rerunning tpu_launch.sh resumes from it.
   exec gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all \
-      --command='pkill -f unialign_run.sh || true; pkill -TERM -f unialign-train || true'
+      --command='pkill -f scripts/tpu_worker.sh || true
+                 pkill -TERM -f unialign_jax.training.cli || true'
 fi
 if [[ "$WORKER" == all ]]; then
   exec gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all \

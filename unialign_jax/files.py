@@ -10,8 +10,11 @@ resumed run would trust. Paths may be local or cloud URLs (`gs://...`, through e
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, BinaryIO, Callable, Iterable
@@ -48,24 +51,85 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             os.remove(tmp)
 
 
+# Temporary names of `write_atomic` (files) and `atomic_output_dir` (folders): the
+# writer's PID is in the name, so what a killed writer left is recognisable.
+_TEMPORARY = re.compile(r"\.(.+)\.(?:partial|replaced)-(\d+)(?:-.*)?")
+
+
+def remove_stale_partials(folder: str | os.PathLike, name: str | None = None,
+                          recursive: bool = True) -> int:
+    """Deletes the temporary files and folders under `folder` (of the output `name` only,
+    when given) that writers no longer running left behind (a SIGKILL mid-write); returns
+    how many. Called before publishing a folder and when resuming into one, so that
+    interrupted runs neither litter outputs nor keep their disk space."""
+    removed = 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for entry in dirnames + filenames:
+            match = _TEMPORARY.fullmatch(entry)
+            if match and (name is None or match.group(1) == name) \
+                    and not _running(int(match.group(2))):
+                path = os.path.join(dirpath, entry)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                removed += 1
+        dirnames[:] = [d for d in dirnames if os.path.isdir(os.path.join(dirpath, d))]
+        if not recursive:
+            break
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+PRODUCED_BY = "produced_by.json"
+_RECORDS: contextvars.ContextVar[dict] = contextvars.ContextVar("produced_by", default={})
+
+
+@contextlib.contextmanager
+def recording(dst: str, record: Any):
+    """While active, `atomic_output_dir(dst)` writes `record` into the folder as
+    PRODUCED_BY before it appears: a finished folder always says what made it, so that a
+    rerun of the same command can tell "already done" from "made by something else"."""
+    token = _RECORDS.set({**_RECORDS.get(), os.path.abspath(dst): record})
+    try:
+        yield
+    finally:
+        _RECORDS.reset(token)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(dst: str, force: bool = False):
     """Yields a temporary folder that becomes `dst` only if the block finishes without error
-    (a folder's `write_atomic`: converters, shard builds, synthetic corpora)."""
+    (a folder's `write_atomic`: converters, shard builds, synthetic corpora). A replaced
+    `dst` is moved aside before the new one takes its name, so no instant shows a
+    half-deleted folder under it."""
     dst = os.path.abspath(dst)
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)) and not force:
         raise FileExistsError(f"{dst} exists and is not empty; pass --force to overwrite it")
-    parent = os.path.dirname(dst)
+    parent, name = os.path.split(dst)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+    remove_stale_partials(parent, name, recursive=False)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=parent)
     try:
         yield tmp
+        if dst in _RECORDS.get():
+            write_json(os.path.join(tmp, PRODUCED_BY), _RECORDS.get()[dst])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = None
     if os.path.exists(dst):
-        shutil.rmtree(dst)
+        old = tempfile.mkdtemp(prefix=f".{name}.replaced-{os.getpid()}-", dir=parent)
+        os.replace(dst, os.path.join(old, "folder"))
     os.replace(tmp, dst)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -85,8 +149,25 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, dumps(obj))
 
 
+def jsonl(records: Iterable[Any]) -> str:
+    """JSON lines: one compact object per line, UTF-8 kept."""
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> None:
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text(path, jsonl(records))
+
+
+def write_text_if_changed(path: str | os.PathLike, text: str) -> bool:
+    """`write_text` unless the file already holds exactly `text`: a rerun with nothing new
+    to say leaves its files untouched. Returns whether it wrote."""
+    try:
+        if epath.Path(path).read_text() == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    write_text(path, text)
+    return True
 
 
 def save_png(image, path: str | os.PathLike) -> None:
@@ -123,3 +204,22 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
     return rows
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether `error`, or an error that caused it, is a full disk: an OSError with ENOSPC,
+    or the same reported as text by a native writer (TensorStore, ArrayRecord)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_full_message(where: str) -> str:
+    """What every command line says when the disk filled up under `where`."""
+    return (f"no space left on device writing {where}. Nothing partial was kept under an "
+            "output name and finished work is kept: free some space, then rerun the same "
+            "command to continue")

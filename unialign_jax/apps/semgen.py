@@ -7,9 +7,10 @@ release's `SemGen-Bench/generate_bench_img.py`, whose names `test_bench_score.py
 outputs are named by the 0-based line index of the row; 512 px, 50 steps, the release's
 negative prompt; text-to-image at guidance 7.0, edits at guidance 9.0 with the source
 squashed to 512×512 by a plain (bicubic) resize, no crop, and that squashed source saved
-as `_SRCIMG`. Finished images are skipped, so an interrupted run just restarts; bad rows
-are reported, skipped and listed in `fullset/failures.jsonl`; every setting of the run
-is in `fullset/settings.json`.
+as `_SRCIMG`. Finished images are skipped, so an interrupted run (SIGKILL, full disk) just
+restarts and a finished one reruns without changing anything; bad rows are reported,
+skipped and listed in `fullset/failures.jsonl`; every setting of the run is in
+`fullset/settings.json`, and a run with other settings into the same folder is refused.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from typing import Sequence
 
 from PIL import Image
 
-from unialign_jax.files import save_png, write_json, write_jsonl
-from unialign_jax.sampling.cli import (add_model_args, load_pipeline_from_args,
-                                       run_skipping_bad_items)
+from unialign_jax.files import (dumps, jsonl, read_json_or_none, remove_stale_partials,
+                                save_png, write_text_if_changed)
+from unialign_jax.sampling.cli import (add_model_args, at_run_shape,
+                                       load_pipeline_from_args, run_until_disk_full)
 from unialign_jax.sampling.pipeline import DEFAULT_NEGATIVE_PROMPT
 from unialign_jax.sampling.preprocess import InputError, check_resolution, load_image
 
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guidance of edit_multi / edit_complex (default %(default)s, the "
                         "release's)")
     p.add_argument("--negative-prompt", default=RELEASE["negative_prompt"],
-                   help="negative prompt (default: the release's)")
+                   help="negative prompt (default, the release's: \"%(default)s\")")
     p.add_argument("--exif-orientation", choices=("keep", "apply"), default="keep",
                    help="keep: read sources in their stored orientation, as the release does "
                         "(default); apply: rotate them by their EXIF orientation")
@@ -123,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as e:
         parser.error(str(e))
     fullset = os.path.join(args.out, "fullset")
-    write_json(os.path.join(fullset, "settings.json"), {
+    settings = {
         "bench": os.path.abspath(args.bench), "checkpoint": os.path.abspath(args.ckpt),
         "resolution": args.resolution, "steps": args.steps, "dtype": args.dtype,
         "guidance": {**{t: args.t2i_guidance for t in T2I_TASKS},
@@ -133,7 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "exif_orientation": args.exif_orientation,
         "file_names": f"0-based line index in {BENCH_FILE}",
         "seed": f"{args.seed} + line index", "release_settings": RELEASE,
-        "release_script": RELEASE_SCRIPT})
+        "release_script": RELEASE_SCRIPT}
+    problem = settings_problem(os.path.join(fullset, "settings.json"), settings)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    remove_stale_partials(fullset)  # PNGs a killed run was writing
 
     work = {task: pending_items(task, rows, args, fullset, report) for task in args.tasks}
     written = []
@@ -144,14 +151,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: cannot load {args.ckpt}: {e}", file=sys.stderr)
             return 1
         for task, items in work.items():
+            if not items:  # the pipeline refuses an empty batch
+                continue
             for item in items:
                 item["write"] = writer(item, written)
-            run_skipping_bad_items(lambda chunk, task=task: run_chunk(pipe, task, chunk, args),
-                                   items, lambda it, why, task=task: report(
-                                       f"line {it['index']}", why, task))
-    write_jsonl(os.path.join(fullset, "failures.jsonl"), failures)
+            if not run_until_disk_full(
+                    lambda chunk, task=task: run_chunk(
+                        pipe, task, at_run_shape(pipe, chunk, len(rows)), args), items,
+                    lambda it, why, task=task: report(f"line {it['index']}", why, task),
+                    fullset, written, "images"):
+                return 2
+    write_text_if_changed(os.path.join(fullset, "failures.jsonl"), jsonl(failures))
     print(f"{len(written)} images written, {len(failures)} skipped as bad -> {fullset}")
     return 1 if failures else 0
+
+
+def settings_problem(path: str, settings: dict) -> str | None:
+    """Why OUT cannot take this run: its outputs were made with other settings (the tasks
+    run may differ). Writes `settings` when the folder is new or they only add tasks."""
+    old = read_json_or_none(path)
+    if old is not None:
+        differs = sorted(k for k in set(settings) | set(old)
+                         if k != "tasks" and old.get(k) != settings.get(k))
+        if differs:
+            return (f"{os.path.dirname(path)} holds outputs made with other settings "
+                    f"(differs in: {', '.join(differs)}); use another --out")
+    write_text_if_changed(path, dumps(settings))
+    return None
 
 
 def pending_items(task: str, rows: list[dict], args, fullset: str, report) -> list[dict]:

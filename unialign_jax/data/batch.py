@@ -38,6 +38,9 @@ FIELDS = (
           model_input=False),
     Field("index", ("B",), np.int64, "record index in the task's shard folders",
           model_input=False),
+    Field("skipped", ("B",), np.int32, "1 where the row's own record was corrupt and the "
+          "next readable one replaced it (data.skip_corrupt)", required=False,
+          model_input=False),
 )
 BY_NAME = {f.name: f for f in FIELDS}
 TEACHER_KEYS = ("teacher_image", "teacher_text")

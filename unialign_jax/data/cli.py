@@ -9,6 +9,7 @@ import logging
 import sys
 
 from unialign_jax.data.faults import DEFAULT_MAX_SKIP_FRACTION, TooManySkipped
+from unialign_jax.files import disk_full_message, is_disk_full
 from unialign_jax.data.fetch import DEFAULT_DEADLINE, DEFAULT_MAX_BYTES, MIB, FetchOptions
 from unialign_jax.data.jsonl import DEFAULT_COMPOSE_SOURCES, KINDS
 from unialign_jax.data.shards import DEFAULT_MAX_ASPECT
@@ -25,7 +26,8 @@ def _add_build(sub) -> None:
                     "the texts plus OUT/summary.json (records written, skipped samples by "
                     "reason). Faulty samples are skipped and counted; the build fails only if "
                     "more than --max-skip-fraction of them are skipped. An interrupted build "
-                    "resumes when rerun with the same arguments.")
+                    "(SIGKILL, full disk) resumes when rerun with the same arguments; "
+                    "rerunning a finished build changes nothing.")
     p.add_argument("--jsonl", nargs="+", required=True, metavar="FILE", help="input JSONL files")
     p.add_argument("--kind", choices=KINDS, required=True,
                    help="t2i: 1 image; edit (editing and perception): source, target; "
@@ -70,7 +72,8 @@ def _add_build(sub) -> None:
                    metavar=("R", "G", "B"),
                    help="colour transparent pixels are composited onto (default white)")
     p.add_argument("--force", action="store_true",
-                   help="overwrite OUT and discard an unfinished build")
+                   help="overwrite OUT and discard an unfinished build (without it, rerunning "
+                        "a finished build changes nothing and exits 0)")
     p.set_defaults(func=_build)
 
 
@@ -174,6 +177,13 @@ def main(argv=None) -> int:
         result = args.func(args)
     except (TooManySkipped, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"unialign-data {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        where = getattr(args, "out", None) or " ".join(getattr(args, "shards", []))
+        print(f"unialign-data {args.command}: error: {disk_full_message(where)}",
+              file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
     return 0

@@ -1,11 +1,18 @@
 """Grain input pipeline: shard folders → fixed-shape training batches, alternating tasks.
 
-Per task stream (spec section 4): global shuffle with one seed on every host, then host
-`p` of `P` takes global positions p, p + P, p + 2P, ... of the (reshuffled-per-epoch)
-stream — so hosts never share a sample and together read exactly the single-host stream.
-Each record is decoded to float32 [-1, 1] channels-last images and its texts tokenised
-like the release (pad `</s>`, fixed length); records are batched per task, and the task
-streams alternate one batch each (the release: one step text-to-image, one step editing).
+Per task stream (spec section 4): global shuffle with one seed on every host, cut into
+batches of the per-host size b; host `p` of `P` takes batches p, p + P, p + 2P, ... —
+so global batch k is host 0's k-th batch, then host 1's, ...: exactly the single-host
+run's global batch k, row for row, and hosts never share a sample. Each record is decoded
+to float32 [-1, 1] channels-last images and its texts tokenised like the release (pad
+`</s>`, fixed length); records are batched per task, and the task streams alternate one
+batch each (the release: one step text-to-image, one step editing).
+
+A record that cannot be read or decoded stops the pipeline with a `CorruptRecord` error
+naming its shard and position; with `skip_corrupt` it is replaced by the next readable
+record of the stream, and the batch's `skipped` field marks the rows replaced.
+`next_batch` bounds the wait for one batch, so a stuck worker process fails the run
+instead of hanging it (a crashed one fails at once).
 
 The iterator is a `grain.DatasetIterator`: `get_state()` / `set_state()` give exact
 resume, and `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` put the same
@@ -19,11 +26,15 @@ A batch (B = per-host batch, L = max_length, S = resolution, D = teacher width):
     task             (B,)   int32    TASK_IDS of the stream; equal within a batch
     index            (B,)   int64    record index in the task's shard folders
     teacher_image, teacher_text  (B, D) float32 — only when the folders have teacher features
+    skipped          (B,)   int32    1 where a corrupt record was replaced — only with
+                                     skip_corrupt
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import multiprocessing
 import threading
 from typing import Mapping, Sequence
 
@@ -33,11 +44,18 @@ import numpy as np
 from unialign_jax.data import images as image_ops
 from unialign_jax.images import to_model_range
 from unialign_jax.data.records import decode_record
-from unialign_jax.data.source import ShardSource
+from unialign_jax.data.source import CorruptRecord, ShardSource
+from unialign_jax.data.tfds_source import open_source
 from unialign_jax.text.tokenizer import MAX_LENGTH, load_tokenizer, tokenize
+
+log = logging.getLogger(__name__)
 
 TASK_IDS = {"t2i": 0, "edit": 1, "compose": 2}
 _TOKENIZER_LOCK = threading.Lock()
+
+
+class DataError(RuntimeError):
+    """The pipeline could not deliver a batch: a worker process crashed or hung."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,18 +72,40 @@ class PipelineConfig:
     read_threads: int = 2             # batches decoded concurrently per process
     worker_buffer: int = 2            # finished batches each worker keeps ready
     resolution: int | None = None     # expected shard resolution; None accepts the shards'
+    skip_corrupt: bool = False        # replace unreadable records by the next readable one
 
 
 class ToTrainingExample(grain.transforms.Map):
-    """One source item (record bytes, index, teacher rows) → one training example."""
+    """One record index → one training example (read, decoded, tokenised)."""
 
-    def __init__(self, task: str, source: ShardSource, tokenizer: str, max_length: int):
+    def __init__(self, task: str, source: ShardSource, tokenizer: str, max_length: int,
+                 skip_corrupt: bool = False):
         self.task, self.tokenizer_path, self.max_length = task, tokenizer, max_length
+        self.source, self.skip_corrupt = source, skip_corrupt
         self.image_format, self.resolution = source.image_format, source.resolution
-        self._tokenizer = None
+        self._tokenizer, self._reported = None, set()
 
     def __getstate__(self):
         return {**self.__dict__, "_tokenizer": None}  # each worker loads its own
+
+    def map(self, index: int) -> dict:
+        """The example of record `index`; with `skip_corrupt`, of the first readable record
+        from `index` on (its `skipped` field is 1 when that is not `index` itself)."""
+        for skipped in range(len(self.source)):
+            position = (int(index) + skipped) % len(self.source)
+            try:
+                example = self._example(self.source[position])
+            except CorruptRecord as e:
+                if not self.skip_corrupt:
+                    raise
+                if position not in self._reported:
+                    self._reported.add(position)
+                    log.warning("skipping a corrupt record: %s", e)
+                continue
+            if self.skip_corrupt:
+                example["skipped"] = np.int32(skipped > 0)
+            return example
+        raise CorruptRecord(f"no readable record in the {self.task} shards")
 
     def _ids(self, texts: list[str]) -> np.ndarray:
         # Read threads share one tokenizer: neither loading it (a lazy transformers import)
@@ -75,11 +115,17 @@ class ToTrainingExample(grain.transforms.Map):
                 self._tokenizer = load_tokenizer(self.tokenizer_path)
             return tokenize(self._tokenizer, texts, self.max_length)
 
-    def map(self, item: dict) -> dict:
-        fields, blobs = decode_record(item["record"])
-        pixels = [to_model_range(image_ops.decode_stored(b, self.image_format, self.resolution))
-                  for b in blobs]
-        caption_ids, instruction_ids = self._ids([fields["caption"], fields["instruction"]])
+    def _example(self, item: dict) -> dict:
+        try:
+            fields, blobs = decode_record(item["record"])
+            pixels = [to_model_range(image_ops.decode_stored(b, self.image_format,
+                                                             self.resolution))
+                      for b in blobs]
+            texts = [fields["caption"], fields["instruction"]]
+        except (ValueError, OSError, KeyError) as e:
+            raise CorruptRecord(f"{self.source.where(item['index'])} does not decode "
+                                f"({type(e).__name__}: {e})") from None
+        caption_ids, instruction_ids = self._ids(texts)
         example = {"target": pixels[-1], "caption_ids": caption_ids,
                    "instruction_ids": instruction_ids,
                    "task": np.int32(TASK_IDS[self.task]), "index": np.int64(item["index"])}
@@ -102,19 +148,22 @@ def _host(cfg: PipelineConfig) -> tuple[int, int]:
 
 def task_batches(task: str, folders: Sequence[str], cfg: PipelineConfig, seed: int
                  ) -> grain.MapDataset:
-    """Shuffled, host-sharded, decoded and batched stream of one task's shard folders."""
-    source = ShardSource(list(folders))
+    """Shuffled, host-sharded, decoded and batched stream of one task's shard folders (or
+    prepared TFDS datasets, `tfds:NAME?...` entries: `data.tfds_source`)."""
+    source = (open_source(list(folders), task, cfg.resolution)
+              or ShardSource(list(folders), skip_corrupt=cfg.skip_corrupt))
     if source.kind != task:
         raise ValueError(f"{folders} hold {source.kind!r} records, not {task!r}")
     if cfg.resolution is not None and source.resolution != cfg.resolution:
         raise ValueError(f"{folders} were built at {source.resolution} px, not {cfg.resolution}")
     index, count = _host(cfg)
-    ds = grain.MapDataset.source(source)
+    ds = grain.MapDataset.range(len(source))
     if cfg.shuffle:
         ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(cfg.num_epochs)[index::count]
-    ds = ds.map(ToTrainingExample(task, source, cfg.tokenizer, cfg.max_length))
-    return ds.batch(cfg.batch_size, drop_remainder=True)
+    ds = ds.repeat(cfg.num_epochs).map(ToTrainingExample(
+        task, source, cfg.tokenizer, cfg.max_length, cfg.skip_corrupt))
+    # Lazy: a host decodes only the rows of its own batches.
+    return ds.batch(cfg.batch_size, drop_remainder=True)[index::count]
 
 
 def training_dataset(corpora: Mapping[str, Sequence[str]], cfg: PipelineConfig
@@ -141,6 +190,46 @@ def training_iterator(corpora: Mapping[str, Sequence[str]], cfg: PipelineConfig
                       ) -> grain.DatasetIterator:
     """`iter(training_dataset(...))`; call `.close()` when done if it has workers."""
     return iter(training_dataset(corpora, cfg))
+
+
+def next_batch(iterator, timeout_s: float = 0.0) -> dict:
+    """`next(iterator)`, but a `DataError` after `timeout_s` seconds without a batch (0:
+    wait forever) or when a worker process died, instead of a hang or a bare traceback.
+    On a timeout the worker processes are killed, so that the process can exit."""
+    if not timeout_s:
+        return _next(iterator)
+    result: dict = {}
+    done = threading.Event()
+
+    def fetch():
+        try:
+            result["batch"] = _next(iterator)
+        except BaseException as e:  # noqa: BLE001 — re-raised in the caller's thread
+            result["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=fetch, name="unialign-next-batch", daemon=True).start()
+    if not done.wait(timeout_s):
+        for worker in multiprocessing.active_children():
+            worker.kill()
+        raise DataError(f"no batch from the data pipeline in {timeout_s:g} s "
+                        "(data.worker_timeout_s): a data worker process or the storage is "
+                        "stuck; the workers were stopped. Rerun to resume from the last "
+                        "checkpoint")
+    if "error" in result:
+        raise result["error"]
+    return result["batch"]
+
+
+def _next(iterator) -> dict:
+    try:
+        return next(iterator)
+    except RuntimeError as e:
+        if "Worker process" not in str(e):
+            raise
+        raise DataError(f"a data worker process crashed ({str(e).splitlines()[0]}); rerun "
+                        "to resume from the last checkpoint") from e
 
 
 def _allow_unparsed_absl_flags() -> None:

@@ -5,8 +5,11 @@ once, here, so that training workers only decode and normalise. Samples are spli
 order into shards of `records_per_shard`; each shard is written by one worker, to a
 temporary name renamed into place, with a `.stats.json` beside it that marks it done.
 The build runs in a staging folder next to the output (`.NAME.partial`): an interrupted
-build resumes from its finished shards, and the output folder appears, complete with its
-`summary.json`, only when everything succeeded.
+build (a SIGKILL, a full disk) resumes from its finished shards, and the output folder
+appears, complete with its `summary.json`, only when everything succeeded. The output
+keeps the build's `plan.json` (inputs, their sizes and times, every setting): rerunning
+the same build finds it and changes nothing; another build into the same folder is
+refused unless forced.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from unialign_jax.data.faults import (DEFAULT_MAX_SKIP_FRACTION, FaultLogger, Sk
 from unialign_jax.data.fetch import FetchOptions, read_image_bytes
 from unialign_jax.data.jsonl import DEFAULT_COMPOSE_SOURCES, Sample, expected_images, read_jsonl
 from unialign_jax.data.records import encode_record
-from unialign_jax.files import write_json
+from unialign_jax.files import read_json_or_none, remove_stale_partials, write_json
 from unialign_jax.images import DecodeOptions
 
 log = logging.getLogger(__name__)
@@ -117,16 +120,21 @@ def build_shard(folder: str, name: str, samples: list, opts: BuildOptions) -> di
     skipped, records = SkipLog(), 0
     writer = ArrayRecordWriter(f"{path}.tmp", "group_size:1")
     try:
-        with concurrent.futures.ThreadPoolExecutor(opts.threads) as pool:
-            results = pool.map(_preprocess_or_fault, [(s, opts) for s in samples])
-            for sample, result in zip(samples, results):
-                if isinstance(result, images.ImageError):
-                    skipped.add(sample.where, result)
-                else:
-                    writer.write(result)
-                    records += 1
-    finally:
-        writer.close()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(opts.threads) as pool:
+                results = pool.map(_preprocess_or_fault, [(s, opts) for s in samples])
+                for sample, result in zip(samples, results):
+                    if isinstance(result, images.ImageError):
+                        skipped.add(sample.where, result)
+                    else:
+                        writer.write(result)
+                        records += 1
+        finally:
+            writer.close()  # raises when the disk is full
+    except BaseException:
+        if os.path.exists(f"{path}.tmp"):
+            os.remove(f"{path}.tmp")  # frees its space; the rerun writes the shard again
+        raise
     os.replace(f"{path}.tmp", path)
     stats = {"file": name + RECORD_SUFFIX, "records": records, "samples": len(samples),
              "skipped": skipped.to_json()}
@@ -198,8 +206,6 @@ def build(jsonl_paths: list[str], out_dir: str, opts: BuildOptions, force: bool 
     were skipped.
     """
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not force:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass --force to overwrite it")
     for path in jsonl_paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"JSONL file not found: {path}")
@@ -210,14 +216,18 @@ def build(jsonl_paths: list[str], out_dir: str, opts: BuildOptions, force: bool 
     samples, parse_faults, lines = _parse_inputs(jsonl_paths, opts)
     if not lines:
         raise ValueError(f"no samples in {', '.join(jsonl_paths)}")
+    n = max(1, -(-len(samples) // opts.records_per_shard))
+    plan = _plan(jsonl_paths, opts, n)
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) \
+            and not force:
+        return _finished_build(out_dir, plan)
     FaultLogger()(parse_faults.examples)
     check_skipped_fraction(parse_faults, lines, opts.max_skip_fraction, "parsing")
 
-    n = max(1, -(-len(samples) // opts.records_per_shard))
     jobs = [(f"{opts.kind}-{i:05d}-of-{n:05d}",
              samples[i * opts.records_per_shard:(i + 1) * opts.records_per_shard])
             for i in range(n)]
-    _open_staging(staging, _plan(jsonl_paths, opts, n))
+    _open_staging(staging, plan)
     _run_shards(staging, jobs, opts, len(samples))
 
     skipped, shards = parse_faults, []
@@ -234,7 +244,33 @@ def build(jsonl_paths: list[str], out_dir: str, opts: BuildOptions, force: bool 
                "inputs": [os.path.abspath(p) for p in jsonl_paths]}
     check_skipped_fraction(skipped, lines, opts.max_skip_fraction, out_dir)
     write_json(os.path.join(staging, SUMMARY), summary)
+    remove_stale_partials(staging)  # files whose writer was killed mid-write
+    # A forced rebuild moves the old output aside first: no instant shows a half-deleted one.
+    replaced = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.replaced")
     if os.path.exists(out_dir):
-        shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
+        _remove(replaced)
+        os.replace(out_dir, replaced)
     os.replace(staging, out_dir)
+    _remove(replaced)
     return summary
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def _finished_build(out_dir: str, plan: dict) -> dict:
+    """The summary of `out_dir` when it is this very build, finished (a rerun); else a
+    clear refusal naming what differs."""
+    done = read_json_or_none(os.path.join(out_dir, PLAN))
+    summary = read_json_or_none(os.path.join(out_dir, SUMMARY))
+    if done == plan and summary is not None:
+        log.info("%s already holds this build; nothing to do", out_dir)
+        return summary
+    what = (f"a build of other inputs or options (differs in: "
+            f"{', '.join(k for k in plan if plan[k] != done.get(k))})"
+            if isinstance(done, dict) else "something other than a finished shard build")
+    raise FileExistsError(f"{out_dir} exists and holds {what}; pass --force to overwrite it")

@@ -4,12 +4,19 @@ A finished folder is recognised by its `summary.json` (written last by the build
 Several folders of one kind (e.g. two text-to-image corpora) are concatenated in the
 order given; a record's global index is its position in that concatenation, which is
 what the shuffle permutes and what the teacher features are looked up by.
+
+Shards can be damaged after their build (a cut copy, flipped bits, a lost file).
+ArrayRecord's chunk hashes turn such damage into read errors; every error here names the
+shard file and the record (`CorruptRecord`). A shard that cannot even be opened fails
+when the source is created — or, with `skip_corrupt`, all its records read as corrupt,
+for the pipeline to skip.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+import logging
 import os
 
 import grain
@@ -17,7 +24,15 @@ import grain
 from unialign_jax.data.shards import SUMMARY
 from unialign_jax.data.teacher import TeacherFeatures, has_teacher
 
+log = logging.getLogger(__name__)
+
 _SHARED = ("kind", "resolution", "image_format", "num_sources")
+REBUILD = ("rebuild the folder with `unialign-data build --force`, or set "
+           "data.skip_corrupt=True to skip and count its unreadable records")
+
+
+class CorruptRecord(ValueError):
+    """A record (or a whole shard) that cannot be read or decoded."""
 
 
 def read_summary(folder: str) -> dict:
@@ -34,10 +49,25 @@ def record_files(folder: str, summary: dict) -> list[str]:
     return [os.path.join(folder, shard["file"]) for shard in summary["shards"] if shard["records"]]
 
 
+def open_shard(path: str, records: int):
+    """A reader of one ArrayRecord file, checked to hold `records` records."""
+    if not os.path.exists(path):
+        raise CorruptRecord(f"shard {path} is missing ({records} records); {REBUILD}")
+    try:
+        reader = grain.sources.ArrayRecordDataSource([path])
+    except RuntimeError as e:
+        raise CorruptRecord(f"shard {path} is truncated or corrupt ({_first_line(e)}); "
+                            f"{REBUILD}") from None
+    if len(reader) != records:
+        raise CorruptRecord(f"shard {path} holds {len(reader)} records, its summary.json "
+                            f"says {records}; {REBUILD}")
+    return reader
+
+
 class ShardSource:
     """Records of one or more shard folders of the same kind (a grain data source)."""
 
-    def __init__(self, folders: list[str]):
+    def __init__(self, folders: list[str], *, skip_corrupt: bool = False):
         if not folders:
             raise ValueError("no shard folders given")
         summaries = [read_summary(f) for f in folders]
@@ -57,8 +87,24 @@ class ShardSource:
             self._offsets.append(self._offsets[-1] + s["records"])
         if not len(self):
             raise ValueError(f"no records in {folders}")
-        self._records = grain.sources.ArrayRecordDataSource(
-            [path for f, s in zip(folders, summaries) for path in record_files(f, s)])
+        self._files, self._readers, self._starts = [], [], [0]
+        for folder, summary in zip(folders, summaries):
+            for shard in summary["shards"]:
+                if shard["records"]:
+                    path = os.path.join(folder, shard["file"])
+                    self._files.append(path)
+                    self._readers.append(self._open(path, shard["records"], skip_corrupt))
+                    self._starts.append(self._starts[-1] + shard["records"])
+
+    @staticmethod
+    def _open(path: str, records: int, skip_corrupt: bool):
+        try:
+            return open_shard(path, records)
+        except CorruptRecord as e:
+            if not skip_corrupt:
+                raise
+            log.warning("%s: all its records will be skipped", e)
+            return str(e)
 
     @property
     def has_teacher(self) -> bool:
@@ -67,9 +113,28 @@ class ShardSource:
     def __len__(self) -> int:
         return self._offsets[-1]
 
+    def where(self, index: int) -> str:
+        """'record R of shard FILE (index I)': where record `index` is stored."""
+        shard = bisect.bisect_right(self._starts, index) - 1
+        return (f"record {index - self._starts[shard]} of shard {self._files[shard]} "
+                f"(index {index})")
+
     def __getitem__(self, index: int) -> dict:
-        item = {"index": index, "record": self._records[index]}
+        """{'index', 'record' (bytes), teacher rows}; `CorruptRecord` names what failed."""
+        shard = bisect.bisect_right(self._starts, index) - 1
+        reader = self._readers[shard]
+        if isinstance(reader, str):  # the shard could not be opened (skip_corrupt)
+            raise CorruptRecord(f"{self.where(index)} is unreadable: {reader}")
+        try:
+            item = {"index": index, "record": reader[index - self._starts[shard]]}
+        except RuntimeError as e:
+            raise CorruptRecord(f"{self.where(index)} is unreadable ({_first_line(e)}); "
+                                f"{REBUILD}") from None
         if self.teachers is not None:
             folder = bisect.bisect_right(self._offsets, index) - 1
             item.update(self.teachers[folder].row(index - self._offsets[folder]))
         return item
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

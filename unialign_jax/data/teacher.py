@@ -133,16 +133,32 @@ class TeacherWriter:
 
 
 class TeacherFeatures:
-    """Read side: row lookup, memory-mapped lazily so that pickling to workers is cheap."""
+    """Read side: row lookup, memory-mapped lazily so that pickling to workers is cheap.
+    The matrices are checked when opened (present, whole, one row per record), so a lost
+    or cut file fails at the start of training, named, not in a data worker mid-run."""
 
     def __init__(self, shard_dir: str, shards: list):
         self.folder = teacher_dir(shard_dir)
-        with open(os.path.join(self.folder, META)) as f:
-            meta = json.load(f)
+        redo = f"rerun `unialign-data teacher --force --shards {shard_dir}`"
+        try:
+            with open(os.path.join(self.folder, META)) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{self.folder}/{META} is unreadable ({e}); {redo}") from None
         if meta["shards"] != shards:
             raise ValueError(f"{self.folder} was computed for another build of {shard_dir}; "
-                             "rerun `unialign-data teacher --force`")
+                             f"{redo}")
         self.dim = int(meta["dim"])
+        for key in KEYS:
+            path = os.path.join(self.folder, f"{key}.npy")
+            try:
+                shape = np.load(path, mmap_mode="r").shape
+            except (OSError, ValueError) as e:
+                raise ValueError(f"teacher features {path} are missing or truncated ({e}); "
+                                 f"{redo}") from None
+            if shape != (meta["records"], self.dim):
+                raise ValueError(f"teacher features {path} have shape {shape}, expected "
+                                 f"({meta['records']}, {self.dim}); {redo}")
         self._arrays = None
 
     def __getstate__(self):

@@ -57,18 +57,24 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def maybe_initialize_distributed(enabled: bool | None) -> bool:
+def maybe_initialize_distributed(enabled: bool | None, heartbeat_timeout_s: int = 100) -> bool:
     """Calls `jax.distributed.initialize()` for multi-host runs; returns whether it did.
 
-    `enabled=None` decides from the environment: UNIALIGN_DISTRIBUTED=1, or the variables
-    JAX's cluster auto-detection reads (set on Cloud TPU pod slices by the scripts in
-    scripts/tpu_*.sh). Must run before anything touches a device.
+    `enabled=None` decides from the environment: UNIALIGN_DISTRIBUTED=1. Cloud TPU pod
+    slices need nothing else (JAX detects the cluster); elsewhere — several processes on
+    one machine, as tests/test_faults_multihost.py runs them — JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID say who is who. A host that sends no heartbeat
+    for `heartbeat_timeout_s` is declared dead and the others stop. Must run before
+    anything touches a device.
     """
     if enabled is None:
         enabled = os.environ.get("UNIALIGN_DISTRIBUTED", "") == "1"
     if not enabled:
         return False
-    jax.distributed.initialize()
+    explicit = {key: int(os.environ[var]) for key, var in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                            ("process_id", "JAX_PROCESS_ID"))
+                if os.environ.get(var)}
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s, **explicit)
     log.info("jax.distributed: process %d of %d, %d local / %d global devices",
              jax.process_index(), jax.process_count(), jax.local_device_count(),
              jax.device_count())

@@ -339,6 +339,22 @@ def run_skipping_bad_items(run: Callable[[list[dict]], None], items: list[dict],
             run_skipping_bad_items(run, [item], report)
 
 
+def run_until_disk_full(run: Callable[[list[dict]], None], items: list[dict],
+                        report: Callable[[dict, str], None], folder: str, written: list,
+                        what: str = "items") -> bool:
+    """`run_skipping_bad_items`; a full disk is reported instead of raised (what was written
+    stays whole, a rerun after freeing space goes on) and gives False: exit code 2."""
+    try:
+        run_skipping_bad_items(run, items, report)
+    except (OSError, RuntimeError, ValueError) as e:
+        if not is_disk_full(e):
+            raise
+        print(f"error: {disk_full_message(folder)} ({len(written)} {what} were written "
+              "whole)", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -389,15 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (InputError, OSError, ValueError) as e:
             print(f"error: cannot load {args.ckpt}: {e}", file=sys.stderr)
             return 1
-        try:
-            run_skipping_bad_items(
+        if not run_until_disk_full(
                 lambda chunk: run_task(pipe, args, at_run_shape(pipe, chunk, len(items))),
-                todo, report)
-        except (OSError, RuntimeError, ValueError) as e:
-            if not is_disk_full(e):
-                raise
-            print(f"error: {disk_full_message(args.out)} ({len(written)} items were written "
-                  "whole)", file=sys.stderr)
+                todo, report, args.out, written):
             return 2
     if args.task == "caption":
         _gather_captions(args.out, items)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import unialign_configs
-from unialign_jax import configlib
+from unialign_jax import compilation_cache, configlib, files
 from unialign_jax.training.config import TrainConfig
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "checkpointed, rerun me"
+ERROR_EXIT_CODE = 2        # a clear error (bad config, damaged data, full disk, ...)
 
 EPILOG = """\
 examples:
@@ -22,8 +24,11 @@ examples:
 
 --config takes the name of a shipped config ({configs}) or a .py file whose get_config()
 returns a TrainConfig. Rerunning the same command resumes from the latest checkpoint in
---workdir (parameters, optimizer, EMA, PRNG and data position). On SIGTERM the current
-step finishes, a checkpoint is written and the process exits with code 143.
+--workdir (parameters, optimizer, EMA, PRNG and data position), bit for bit, also after a
+SIGKILL or a crash mid-save; a damaged latest checkpoint is skipped with a warning
+(run.resume). On SIGTERM the current step finishes, a checkpoint is written and the
+process exits with code 143; clear errors (bad config, damaged data, full disk,
+run.max_nonfinite_steps non-finite steps in a row, a dead host) exit with code 2.
 
 config keys (override with key=value; values are Python literals, else strings; a dict
 sets several fields of a section, e.g. models.transformer="{{'num_layers': 2}}"):
@@ -49,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (every key, its type and value) and "
                              "exit")
+    compilation_cache.add_arguments(parser)
     return parser
 
 
@@ -62,13 +68,30 @@ def main(argv=None) -> int:
             print("\n".join(configlib.describe(cfg)))
             return 0
         cfg.validate()
-        from unialign_jax.training.trainer import train
-
-        result = train(cfg, args.workdir)
+        compilation_cache.setup_from_args(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"unialign-train: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
+    from unialign_jax.training import trainer
+
+    try:
+        result = trainer.train(cfg, args.workdir)
+    except trainer.HostFailure as e:
+        # jax.distributed's shutdown would wait for the dead process: leave at once.
+        _error(e)
+        os._exit(ERROR_EXIT_CODE)
+    except (ValueError, FileNotFoundError, FileExistsError, *trainer.RUN_STOPS) as e:
+        return _error(e)
+    except OSError as e:
+        if not files.is_disk_full(e):
+            raise
+        return _error(files.disk_full_message(args.workdir))
     return PREEMPTED_EXIT_CODE if result.preempted else 0
+
+
+def _error(message) -> int:
+    print(f"unialign-train: error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    return ERROR_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -36,8 +36,10 @@ class MetricWriter:
         self._tb = None
         if not enabled:
             return
-        self._lines = [json.dumps(m) for m in read_metrics(self.path) if m["step"] <= resume_step]
-        self._flush()
+        logged = read_metrics(self.path)
+        self._lines = [json.dumps(m) for m in logged if m["step"] <= resume_step]
+        if len(self._lines) != len(logged):
+            self._flush()  # drop what the interrupted run logged past its last checkpoint
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -100,3 +102,51 @@ def plot_losses(metrics_path: str, png_path: str, keys: tuple[str, ...] | None =
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return True
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+class NonFiniteGuard:
+    """Counts the steps whose update the train step skipped (non-finite loss or gradient
+    norm) and stops the run after `limit` in a row.
+
+    The step's flag is read one step late (`settle(before=step)`), so that checking it
+    never makes the host wait for the device: the next step is already queued.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.run, self.window = limit, 0, 0
+        self._pending: list[tuple[int, object, dict]] = []
+
+    def push(self, step: int, flag, batch_info: dict) -> None:
+        """`flag`: the step's device scalar (1: skipped); `batch_info`: what to name if the
+        run stops here (task, record indices)."""
+        self._pending.append((step, flag, batch_info))
+
+    def settle(self, before: int | None = None) -> None:
+        """Reads the flags of the pending steps below `before` (all: None)."""
+        import jax
+
+        while self._pending and (before is None or self._pending[0][0] < before):
+            step, flag, info = self._pending.pop(0)
+            if float(jax.device_get(flag)) == 0.0:
+                self.run = 0
+                continue
+            self.run += 1
+            self.window += 1
+            log.warning("step %d: non-finite loss or gradient norm; update skipped (%d in a "
+                        "row)", step, self.run)
+            if self.run >= self.limit:
+                raise NonFiniteLoss(
+                    f"{self.run} consecutive steps ({step - self.run + 1}..{step}) had a "
+                    f"non-finite loss or gradient norm (run.max_nonfinite_steps="
+                    f"{self.limit}). Their updates were skipped: the parameters are those of "
+                    f"step {step - self.run}. Last bad batch: {info}. Lower optimizer.lr, "
+                    "check that data, or raise run.max_nonfinite_steps")
+
+    def take_window(self) -> int:
+        """Skipped steps since the last call (the logged `nonfinite_steps`)."""
+        count, self.window = self.window, 0
+        return count

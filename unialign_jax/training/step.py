@@ -146,7 +146,16 @@ def make_train_step(models: dict[str, SplitModel], frozen: FrozenModels, mesh: M
         params = optax.apply_updates(state.params, updates)
         ema = (update_ema(state.ema_params, params, optimizer.ema_decay) if use_ema
                else None)
-        metrics = {**terms, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        grad_norm = optax.global_norm(grads)
+        # Non-finite guard: such a step keeps the old parameters, moments and EMA (the
+        # batch is consumed and the step counted); the trainer stops after
+        # run.max_nonfinite_steps of them in a row.
+        finite = jnp.isfinite(terms["loss"]) & jnp.isfinite(grad_norm)
+        params, opt_state, ema = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old), (params, opt_state, ema),
+            (state.params, state.opt_state, state.ema_params))
+        metrics = {**terms, "grad_norm": grad_norm, "lr": schedule(state.step),
+                   "nonfinite": 1.0 - finite.astype(jnp.float32)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                           ema_params=ema, rng=jax.random.key_data(rng)), metrics
 
