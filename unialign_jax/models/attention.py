@@ -26,13 +26,18 @@ _NVIDIA = ("gpu", "cuda")
 _HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
+# cuDNN's fused attention takes head dimensions up to this (the VAE's single 512-wide head
+# does not fit).
+CUDNN_MAX_HEAD_DIM = 128
+
+
 def resolve_implementation(implementation: str = "auto", backend: str | None = None, *,
-                           bias: bool = False, dtype=None) -> str:
+                           bias: bool = False, dtype=None, head_dim: int | None = None) -> str:
     """The concrete kernel for `implementation` on `backend` (default: JAX's default backend).
 
-    "auto" -> "cudnn" on an NVIDIA GPU (fp16/bf16 inputs, else "xla"), "splash" on TPU ("xla"
-    when there is a `bias`), "blockwise" on CPU (measured fastest: scripts/bench_attention.py),
-    "xla" elsewhere. Explicit names are checked against the backend so that a config asking for
+    "auto" -> "cudnn" on an NVIDIA GPU (fp16/bf16 inputs and head_dim ≤ 128, else "xla"),
+    "splash" on TPU ("xla" when there is a `bias`), "blockwise" on CPU (measured fastest:
+    scripts/bench_attention.py), "xla" elsewhere. Explicit names are checked against the backend so that a config asking for
     a kernel the machine lacks fails at once instead of deep inside tracing.
     """
     if implementation not in IMPLEMENTATIONS:
@@ -41,7 +46,8 @@ def resolve_implementation(implementation: str = "auto", backend: str | None = N
     backend = (backend or jax.default_backend()).lower()
     if implementation == "auto":
         if backend in _NVIDIA:
-            return "cudnn" if dtype is None or jnp.dtype(dtype) in _HALF else "xla"
+            fits = head_dim is None or head_dim <= CUDNN_MAX_HEAD_DIM
+            return "cudnn" if fits and (dtype is None or jnp.dtype(dtype) in _HALF) else "xla"
         if backend == "tpu":
             return "xla" if bias else "splash"
         return "blockwise" if backend == "cpu" else "xla"
@@ -66,7 +72,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     `bias` is an optional additive `(1|B, H, Lq, Lk)` float bias; `scale` defaults to D^-1/2.
     No masks: the models attend over every token.
     """
-    impl = resolve_implementation(implementation, bias=bias is not None, dtype=q.dtype)
+    impl = resolve_implementation(implementation, bias=bias is not None, dtype=q.dtype,
+                                  head_dim=q.shape[-1])
     if impl in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale,
                                             implementation=impl)

@@ -77,6 +77,7 @@ class MMDiTConfig(JsonConfig):
             pos_embed_max_size=d["pos_embed_max_size"], sample_size=d["sample_size"],
             variant="sd3" if sd3 else "unialignment",
             vocab_size=None if sd3 else d["vocab_size"],
+            num_null_tokens=d.get("num_null_tokens", defaults.num_null_tokens),
             adapter_hidden_dim=d.get("adapter_hidden_dim", defaults.adapter_hidden_dim),
             teacher_dim=d.get("teacher_dim", defaults.teacher_dim),
             pooled_projection_dim=d.get("pooled_projection_dim", defaults.pooled_projection_dim))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unialign_jax.models import layers
+from unialign_jax.models import attention, layers
 from unialign_jax.configlib import JsonConfig
 
 # Pixels processed at once by `encode`/`decode`: one 1024² image, four 512² ones. Decoding
@@ -98,7 +98,9 @@ class ResnetBlock(nnx.Module):
 class Attention(nnx.Module):
     """Single-head self-attention over all pixels, with group norm and a residual."""
 
-    def __init__(self, channels: int, groups: int, *, rngs, dtype, param_dtype):
+    def __init__(self, channels: int, groups: int, *, rngs, dtype, param_dtype,
+                 attention: str = "auto"):
+        self.implementation = attention
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.group_norm = GroupNorm(channels, groups, rngs=rngs, param_dtype=param_dtype)
         self.to_q = layers.dense(channels, channels, ("conv_in", "conv_out"), **kw)
@@ -109,16 +111,18 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         tokens = self.group_norm(x).reshape(b, h * w, 1, c)
-        out = jax.nn.dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
+        out = attention.dot_product_attention(self.to_q(tokens), self.to_k(tokens),
+                                              self.to_v(tokens),
+                                              implementation=self.implementation)
         return x + self.to_out(out.reshape(b, h, w, c))
 
 
 class MidBlock(nnx.Module):
     """resnet – attention – resnet at the lowest resolution."""
 
-    def __init__(self, channels: int, groups: int, **kw):
+    def __init__(self, channels: int, groups: int, *, attention: str = "auto", **kw):
         self.resnets = nnx.List([ResnetBlock(channels, channels, groups, **kw) for _ in range(2)])
-        self.attention = Attention(channels, groups, **kw)
+        self.attention = Attention(channels, groups, attention=attention, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.resnets[1](self.attention(self.resnets[0](x)))
@@ -159,13 +163,13 @@ class UpBlock(nnx.Module):
 class Encoder(nnx.Module):
     """Images (B, H, W, 3) → posterior moments (B, H/f, W/f, 2·latent): [mean | logvar]."""
 
-    def __init__(self, cfg: VAEConfig, **kw):
+    def __init__(self, cfg: VAEConfig, *, attention: str = "auto", **kw):
         ch, groups = cfg.block_out_channels, cfg.norm_num_groups
         self.conv_in = conv(cfg.in_channels, ch[0], 3, **kw)
         self.down_blocks = nnx.List([
             DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, groups,
                       downsample=i < len(ch) - 1, **kw) for i in range(len(ch))])
-        self.mid_block = MidBlock(ch[-1], groups, **kw)
+        self.mid_block = MidBlock(ch[-1], groups, attention=attention, **kw)
         self.conv_norm_out = GroupNorm(ch[-1], groups, rngs=kw["rngs"],
                                        param_dtype=kw["param_dtype"])
         self.conv_out = conv(ch[-1], 2 * cfg.latent_channels, 3, **kw)
@@ -180,10 +184,10 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
     """Unscaled latents (B, h, w, latent) → images (B, f·h, f·w, 3)."""
 
-    def __init__(self, cfg: VAEConfig, **kw):
+    def __init__(self, cfg: VAEConfig, *, attention: str = "auto", **kw):
         ch, groups = cfg.block_out_channels[::-1], cfg.norm_num_groups
         self.conv_in = conv(cfg.latent_channels, ch[0], 3, **kw)
-        self.mid_block = MidBlock(ch[0], groups, **kw)
+        self.mid_block = MidBlock(ch[0], groups, attention=attention, **kw)
         self.up_blocks = nnx.List([
             UpBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, groups,
                     upsample=i < len(ch) - 1, **kw) for i in range(len(ch))])
@@ -214,12 +218,14 @@ class AutoencoderKL(nnx.Module):
     """`encode(images, key)` → latents for the transformer; `decode(latents)` → images.
 
     Images are channels-last RGB in [−1, 1]; latents are (B, H/8, W/8, 16) for SD3.
+    `attention`: the mid blocks' kernel (`models.attention`; its single 512-wide head keeps
+    XLA's on GPUs, too wide for cuDNN).
     """
 
     def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
+                 param_dtype=jnp.float32, attention: str = "auto"):
         self.config, self.dtype = cfg, dtype
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention=attention)
         self.encoder = Encoder(cfg, **kw)
         self.decoder = Decoder(cfg, **kw)
 
