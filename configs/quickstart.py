@@ -22,7 +22,7 @@ def get_config() -> TrainConfig:
                 out_channels=4, pos_embed_max_size=8, sample_size=8, vocab_size=None,
                 num_null_tokens=4, adapter_hidden_dim=32, teacher_dim=32),
             # The random frozen T5 is the caption stream's only source of word order: 64
-            # buckets give every offset of the 16 tokens its own (bidirectional T5 keeps
+            # buckets give every offset of the 8 tokens its own (bidirectional T5 keeps
             # offsets below num_buckets / 4 exact).
             t5=T5Config(vocab_size=512, d_model=64, num_heads=4, head_dim=16, d_ff=128,
                         num_layers=2, relative_attention_num_buckets=64,
@@ -31,7 +31,9 @@ def get_config() -> TrainConfig:
                           norm_num_groups=8, latent_channels=4)),
         compute=ComputeConfig(dtype="float32", param_dtype="float32",
                               frozen_param_dtype="float32", remat_policy="none"),
-        data=DataConfig(resolution=32, max_length=16),
+        # Every word is one token (`apps/quickstart.tokenizer_texts`): the longest caption
+        # or instruction is 6 tokens with its `</s>`.
+        data=DataConfig(resolution=32, max_length=8),
         optimizer=OptimizerConfig(lr=1e-3, warmup_steps=100, weight_decay=0.01,
                                   grad_clip_norm=2.0, ema_decay=0.99),
         # Not the release's caption weight 0.2: captions are the slower learner here and are

@@ -9,12 +9,15 @@
    random VAE could not decode generated latents back to colours; see `apps/vae_fit.py`);
    the T5 encoder stays random and frozen;
 3. trains a tiny UniAlignment transformer with the real trainer (the shipped config
-   `quickstart`);
+   `quickstart`) and leaves it as a pipeline folder, WORKDIR/pipeline (`unialign-sample
+   --ckpt WORKDIR/pipeline`, `unialign_jax.load_pipeline`);
 4. evaluates on held-out samples through `UniAlignPipeline` — caption token accuracy of
    masked-diffusion captions continuing a fixed prefix (the ids all training captions start
-   with, not scored) against the per-position majority-token baseline, and the dominant
-   colour of generated images against the prompt's colour (chance: 1/6) — and writes
-   WORKDIR/report/: loss_curves.png, samples.png, captions.txt, report.json.
+   with, not scored) against the per-position majority-token baseline; the dominant
+   colour of generated images against the prompt's colour (chance: 1/6) and their shape
+   against the prompt's shape (chance: 1/3; `apps/shape_score.py`, whose own accuracy on the
+   real renders is reported beside it) — and writes WORKDIR/report/: loss_curves.png (all
+   five losses), samples.png, captions.txt, report.json.
 """
 
 from __future__ import annotations
@@ -27,13 +30,16 @@ import time
 
 import numpy as np
 
+from unialign_jax import compilation_cache
+
 CONFIG = "quickstart"
+PIPELINE_DIR = "pipeline"  # WORKDIR/pipeline: the trained model as a pipeline folder
 OPTIONS = (  # flag, default, meaning
     ("--samples", 3000, "synthetic samples per kind, 10%% held out"),
     ("--vae-steps", 400, "VAE fitting steps"),
     ("--eval-samples", 96, "held-out prompts / images to evaluate"),
-    ("--sample-steps", 20, "flow sampler steps"),
-    ("--guidance", 4.0, "guidance scale"),
+    ("--sample-steps", 28, "flow sampler steps (the release's text-to-image default)"),
+    ("--guidance", 7.0, "guidance scale (the release's default)"),
     ("--caption-steps", 64, "masked-diffusion caption sampler steps"),
 )
 
@@ -49,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{text} (default %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="training config overrides, e.g. run.num_steps=300")
+    compilation_cache.add_arguments(p)
     return p
 
 
@@ -59,7 +66,7 @@ def _log(msg: str) -> None:
 def prepare_data(root: str, n: int, resolution: int, teacher_dim: int) -> dict:
     """Synthetic corpus, tokenizer, shards with teacher features: each kept when complete."""
     from unialign_jax.data.shards import BuildOptions, build
-    from unialign_jax.data.synth import corpus_texts, generate
+    from unialign_jax.data.synth import generate
     from unialign_jax.data.teacher import ProjectionTeacher, has_teacher, precompute
     from unialign_jax.text.tokenizer import load_tokenizer, train_tiny_tokenizer
 
@@ -69,7 +76,11 @@ def prepare_data(root: str, n: int, resolution: int, teacher_dim: int) -> dict:
         generate(synth, n, seed=0, size=resolution, heldout=0.1)
     paths["tokenizer"] = os.path.join(root, "tokenizer")
     if not os.path.exists(os.path.join(paths["tokenizer"], "tokenizer_config.json")):
-        train_tiny_tokenizer(corpus_texts(), paths["tokenizer"], vocab_size=60)
+        # Padded with `</s>` at inference too: the tiny model is trained from scratch with
+        # `</s>` padding and knows nothing else (a real T5 folder keeps `<pad>`, as the
+        # release's pipeline does).
+        train_tiny_tokenizer(tokenizer_texts(), paths["tokenizer"], vocab_size=60,
+                             pad_token="</s>")
     teacher = ProjectionTeacher(teacher_dim, load_tokenizer(paths["tokenizer"]))
     for kind in ("t2i", "edit"):
         out = paths[kind] = os.path.join(root, "shards", kind)
@@ -81,6 +92,17 @@ def prepare_data(root: str, n: int, resolution: int, teacher_dim: int) -> dict:
             precompute(out, teacher)
     paths["synth"] = synth
     return paths
+
+
+def tokenizer_texts(word_repeats: int = 20) -> list[str]:
+    """The corpus' texts and each of their words alone, repeated: SentencePiece then keeps
+    every word one piece (from the texts alone it spells "make the" letter by letter), so
+    the longest text is 6 tokens instead of 18 and `data.max_length` can be 8."""
+    from unialign_jax.data.synth import corpus_texts
+
+    texts = corpus_texts()
+    words = sorted({w for t in texts for w in t.split()})
+    return texts + words * word_repeats
 
 
 def read_split(synth: str, kind: str, split: str, limit: int | None = None):
@@ -164,7 +186,8 @@ def trained_pipeline(result, cfg, tokenizer):
 def evaluate(result, cfg, paths: dict, args) -> dict:
     from PIL import Image
 
-    from unialign_jax.data.synth import PALETTE, dominant_colour
+    from unialign_jax.apps.shape_score import shape_accuracy
+    from unialign_jax.data.synth import PALETTE, SHAPES, dominant_colour
     from unialign_jax.text.tokenizer import load_tokenizer, tokenize
 
     tok = load_tokenizer(paths["tokenizer"])
@@ -190,12 +213,15 @@ def evaluate(result, cfg, paths: dict, args) -> dict:
     reference = tokenize(tok, captions, length)
     baseline = majority_baseline(train_ids)
 
-    # Images: text-to-image with guidance against the null prompt, scored by colour.
+    # Images: text-to-image with guidance against the null prompt, scored by colour and by
+    # shape (template matching, `apps/shape_score.py`; its accuracy on the real held-out
+    # renders and on their VAE reconstructions is reported with it).
     decoded = pipe.generate(captions, negative_prompt=" ", height=cfg.data.resolution,
                             width=cfg.data.resolution, num_steps=args.sample_steps,
                             guidance_scale=args.guidance, seed=2)
     recon = pipe.reconstruct(images, resolution=cfg.data.resolution, seed=3)
     wanted = [c.split()[1] for c in captions]
+    shapes = [c.split()[2] for c in captions]
     colour_hits = [dominant_colour(img) == w for img, w in zip(decoded, wanted)]
     recon_hits = [dominant_colour(img) == w for img, w in zip(recon, wanted)]
 
@@ -218,6 +244,10 @@ def evaluate(result, cfg, paths: dict, args) -> dict:
         "image_colour_accuracy": float(np.mean(colour_hits)),
         "image_colour_chance": 1.0 / len(PALETTE),
         "vae_reconstruction_colour_accuracy": float(np.mean(recon_hits)),
+        "image_shape_accuracy": shape_accuracy(decoded, shapes),
+        "image_shape_chance": 1.0 / len(SHAPES),
+        "shape_scorer_accuracy_on_renders": shape_accuracy(images, shapes),
+        "vae_reconstruction_shape_accuracy": shape_accuracy(recon, shapes),
         "caption_examples": [{"reference": r, "generated": str(g)}
                              for r, g in list(zip(captions, generated))[:8]],
     }
@@ -244,6 +274,7 @@ def write_grid(path: str, images, labels: list[str], scale: int = 3) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    compilation_cache.setup_from_args(args)
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -252,6 +283,7 @@ def main(argv=None) -> int:
     from unialign_jax.files import write_json
     from unialign_jax.training.metrics import plot_losses
     from unialign_jax.training.trainer import train
+    from unialign_convert.from_run import convert_run
 
     start = time.time()
     try:
@@ -274,6 +306,9 @@ def main(argv=None) -> int:
     _log(f"training {cfg.run.num_steps} steps (batch {cfg.run.batch_size}) in {root}/train")
     result = train(cfg, os.path.join(root, "train"))
     train_seconds = time.time() - start - data_seconds
+    # What `load_pipeline` and `unialign-sample --ckpt` open (the work dir itself opens too).
+    convert_run(os.path.join(root, "train"), os.path.join(root, PIPELINE_DIR), force=True)
+    _log(f"pipeline folder (final EMA weights): {os.path.join(root, PIPELINE_DIR)}")
     _log("evaluating on held-out samples")
     metrics = evaluate(result, cfg, paths, args)
     report_dir = os.path.join(root, "report")
@@ -290,6 +325,10 @@ def main(argv=None) -> int:
     _log(f"generated-image colour accuracy {metrics['image_colour_accuracy']:.3f} "
          f"(chance {metrics['image_colour_chance']:.3f}; VAE reconstructions "
          f"{metrics['vae_reconstruction_colour_accuracy']:.3f})")
+    _log(f"generated-image shape accuracy {metrics['image_shape_accuracy']:.3f} "
+         f"(chance {metrics['image_shape_chance']:.3f}; the scorer on the real renders "
+         f"{metrics['shape_scorer_accuracy_on_renders']:.3f}, on their VAE reconstructions "
+         f"{metrics['vae_reconstruction_shape_accuracy']:.3f})")
     _log(f"done in {metrics['seconds']['total'] / 60:.1f} min; report in {report_dir}")
     return 0
 

@@ -82,16 +82,23 @@ def _area(shape: Shape, size: int) -> int:
     return int((np.asarray(render_mask([shape], size))[..., 0] > 0).sum())
 
 
+def side_range(size: int, count: int = 1) -> range:
+    """Box sides `random_scene` draws in a `size`-pixel scene of `count` shapes: a lone
+    shape fills much of the image, several share it."""
+    low, high = (0.4, 0.7) if count == 1 else (0.15, 0.35)
+    return range(int(low * size), int(high * size) + 1)
+
+
 def random_scene(rng: np.random.Generator, size: int, max_shapes: int = 1) -> list[Shape]:
     """1..max_shapes non-overlapping shapes with distinct (colour, kind), largest first."""
     count = int(rng.integers(1, max_shapes + 1))
-    low, high = (0.4, 0.7) if count == 1 else (0.15, 0.35)
+    sides = side_range(size, count)
     shapes, boxes, used = [], [], set()
     for _ in range(100 * count):
         if len(shapes) == count:
             break
         colour, kind = str(rng.choice(list(PALETTE))), str(rng.choice(SHAPES))
-        side = int(rng.integers(int(low * size), int(high * size) + 1))
+        side = int(rng.integers(sides.start, sides.stop))
         x0, y0 = (int(v) for v in rng.integers(0, size - side, 2))
         box = (x0, y0, x0 + side - 1, y0 + side - 1)
         overlaps = any(box[0] <= b[2] and b[0] <= box[2] and box[1] <= b[3] and b[1] <= box[3]
@@ -104,20 +111,25 @@ def random_scene(rng: np.random.Generator, size: int, max_shapes: int = 1) -> li
     return sorted(shapes, key=lambda s: -_area(s, size))
 
 
-def dominant_colour(image) -> str | None:
-    """Palette colour covering most pixels, background aside; None for a blank image.
+def nearest_colour(image) -> np.ndarray:
+    """(H, W) index of each pixel's nearest colour: 0 the grey background, k ≥ 1 the k-th
+    palette colour, so noisy and blurred generations are still scored.
 
     `image`: a PIL image, a uint8 (H, W, 3) array, or a float (H, W, 3) array in the
-    model's [-1, 1] range. Every pixel votes for its nearest palette colour or the grey
-    background, so noisy and blurred generations are still scored.
+    model's [-1, 1] range.
     """
     pixels = np.asarray(image)
     if pixels.dtype != np.uint8:
         pixels = (np.clip(pixels, -1.0, 1.0) + 1.0) * 127.5
-    pixels = pixels.reshape(-1, 3).astype(np.float32)
+    pixels = pixels.astype(np.float32)
     refs = np.array([BACKGROUND, *PALETTE.values()], np.float32)
-    nearest = ((pixels[:, None, :] - refs[None]) ** 2).sum(-1).argmin(-1)
-    votes = np.bincount(nearest, minlength=len(refs))[1:]
+    return ((pixels[..., None, :] - refs) ** 2).sum(-1).argmin(-1)
+
+
+def dominant_colour(image) -> str | None:
+    """Palette colour covering most pixels, background aside (each pixel votes for its
+    `nearest_colour`); None for a blank image."""
+    votes = np.bincount(nearest_colour(image).ravel(), minlength=len(PALETTE) + 1)[1:]
     return list(PALETTE)[int(votes.argmax())] if votes.max() else None
 
 

@@ -68,11 +68,12 @@ def decode(tok, ids: np.ndarray) -> list[str]:
 
 
 def train_tiny_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 200,
-                         extra_ids: int = 100):
+                         extra_ids: int = 100, pad_token: str = "<pad>"):
     """Trains a small T5-style SentencePiece tokenizer offline and saves it to `out_dir`.
 
     Tests and the quickstart need a real tokenizer with T5's layout (<pad>=0, </s>=1, <unk>=2,
     pieces, then the extra ids with `<extra_id_0>` last) but must not download T5's.
+    `pad_token` is the folder's pad token, the one inference pads with (`pad="folder"`).
     """
     import sentencepiece as spm
     from transformers import T5Tokenizer
@@ -85,7 +86,7 @@ def train_tiny_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab
         minloglevel=2)
     proc = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = [(proc.id_to_piece(i), float(proc.get_score(i))) for i in range(proc.get_piece_size())]
-    tok = T5Tokenizer(vocab=vocab, extra_ids=extra_ids)
+    tok = T5Tokenizer(vocab=vocab, extra_ids=extra_ids, pad_token=pad_token)
     os.makedirs(out_dir, exist_ok=True)
     tok.save_pretrained(os.fspath(out_dir))
     return load_tokenizer(out_dir)
