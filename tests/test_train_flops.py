@@ -83,7 +83,7 @@ def test_the_count_equals_what_the_models_trace():
     t5 = T5Encoder(T5_TINY, rngs=nnx.Rngs(0), attention="xla")
     assert traced_flops(t5, jnp.zeros((1, 8), jnp.int32)) == flops.t5_forward(T5_TINY, 8)
 
-    vae = AutoencoderKL(VAE_TINY, rngs=nnx.Rngs(0))
+    vae = AutoencoderKL(VAE_TINY, rngs=nnx.Rngs(0), attention="xla")
     images = jnp.zeros((1, 32, 32, 3))
     assert traced_flops(lambda x: vae.posterior(x)[0], images) == \
         flops.vae_encode(VAE_TINY, 32, 32)

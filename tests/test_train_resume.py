@@ -5,6 +5,7 @@ Each run is a fresh process, as a restart is; a persistent compilation cache sha
 the runs keeps the repeated compiles cheap.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,8 +16,9 @@ import time
 import numpy as np
 import pytest
 
+from unialign_jax.training.trainer import TIMING_METRICS as TIMING_KEYS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING_KEYS = ("steps_per_s", "samples_per_s")
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +107,27 @@ def test_resume_is_exact(corpus, tmp_path):
     # Four different batches (t2i, edit alternating): the data position really advanced.
     losses = [m["loss_image"] for m in _metrics(straight)]
     assert len(set(losses)) == 4
+
+
+def test_logged_throughput_is_model_flops(corpus, tmp_path):
+    """Each log row's model TFLOP/s per chip is its samples/s times the mean FLOPs of a
+    text-to-image and an editing sample (the tasks alternate), as `training.flops` counts."""
+    from unialign_configs import load
+    from unialign_jax.text.tokenizer import load_tokenizer
+    from unialign_jax.training import flops
+
+    _train(corpus, tmp_path, "run.num_steps=2")
+    cfg = load("tiny")
+    vocab = len(load_tokenizer(str(corpus["root"] / "tokenizer")))
+    transformer = dataclasses.replace(cfg.models.transformer, vocab_size=vocab)
+    per_sample = [flops.sample_flops(transformer, cfg.models.t5, cfg.models.vae, flops.StepShape(
+        cfg.data.resolution, cfg.data.max_length, edits))["total"] for edits in (0, 1)]
+    with open(tmp_path / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    for row in rows:
+        np.testing.assert_allclose(row["model_tflops_per_chip"],
+                                   row["samples_per_s"] * np.mean(per_sample) / 1e12, rtol=1e-9)
+        assert "mfu" not in row  # no known peak for a CPU
 
 
 def test_sigterm_leaves_a_restorable_checkpoint(corpus, tmp_path):

@@ -6,6 +6,7 @@ Every host runs this same function with the same config (multi-host: after
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -16,20 +17,38 @@ from etils import epath
 from tqdm.auto import tqdm
 
 from unialign_jax import files
-from unialign_jax.data.pipeline import PipelineConfig, training_iterator
+from unialign_jax.checkpoints import training_steps
+from unialign_jax.data.pipeline import DataError, PipelineConfig, next_batch, training_iterator
 from unialign_jax.data.teacher import has_teacher
 from unialign_jax.parallel import make_mesh, maybe_initialize_distributed, replicated
 from unialign_jax.text.tokenizer import load_tokenizer, mask_token_id, tokenize
 from unialign_jax.training.checkpointing import Checkpointer, PreemptionSignal
 from unialign_jax.training.config import TrainConfig
-from unialign_jax.training.metrics import MetricWriter
-from unialign_jax.training.models import build_models
+from unialign_jax.training.metrics import MetricWriter, NonFiniteGuard, NonFiniteLoss
+from unialign_jax.training import flops
+from unialign_jax.training.models import build_models, frozen_configs, transformer_config
 from unialign_jax.training.step import FrozenModels, TrainStep, make_train_step
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+# Metrics that depend on the wall clock (everything else a run logs is reproducible).
+TIMING_METRICS = ("steps_per_s", "samples_per_s", "model_tflops_per_chip", "mfu")
 NULL_PROMPT = " "
+
+
+class HostFailure(RuntimeError):
+    """Multi-host: a collective with the other processes failed (one of them died). The
+    process must exit without jax.distributed's shutdown, which would wait for the dead
+    one."""
+
+
+class DiskFull(RuntimeError):
+    """The work dir's disk filled up; the last committed checkpoint is intact."""
+
+
+# Errors that end a run with their message (no traceback): nothing more to debug.
+RUN_STOPS = (DataError, NonFiniteLoss, DiskFull, HostFailure)
 
 
 @dataclasses.dataclass
@@ -50,7 +69,7 @@ def corpora(cfg: TrainConfig) -> dict[str, tuple[str, ...]]:
 
 def train(cfg: TrainConfig, workdir: str, *, echo=None) -> TrainResult:
     """Trains until `run.num_steps`, resuming from the latest checkpoint in `workdir`."""
-    maybe_initialize_distributed(cfg.mesh.distributed)
+    maybe_initialize_distributed(cfg.mesh.distributed, cfg.mesh.heartbeat_timeout_s)
     cfg = cfg.resolved()
     cfg.validate()
     main = jax.process_index() == 0
@@ -58,11 +77,14 @@ def train(cfg: TrainConfig, workdir: str, *, echo=None) -> TrainResult:
     root = epath.Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
     if main:
-        files.write_json(root / CONFIG_FILE, cfg.to_dict())
+        files.write_text_if_changed(root / CONFIG_FILE, files.dumps(cfg.to_dict()))
+        if "://" not in workdir:
+            files.remove_stale_partials(workdir, recursive=False)  # a killed run's config
 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     tokenizer = load_tokenizer(cfg.models.tokenizer)
-    models = build_models(cfg.models, cfg.compute, mesh, len(tokenizer), seed=cfg.run.seed)
+    models = build_models(cfg.models, cfg.compute, mesh, len(tokenizer), seed=cfg.run.seed,
+                          lora=cfg.lora)
     null_ids = jax.device_put(tokenize(tokenizer, [NULL_PROMPT], cfg.data.max_length),
                               replicated(mesh))
     frozen = FrozenModels.of(models, null_ids)
@@ -74,7 +96,7 @@ def train(cfg: TrainConfig, workdir: str, *, echo=None) -> TrainResult:
     iterator = training_iterator(corpora(cfg), PipelineConfig(
         batch_size=cfg.run.batch_size // jax.process_count(), tokenizer=cfg.models.tokenizer,
         max_length=cfg.data.max_length, seed=cfg.data.seed, num_workers=cfg.data.workers,
-        resolution=cfg.data.resolution))
+        resolution=cfg.data.resolution, skip_corrupt=cfg.data.skip_corrupt))
     if cfg.loss.align_weight and not all(has_teacher(folder) for folders in corpora(cfg).values()
                                          for folder in folders):
         if not cfg.loss.allow_missing_teacher:
@@ -86,35 +108,49 @@ def train(cfg: TrainConfig, workdir: str, *, echo=None) -> TrainResult:
 
     ckpt = Checkpointer(str(root), every=cfg.run.ckpt_every, keep=cfg.run.keep_checkpoints,
                         use_async=cfg.run.async_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        echo(f"resuming from step {latest} ({ckpt.directory})")
-        state = ckpt.restore(latest, trainer.abstract_state, iterator)
-    else:
+    state, resumed = ckpt.restore_latest(trainer.abstract_state, iterator,
+                                         mode=cfg.run.resume)
+    if resumed is None:
         state = trainer.init()
+    else:
+        echo(f"resuming from step {resumed} ({ckpt.directory})")
     start = int(jax.device_get(state.step))
     writer = MetricWriter(str(root), resume_step=start, tensorboard=cfg.run.tensorboard,
                           enabled=main, echo=echo)
     echo(f"mesh {dict(mesh.shape)}; {trainer.num_micro} micro-batches of "
          f"{cfg.run.batch_size // trainer.num_micro} per step; "
-         f"{_count(models['transformer'].params) / 1e6:.2f}M trained parameters")
+         f"{_count(models['transformer'].params) / 1e6:.2f}M trained parameters"
+         + (f" (LoRA rank {cfg.lora.rank}, frozen base: {cfg.lora.base or 'random init'})"
+            if cfg.lora.rank else ""))
 
+    throughput = Throughput.of_run(cfg, len(tokenizer))
     last, preempted, step = {}, False, start
+    guard, skipped_records = NonFiniteGuard(cfg.run.max_nonfinite_steps), 0
     bar = tqdm(total=cfg.run.num_steps, initial=start, unit="step", dynamic_ncols=True,
                disable=not (cfg.run.progress_bar and main))
     tick, tick_step = time.perf_counter(), start
+    peer_failed = False
     try:
         with PreemptionSignal() as preemption:
             while step < cfg.run.num_steps:
-                host_batch = next(iterator)
+                host_batch = next_batch(iterator, cfg.data.worker_timeout_s)
+                skipped_records += int(np.sum(host_batch.get("skipped", 0)))
                 state, metrics = trainer.step(state, frozen, trainer.put_batch(host_batch))
                 step += 1
+                guard.push(step, metrics["nonfinite"], _batch_names(host_batch))
+                guard.settle(before=step)  # the previous step's flag: no wait for this one
                 bar.update(1)
                 if step % cfg.run.log_every == 0 or step == cfg.run.num_steps:
-                    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    guard.settle()
+                    last = {k: float(v) for k, v in jax.device_get(metrics).items()
+                            if k != "nonfinite"}
+                    last["nonfinite_steps"] = guard.take_window()
+                    if cfg.data.skip_corrupt:
+                        last["data_skipped"], skipped_records = skipped_records, 0
                     elapsed = time.perf_counter() - tick
                     last["steps_per_s"] = (step - tick_step) / elapsed
                     last["samples_per_s"] = last["steps_per_s"] * cfg.run.batch_size
+                    last.update(throughput.of(last["samples_per_s"]))
                     tick, tick_step = time.perf_counter(), step
                     writer.write(step, last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
@@ -125,15 +161,67 @@ def train(cfg: TrainConfig, workdir: str, *, echo=None) -> TrainResult:
                     echo(f"preempted at step {step}: checkpoint saved; rerun to resume")
                     preempted = True
                     break
+            guard.settle()
+        ckpt.finish()
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        peer_failed = True
+        raise HostFailure(
+            f"process {jax.process_index()} of {jax.process_count()}: a collective with the "
+            f"other processes failed at step {step + 1} ({str(e).splitlines()[0]}); another "
+            "process has probably died. Restart all of them to resume from the last "
+            "checkpoint") from e
+    except Exception as e:
+        if not files.is_disk_full(e):
+            raise
+        with contextlib.suppress(Exception):  # the failed save reports the same error
+            ckpt.finish()
+        ckpt.discard_unfinished()
+        raise DiskFull(files.disk_full_message(str(root)) + f" (the newest checkpoint, step "
+                       f"{training_steps.latest_valid_step(str(root))}, is intact)") from e
     finally:
         bar.close()
-        ckpt.wait()
-        ckpt.close()
+        if not peer_failed:
+            ckpt.finish()
         writer.close()
-        if hasattr(iterator, "close"):
+        if hasattr(iterator, "close") and not peer_failed:
             iterator.close()
     return TrainResult(step=step, preempted=preempted, last_metrics=last, state=state,
                        trainer=trainer, models=models)
+
+
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+    """Model FLOP/s per chip and MFU from samples/s: the figures `scripts/bench_train.py`
+    reports, logged by every run (FLOPs of `training.flops`, recomputation not counted)."""
+
+    flops_per_sample: float          # mean over the alternated tasks
+    chips: int
+    device_kind: str
+
+    @classmethod
+    def of_run(cls, cfg: TrainConfig, vocab_size: int) -> "Throughput":
+        t5, vae = frozen_configs(cfg.models)
+        transformer = transformer_config(cfg.models, vocab_size)
+        per_task = [flops.sample_flops(transformer, t5, vae, flops.StepShape(
+            cfg.data.resolution, cfg.data.max_length, int(task == "edit")))["total"]
+            for task in corpora(cfg)]
+        return cls(float(np.mean(per_task)) if per_task else 0.0, jax.device_count(),
+                   jax.devices()[0].device_kind)
+
+    def of(self, samples_per_s: float) -> dict[str, float]:
+        out = {"model_tflops_per_chip": samples_per_s * self.flops_per_sample / self.chips / 1e12}
+        utilisation = flops.mfu(samples_per_s, self.flops_per_sample, self.chips,
+                                self.device_kind)
+        if utilisation is not None:
+            out["mfu"] = utilisation
+        return out
+
+
+def _batch_names(batch: dict) -> dict:
+    """What to name if this batch stops the run: its task and record indices."""
+    return {"task": int(batch["task"][0]), "records": [int(i) for i in batch["index"]]}
 
 
 def _count(tree) -> int:
