@@ -179,6 +179,8 @@ def main(argv=None) -> int:
             return 0
         with files.recording(args.dst, wanted):
             run(args)
+        if reruns.is_file_output(args.dst):  # a folder holds its record already
+            files.write_json(reruns.record_path(args.dst), wanted)
     except (ConversionError, CheckpointError, FileExistsError, FileNotFoundError) as e:
         print(f"unialign-convert {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -45,10 +45,22 @@ def request(args, options: Iterable) -> dict:
             "inputs": {k: {"path": p, "files": fingerprint(p)} for k, p in inputs.items()}}
 
 
+def record_path(dst: str) -> str:
+    """Where a finished DST says what made it: inside a folder (written with it by
+    `files.atomic_output_dir`), beside a single-file output (`export-lora`)."""
+    if is_file_output(dst):
+        return f"{dst}.{files.PRODUCED_BY}"
+    return os.path.join(dst, files.PRODUCED_BY)
+
+
+def is_file_output(dst: str) -> bool:
+    return dst.endswith(".safetensors")
+
+
 def already_done(dst: str, wanted: dict, force: bool) -> bool:
     """Whether `dst` already holds exactly this conversion; a FileExistsError naming what
     differs when it holds another one (and `force` is off)."""
-    done = files.read_json_or_none(os.path.join(dst, files.PRODUCED_BY))
+    done = files.read_json_or_none(record_path(dst))
     if force or done is None:
         return False
     if done == wanted:

@@ -13,6 +13,12 @@ prints the ratio.
     python scripts/bench_train.py --preset small --repeats 5      # CPU, vs PyTorch
     python scripts/bench_train.py --preset full --dtype bfloat16 --micro-batch 8 \\
         --remat nothing_saveable --task t2i edit --no-torch      # one H100 / H200 / TPU chip
+    python scripts/bench_train.py --preset small --no-torch --micro-batch 1 4 \\
+        --remat none nothing_saveable dots_saveable save_attention save_qkv_attention
+
+Several --remat / --micro-batch values give one row each (the remat × micro-batch table):
+samples/s and XLA's temporaries of the compiled step (plus the allocator's peak on
+accelerators).
 """
 
 from __future__ import annotations
@@ -39,11 +45,13 @@ def parse_args(argv=None):
                    help="pixels (default: 64 tiny, 256 small, 512 full)")
     p.add_argument("--text-len", type=int, default=None,
                    help="caption / instruction tokens (default: 16 tiny, 64 small, 256 full)")
-    p.add_argument("--micro-batch", type=int, default=2, help="rows per device and micro-step")
+    p.add_argument("--micro-batch", type=int, nargs="+", default=[2],
+                   help="rows per device and micro-step (several: one row each)")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--task", nargs="+", choices=("t2i", "edit"), default=["t2i"])
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--remat", default="none", help="remat policy (unialign_jax.models.remat)")
+    p.add_argument("--remat", nargs="+", default=["none"],
+                   help="remat policies (unialign_jax.models.remat; several: one row each)")
     p.add_argument("--attention", default="auto", help="attention kernel (default auto)")
     p.add_argument("--iters", type=int, default=3, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=3,
@@ -124,12 +132,19 @@ def jax_step(args, cfg, vocab, task: str):
             for k, (shape, dtype) in shapes.items()}
     batch = trainer.put_batch(host)
     state = [trainer.init()]
+    analysis = trainer.step.lower(state[0], frozen, batch).compile().memory_analysis()
+    memory = {"xla_temp_gib": analysis.temp_size_in_bytes / 2**30,
+              "xla_argument_gib": analysis.argument_size_in_bytes / 2**30}
 
     def call():
         state[0], metrics = trainer.step(state[0], frozen, batch)
         jax.block_until_ready(metrics)
 
-    return time_calls(call, args.iters, args.repeats), rows
+    times = time_calls(call, args.iters, args.repeats)
+    stats = jax.devices()[0].memory_stats() or {}  # accelerators: the allocator's peak
+    if "peak_bytes_in_use" in stats:
+        memory["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+    return times, rows, memory
 
 
 def main(argv=None) -> int:
@@ -143,20 +158,24 @@ def main(argv=None) -> int:
 
     backend = jax.default_backend()
     use_torch = args.torch if args.torch is not None else backend == "cpu"
-    cfg, vocab = configs(args)
+    runs = [argparse.Namespace(**{**vars(args), "remat": remat, "micro_batch": micro})
+            for remat in args.remat for micro in args.micro_batch]
     results = []
     torch_times = {}
-    if use_torch:
+    if use_torch:  # once, at the first setting: the reference has no remat
         import torch_reference  # scripts/torch_reference.py
 
+        cfg, vocab = configs(runs[0])
         for task in args.task:
-            torch_times[task] = torch_reference.time_step(args, cfg, vocab, task, time_calls)
+            torch_times[task] = torch_reference.time_step(runs[0], cfg, vocab, task,
+                                                          time_calls)
 
     from unialign_jax.training import flops
 
     kind = jax.devices()[0].device_kind
-    for task in args.task:
-        times, rows = jax_step(args, cfg, vocab, task)
+    for run, task in ((run, task) for run in runs for task in args.task):
+        cfg, vocab = configs(run)
+        times, rows, memory = jax_step(run, cfg, vocab, task)
         per_sample = flops.sample_flops(
             cfg.models.transformer, cfg.models.t5, cfg.models.vae,
             flops.StepShape(args.resolution, args.text_len, int(task == "edit")))["total"]
@@ -164,13 +183,14 @@ def main(argv=None) -> int:
         sps = rows / median
         row = {"task": task, "preset": args.preset, "resolution": args.resolution,
                "text_len": args.text_len, "rows_per_step": rows, "dtype": args.dtype,
-               "remat": args.remat, "attention": args.attention,
+               "remat": run.remat, "micro_batch": run.micro_batch,
+               "attention": args.attention,
                "step_s": {"median": median, "min": min(times), "max": max(times),
                           "repeats": args.repeats, "iters": args.iters},
                "samples_per_s": sps, "model_tflop_per_sample": per_sample / 1e12,
                "model_tflops": sps * per_sample / 1e12 / jax.device_count(),
-               "mfu": flops.mfu(sps, per_sample, jax.device_count(), kind)}
-        if task in torch_times:
+               "mfu": flops.mfu(sps, per_sample, jax.device_count(), kind), **memory}
+        if task in torch_times and run is runs[0]:
             t = torch_times[task]
             row["torch_step_s"] = {"median": statistics.median(t), "min": min(t),
                                    "max": max(t)}
@@ -178,9 +198,9 @@ def main(argv=None) -> int:
         results.append(row)
         mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
         ratio = (f", {row['jax_over_torch']:.2f}× PyTorch" if "jax_over_torch" in row else "")
-        print(f"{task}: {sps:.2f} samples/s ({min(times):.3f}–{max(times):.3f} s/step over "
+        print(f"{task}, remat {run.remat}, micro-batch {run.micro_batch}: {sps:.2f} samples/s ({min(times):.3f}–{max(times):.3f} s/step over "
               f"{args.repeats} repeats), {row['model_tflops']:.3f} model TFLOP/s per chip"
-              f"{mfu}{ratio}", file=sys.stderr)
+              f"{mfu}{ratio}; XLA temporaries {row['xla_temp_gib']:.2f} GiB", file=sys.stderr)
     from bench_common import environment, write_json
 
     write_json(args.json, {"results": results, "threads": args.threads, "device_kind": kind,

@@ -134,7 +134,12 @@ def test_export_lora_applies_in_pytorch_as_we_load_the_run(run, loaded, tmp_path
 
     path = tmp_path / "run.safetensors"
     assert convert_cli.main(["export-lora", str(run["workdir"]), str(path), "--raw"]) == 0
-    assert convert_cli.main(["export-lora", str(run["workdir"]), str(path)]) == 2  # exists
+    written = (path.read_bytes(), os.stat(path).st_mtime_ns)
+    # The same command again is a no-op (a retry loop reruns everything); other options
+    # against the same file are an error.
+    assert convert_cli.main(["export-lora", str(run["workdir"]), str(path), "--raw"]) == 0
+    assert (path.read_bytes(), os.stat(path).st_mtime_ns) == written
+    assert convert_cli.main(["export-lora", str(run["workdir"]), str(path)]) == 2
     base = run["models"]["transformer"]  # the frozen base: every variable but the factors
     os.makedirs(tmp_path / "base")
     write_export("transformer", base.module().config, jax.tree.map(np.asarray, base.rest),
