@@ -109,6 +109,11 @@ def test_from_run_folder_holds_what_the_work_dir_loads(run, tmp_path):
             "vocab_size"]
         assert folder.scheduler == direct.scheduler == {"shift": 3.0,
                                                        "num_train_timesteps": 1000}
+        # prompts are sampled at the run's training length, not the release's 256
+        trained = json.loads(open(os.path.join(workdir, "config.json")).read())
+        assert trained["data"]["max_length"] != 256
+        assert index["text_length"] == trained["data"]["max_length"]
+        assert folder.text_length == direct.text_length == trained["data"]["max_length"]
 
 
 def test_sample_cli_takes_a_work_dir_and_records_the_weights(run, tmp_path):
@@ -118,6 +123,8 @@ def test_sample_cli_takes_a_work_dir_and_records_the_weights(run, tmp_path):
     assert sample_cli.main([*common, "--out", str(tmp_path / "a")]) == 0
     sidecar = json.loads((tmp_path / "a" / "00000.json").read_text())
     assert sidecar["training_run"] == {"run": workdir, "step": 4, "weights": "ema"}
+    trained = json.loads(open(os.path.join(workdir, "config.json")).read())
+    assert sidecar["text_length"] == trained["data"]["max_length"]
     assert (tmp_path / "a" / "00000.png").exists()
     assert sample_cli.main([*common, "--out", str(tmp_path / "b"), "--step", "2",
                             "--weights", "raw"]) == 0

@@ -55,28 +55,53 @@ def pieces_and_eos(tok, text: str) -> list[int]:
     return tok.convert_tokens_to_ids(tok.tokenize(text)) + [tok.convert_tokens_to_ids("</s>")]
 
 
+def t5_inputs_of_generate(pipe, monkeypatch, prompts, negative_prompt):
+    """(negative ids, positive ids) as they enter the T5 during `pipe.generate`."""
+    t5_inputs = []
+    real_call = pipe._module_call
+
+    def spy(module, method, *args):
+        if module is pipe.components.t5:
+            t5_inputs.append(np.asarray(args[0]))
+        return real_call(module, method, *args)
+
+    monkeypatch.setattr(pipe, "_module_call", spy)
+    pipe.generate(prompts, negative_prompt=negative_prompt, height=RES, width=RES,
+                  num_steps=1)
+    negative, positive = t5_inputs  # the negative prompt is encoded first, once
+    return negative, positive
+
+
 def test_text_to_image_prompts_are_padded_with_the_folders_pad_token(folder_pipe,
                                                                         monkeypatch):
     tok = folder_pipe.components.tokenizer
     pad = folder_pad_id(folder_pipe)
     assert pad not in (0, 1, tok.convert_tokens_to_ids("</s>"))
-    t5_inputs = []
-    real_call = folder_pipe._module_call
-
-    def spy(module, method, *args):
-        if module is folder_pipe.components.t5:
-            t5_inputs.append(np.asarray(args[0]))
-        return real_call(module, method, *args)
-
-    monkeypatch.setattr(folder_pipe, "_module_call", spy)
     prompts = ["a red cube on a table", "a photo of a cat"]
-    folder_pipe.generate(prompts, negative_prompt="a dog", height=RES, width=RES,
-                         num_steps=1)
-    negative, positive = t5_inputs  # the negative prompt is encoded first, once
+    negative, positive = t5_inputs_of_generate(folder_pipe, monkeypatch, prompts, "a dog")
     for text, ids in [("a dog", negative[0])] + list(zip(prompts, positive)):
         head = pieces_and_eos(tok, text)
         expected = head + [pad] * (256 - len(head))
         assert ids.tolist() == expected, text
+
+
+def test_prompts_are_padded_to_the_length_the_model_was_trained_with(tmp_path, monkeypatch):
+    """A model trained on 12-token prompts (the folder records it) is conditioned on 12
+    ids, not the release's 256: a text stream of mostly padding is not what it learned."""
+    components = dataclasses.replace(tiny_components(tmp_path / "tok"), text_length=12)
+    UniAlignPipeline(components, progress=False).save_pretrained(str(tmp_path / "pipe"))
+    pipe = UniAlignPipeline.from_pretrained(str(tmp_path / "pipe"), progress=False)
+    tok = pipe.components.tokenizer
+    pad = tok.convert_tokens_to_ids(tok.pad_token)
+    negative, positive = t5_inputs_of_generate(pipe, monkeypatch, ["a red cube"], " ")
+    head = pieces_and_eos(tok, "a red cube")
+    assert positive[0].tolist() == head + [pad] * (12 - len(head))
+    assert negative.shape[-1] == 12
+    # captions default to the same number of positions
+    DENOISER_INPUTS.clear()
+    monkeypatch.setattr(pipeline_module, "ModelDenoiser", SpyDenoiser)
+    (caption,) = pipe.caption([picture(1)], resolution=RES, num_steps=2)
+    assert caption.ids.shape == (12,) and DENOISER_INPUTS[0].shape[-1] == 12
 
 
 DENOISER_INPUTS: list[np.ndarray] = []

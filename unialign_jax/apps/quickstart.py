@@ -179,7 +179,8 @@ def trained_pipeline(result, cfg, tokenizer):
         t5=models["t5"].module(), vae=models["vae"].module(), tokenizer=tokenizer,
         scheduler={"shift": flow.INFERENCE_SHIFT,
                    "num_train_timesteps": flow.NUM_TRAIN_TIMESTEPS},
-        mask_token_id=mask_token_id(tokenizer), path="<quickstart run>")
+        mask_token_id=mask_token_id(tokenizer), path="<quickstart run>",
+        text_length=cfg.data.max_length)
     return UniAlignPipeline(components, batch_size=32, progress=True)
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from unialign_jax import files
 from unialign_jax.checkpoints import io, registry
-from unialign_jax.text.tokenizer import load_tokenizer, mask_token_id
+from unialign_jax.text.tokenizer import MAX_LENGTH, load_tokenizer, mask_token_id
 
 FORMAT = "unialign_jax.pipeline"
 INDEX_FILE = "pipeline.json"
@@ -35,6 +35,9 @@ class PipelineComponents:
     scheduler: dict  # 'shift', 'num_train_timesteps'
     mask_token_id: int
     path: str
+    # Prompt tokens the transformer was trained with (T5 pads to it, no attention mask):
+    # the release's 256; a run trained shorter must be sampled at its own length.
+    text_length: int = MAX_LENGTH
 
 
 def read_index(path: str) -> dict:
@@ -50,6 +53,11 @@ def read_index(path: str) -> dict:
         raise io.CheckpointError(f"{path}/{INDEX_FILE} is not a {FORMAT} index; convert a "
                                  "diffusers folder with `unialign-convert pipeline SRC DST`")
     return index
+
+
+def index_text_length(index: dict) -> int:
+    """The index's prompt length; folders written before it was recorded are the release's."""
+    return int(index.get("text_length", MAX_LENGTH))
 
 
 def component_paths(path: str) -> dict[str, str]:
@@ -92,4 +100,4 @@ def load_components(path: str, dtype=jnp.float32, *, vae_dtype=jnp.float32, para
         vae=registry.load_vae(where["vae"], vae_dtype, attention=attention,
                               shardings=shardings),
         tokenizer=tokenizer, scheduler=scheduler, mask_token_id=index["mask_token_id"],
-        path=os.path.abspath(path))
+        path=os.path.abspath(path), text_length=index_text_length(index))

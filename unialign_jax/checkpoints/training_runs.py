@@ -36,7 +36,7 @@ from flax import nnx
 
 from unialign_jax import files
 from unialign_jax.checkpoints import io, registry, training_steps
-from unialign_jax.checkpoints.pipeline import PipelineComponents, read_index
+from unialign_jax.checkpoints.pipeline import PipelineComponents, index_text_length, read_index
 from unialign_jax.checkpoints.training_steps import CHECKPOINT_DIR
 from unialign_jax.diffusion import flow
 from unialign_jax.models import lora
@@ -305,6 +305,14 @@ def scheduler_of(config: dict) -> dict:
     return {"shift": flow.INFERENCE_SHIFT, "num_train_timesteps": flow.NUM_TRAIN_TIMESTEPS}
 
 
+def text_length(path: str) -> int:
+    """Prompt tokens the transformer of a training work dir or pipeline folder `path` was
+    trained with, read without loading anything."""
+    if is_training_run(path):
+        return int(read_run_config(path)["data"]["max_length"])
+    return index_text_length(read_index(path))
+
+
 def describe(workdir: str, step: int | None = None, weights: str | None = None) -> dict:
     """Which weights a run stands for — {'run', 'step', 'weights'} — without loading them."""
     read_run_config(workdir)
@@ -336,5 +344,5 @@ def load_run_components(workdir: str, dtype=jnp.float32, *, vae_dtype=jnp.float3
     return PipelineComponents(
         transformer=transformer, t5=t5, vae=vae, tokenizer=tokenizer,
         scheduler=scheduler_of(config), mask_token_id=mask_token_id(tokenizer),
-        path=os.path.abspath(workdir))
+        path=os.path.abspath(workdir), text_length=config["data"]["max_length"])
 

@@ -30,7 +30,6 @@ from unialign_jax.parallel import batch_ways
 from unialign_jax.sampling.pipeline import (DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT,
                                             DEFAULT_STEPS, MAX_CONDITION_IMAGES, chunk_size)
 from unialign_jax.sampling.preprocess import InputError, check_resolution, load_image
-from unialign_jax.text.tokenizer import MAX_LENGTH
 
 TASKS = {
     "t2i": "text-to-image from prompts",
@@ -122,6 +121,17 @@ def lora_of(args) -> dict | None:
             "file": [stat.st_size, stat.st_mtime_ns]}
 
 
+def text_length_of(args) -> int | None:
+    """The prompt length --ckpt samples at (recorded in every sidecar); None when --ckpt is
+    missing, which loading reports."""
+    if not os.path.isdir(args.ckpt):
+        return None
+    try:
+        return training_runs.text_length(args.ckpt)
+    except (CheckpointError, ValueError, KeyError) as e:
+        raise InputError(f"{args.ckpt}: {e}") from None
+
+
 def checkpoint_of(args) -> dict | None:
     """Which weights --ckpt stands for when it is a training work dir ({'run', 'step',
     'weights'}, recorded in every sidecar so that a rerun after more training redoes the
@@ -175,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
         if task == "caption":
             p.add_argument("--steps", type=int, default=DEFAULT_STEPS[task],
                            help="unmasking steps, 32-64 (default %(default)s)")
-            p.add_argument("--length", type=int, default=MAX_LENGTH,
-                           help="token positions (default %(default)s)")
+            p.add_argument("--length", type=int, default=None,
+                           help="token positions (default: the prompt length the model was "
+                                "trained with, 256 for the release)")
         else:
             p.add_argument("--steps", type=int, default=DEFAULT_STEPS[task],
                            help="Euler steps, 28-50 (default %(default)s, the release's for "
@@ -266,7 +277,7 @@ def settings_of(args, item: dict, index: int) -> dict:
     s = {"task": args.task, "index": index, "prompt": item["prompt"], "seed": item["seed"],
          "images": [os.path.abspath(p) for p in item["images"]], "steps": args.steps,
          "checkpoint": os.path.abspath(args.ckpt), "dtype": args.dtype,
-         "attention": args.attention}
+         "attention": args.attention, "text_length": args.text_length}
     if args.training_run is not None:
         s["training_run"] = args.training_run
     if args.lora_record is not None:
@@ -367,6 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InputError(f"--steps must be at least 1, got {args.steps}")
         items = collect_items(args)
         args.training_run = checkpoint_of(args) if os.path.isdir(args.ckpt) else None
+        args.text_length = text_length_of(args)
+        if args.task == "caption" and args.length is None:
+            args.length = args.text_length
         args.lora_record = lora_of(args)
     except InputError as e:
         parser.error(str(e))

@@ -40,7 +40,7 @@ from unialign_jax.images import RESIZE_MODES, bucket_size
 from unialign_jax.models import lora
 from unialign_jax.sampling.preprocess import (InputError, check_input_size, check_prompts,
                                               check_resolution, load_image, preprocess, to_pil)
-from unialign_jax.text.tokenizer import MAX_LENGTH, decode, prompt_ids, tokenize
+from unialign_jax.text.tokenizer import decode, prompt_ids, tokenize
 
 DEFAULT_NEGATIVE_PROMPT = (
     "low quality, blurry, low resolution, backlit, cartoon, animated, deformed, "
@@ -123,8 +123,8 @@ class UniAlignPipeline:
 
     Args:
       components: a `PipelineComponents` (transformer, t5, vae, tokenizer, scheduler dict
-        with 'shift' and 'num_train_timesteps', mask_token_id, path), as built by
-        `unialign_jax.load_pipeline`.
+        with 'shift' and 'num_train_timesteps', mask_token_id, path, text_length), as built
+        by `unialign_jax.load_pipeline`.
       mesh: a `unialign_jax.parallel.make_mesh` mesh (default: every device on 'fsdp');
         each batch is split over data × fsdp and the weights and activations are placed by
         the logical-axis rules (FSDP), moved there in place unless loaded for this mesh
@@ -152,6 +152,9 @@ class UniAlignPipeline:
         self.downsampling = components.vae.config.downsample_factor
         self.max_side = cfg.pos_embed_max_size * cfg.patch_size * self.downsampling
         self.shift = float(components.scheduler.get("shift", flow.INFERENCE_SHIFT))
+        # Prompts are padded to the length the model was trained with (the release's 256):
+        # a model trained on short prompts degrades when its text stream is mostly padding.
+        self.text_length = components.text_length
         self.num_train_timesteps = int(components.scheduler.get("num_train_timesteps",
                                                                 flow.NUM_TRAIN_TIMESTEPS))
         self.lora: dict | None = None  # the loaded LoRA: path, scale, merged, layers, ranks
@@ -207,6 +210,7 @@ class UniAlignPipeline:
             files.write_json(os.path.join(tmp, INDEX_FILE), {
                 "format": FORMAT, "source": c.path, "layout": "saved", "components":
                 COMPONENT_DIRS, "scheduler": SCHEDULER_FILE, "vocab_size": len(c.tokenizer),
+                "text_length": c.text_length,
                 "mask_token_id": c.mask_token_id, "mask_embedding": None,
                 "dtype": dtypes["transformer"], "vae_dtype": dtypes["vae"],
                 "transformer_initialised": []})
@@ -320,7 +324,7 @@ class UniAlignPipeline:
 
     def caption(self, images: Sequence[Any], *, prompt: str | Sequence[str] | None = None,
                 prefix: str | Sequence[str] | None = None, resolution: int = 512,
-                resize: str = "crop", length: int = MAX_LENGTH,
+                resize: str = "crop", length: int | None = None,
                 num_steps: int = DEFAULT_STEPS["caption"],
                 seed: int | Sequence[int] = 0, on_result: OnResult | None = None
                 ) -> list[Caption]:
@@ -329,8 +333,10 @@ class UniAlignPipeline:
         As in the release, a VQA `prompt`'s tokens — with its `</s>` — stay fixed at the
         start of the sequence and the whole sequence is decoded. A `prefix` (not in the
         release) is fixed without its `</s>`, so the caption continues it. Each result's
-        `.answer` is the text generated after the prompt or prefix. `resize` as for `edit`.
+        `.answer` is the text generated after the prompt or prefix. `resize` as for `edit`;
+        `length`: token positions (default: the pipeline's `text_length`).
         """
+        length = self.text_length if length is None else length
         images = self._images(images)
         sizes = [self.input_size(image, resolution, resize) for image in images]
         for i, (image, size) in enumerate(zip(images, sizes)):
@@ -422,11 +428,11 @@ class UniAlignPipeline:
         return [results[i] for i in range(len(prompts))]
 
     def encode_text(self, texts: Sequence[str], batch: bool = True) -> jax.Array:
-        """(B, 256, D) T5 states, padded with the tokenizer folder's pad token (as the
-        release's pipeline does), no attention mask.
+        """(B, text_length, D) T5 states, padded with the tokenizer folder's pad token (as
+        the release's pipeline does), no attention mask.
 
         `batch=False` keeps the result whole on every device (the one negative prompt)."""
-        ids = self._shard(tokenize(self.components.tokenizer, list(texts), MAX_LENGTH), batch)
+        ids = self._shard(tokenize(self.components.tokenizer, list(texts), self.text_length), batch)
         return self._module_call(self.components.t5, "__call__", ids)
 
     def _encode_images(self, pixels: np.ndarray, seeds: list[int], stream: int) -> jax.Array:
