@@ -69,12 +69,7 @@ def write_pipeline_export(src: str, out_dir: str, *, dtype: str = "float32",
     return summary
 
 
-def export_pipeline(src: str, dst: str, *, dtype: str = "float32", vae_dtype: str = "float32",
-                    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE, force: bool = False) -> dict:
-    """`write_pipeline_export` into a new folder `dst`, written atomically."""
-    with files.atomic_output_dir(dst, force) as tmp:
-        return write_pipeline_export(src, tmp, dtype=dtype, vae_dtype=vae_dtype,
-                                     max_shard_size=max_shard_size)
+export_pipeline = files.into_new_folder(write_pipeline_export)
 
 
 def run(args) -> None:

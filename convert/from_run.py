@@ -72,11 +72,7 @@ def write_run_pipeline(workdir: str, out_dir: str, *, step: int | None = None,
     return index
 
 
-def convert_run(workdir: str, dst: str, *, step: int | None = None, weights: str | None = None,
-                force: bool = False) -> dict:
-    """`write_run_pipeline` into a new folder `dst`, written atomically."""
-    with files.atomic_output_dir(dst, force) as tmp:
-        return write_run_pipeline(workdir, tmp, step=step, weights=weights)
+convert_run = files.into_new_folder(write_run_pipeline)
 
 
 def run(args) -> None:

@@ -132,12 +132,7 @@ def write_pipeline(src: str, out_dir: str, *, dtype: str = "float32",
     return index
 
 
-def convert_pipeline(src: str, dst: str, *, dtype: str = "float32", vae_dtype: str = "float32",
-                     mask_embedding: str | None = None, force: bool = False) -> dict:
-    """Converts `src` into a new pipeline folder `dst`, written atomically."""
-    with files.atomic_output_dir(dst, force) as tmp:
-        return write_pipeline(src, tmp, dtype=dtype, vae_dtype=vae_dtype,
-                              mask_embedding=mask_embedding)
+convert_pipeline = files.into_new_folder(write_pipeline)
 
 
 def run(args) -> None:

@@ -81,12 +81,7 @@ def write_t5(src: str, out_dir: str, *, dtype: str = "float32", mask_embedding: 
     return cfg
 
 
-def convert_t5(src: str, dst: str, *, dtype: str = "float32", mask_embedding: str | None = None,
-               mask_token_id: int = DEFAULT_MASK_TOKEN_ID, force: bool = False) -> T5Config:
-    """Converts `src` into a new checkpoint folder `dst`, written atomically."""
-    with files.atomic_output_dir(dst, force) as tmp:
-        return write_t5(src, tmp, dtype=dtype, mask_embedding=mask_embedding,
-                        mask_token_id=mask_token_id)
+convert_t5 = files.into_new_folder(write_t5)
 
 
 def run(args) -> None:

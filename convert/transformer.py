@@ -75,14 +75,7 @@ def write_transformer(src: str, out_dir: str, *, dtype: str = "float32",
     return report
 
 
-def convert_transformer(src: str, dst: str, *, dtype: str = "float32",
-                        to_unialignment: bool = False, vocab_size: int | None = None,
-                        adapter_widths: tuple[int, int] | None = None,
-                        force: bool = False) -> dict:
-    """Converts `src` into `dst` atomically (nothing appears at `dst` if anything fails)."""
-    with files.atomic_output_dir(dst, force=force) as tmp:
-        return write_transformer(src, tmp, dtype=dtype, to_unialignment=to_unialignment,
-                                 vocab_size=vocab_size, adapter_widths=adapter_widths)
+convert_transformer = files.into_new_folder(write_transformer)
 
 
 def run(args) -> None:

@@ -73,10 +73,7 @@ def write_vae(src: str, out_dir: str, *, dtype: str = "float32") -> VAEConfig:
     return cfg
 
 
-def convert_vae(src: str, dst: str, *, dtype: str = "float32", force: bool = False) -> VAEConfig:
-    """Converts `src` into a new checkpoint folder `dst`, written atomically."""
-    with files.atomic_output_dir(dst, force) as tmp:
-        return write_vae(src, tmp, dtype=dtype)
+convert_vae = files.into_new_folder(write_vae)
 
 
 def run(args) -> None:

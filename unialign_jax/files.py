@@ -132,6 +132,21 @@ def atomic_output_dir(dst: str, force: bool = False):
         shutil.rmtree(old)
 
 
+def into_new_folder(write: Callable[..., Any]) -> Callable[..., Any]:
+    """`write(src, out_dir, **options)`, which fills an existing folder, as
+    `f(src, dst, *, force=False, **options)`, which writes the new folder `dst` through
+    `atomic_output_dir`: nothing appears at `dst` unless `write` finishes. One wrapper
+    serves every converter."""
+
+    def to_new_folder(src: str, dst: str, *, force: bool = False, **options):
+        with atomic_output_dir(dst, force) as tmp:
+            return write(src, tmp, **options)
+
+    to_new_folder.__doc__ = (f"`{write.__name__}` into the new folder `dst`, written "
+                             "atomically (`force`: replace an existing one).")
+    return to_new_folder
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     write_atomic(path, lambda f: f.write(data))
 
