@@ -45,6 +45,21 @@ def _take(it, n):
     return [next(it) for _ in range(n)]
 
 
+def test_task_weights_interleave_a_fixed_cycle_of_tasks(corpus):
+    """(3, 1): three text-to-image batches, then one editing batch, every cycle; each task
+    still walks its own records in its own order."""
+    corpora = {"t2i": [corpus["folders"]["t2i"]], "edit": [corpus["folders"]["edit"]]}
+    mixed = _take(training_iterator(corpora, _config(corpus, task_weights=(3.0, 1.0))), 8)
+    t2i, edit = TASK_IDS["t2i"], TASK_IDS["edit"]
+    assert [int(b["task"][0]) for b in mixed] == [t2i, t2i, t2i, edit] * 2
+    alternating = _take(training_iterator(corpora, _config(corpus)), 4)
+    by_task = lambda batches, task: [b["index"].tolist() for b in batches  # noqa: E731
+                                     if b["task"][0] == task]
+    assert by_task(mixed, edit) == by_task(alternating, edit)
+    with pytest.raises(ValueError, match="1 task weights for 2 corpora"):
+        training_iterator(corpora, _config(corpus, task_weights=(1.0,)))
+
+
 def _pixels(path):
     return np.asarray(Image.open(path).convert("RGB"), np.float32) / 127.5 - 1
 

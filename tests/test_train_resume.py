@@ -110,13 +110,14 @@ def test_resume_is_exact(corpus, tmp_path):
 
 
 def test_logged_throughput_is_model_flops(corpus, tmp_path):
-    """Each log row's model TFLOP/s per chip is its samples/s times the mean FLOPs of a
-    text-to-image and an editing sample (the tasks alternate), as `training.flops` counts."""
+    """Each log row's model TFLOP/s per chip is its samples/s times the mean FLOPs per
+    sample of the task mix (three text-to-image batches per editing batch here), as
+    `training.flops` counts."""
     from unialign_configs import load
     from unialign_jax.text.tokenizer import load_tokenizer
     from unialign_jax.training import flops
 
-    _train(corpus, tmp_path, "run.num_steps=2")
+    _train(corpus, tmp_path, "run.num_steps=2", "data.task_weights=(3.0,1.0)")
     cfg = load("tiny")
     vocab = len(load_tokenizer(str(corpus["root"] / "tokenizer")))
     transformer = dataclasses.replace(cfg.models.transformer, vocab_size=vocab)
@@ -126,7 +127,8 @@ def test_logged_throughput_is_model_flops(corpus, tmp_path):
         rows = [json.loads(line) for line in f]
     for row in rows:
         np.testing.assert_allclose(row["model_tflops_per_chip"],
-                                   row["samples_per_s"] * np.mean(per_sample) / 1e12, rtol=1e-9)
+                                   row["samples_per_s"] * (3 * per_sample[0] + per_sample[1])
+                                   / 4 / 1e12, rtol=1e-9)
         assert "mfu" not in row  # no known peak for a CPU
 
 

@@ -73,6 +73,8 @@ class PipelineConfig:
     worker_buffer: int = 2            # finished batches each worker keeps ready
     resolution: int | None = None     # expected shard resolution; None accepts the shards'
     skip_corrupt: bool = False        # replace unreadable records by the next readable one
+    # Batches of each corpus per cycle of the mix, in the corpora's order (None: one each).
+    task_weights: tuple[float, ...] | None = None
 
 
 class ToTrainingExample(grain.transforms.Map):
@@ -168,15 +170,18 @@ def task_batches(task: str, folders: Sequence[str], cfg: PipelineConfig, seed: i
 
 def training_dataset(corpora: Mapping[str, Sequence[str]], cfg: PipelineConfig
                      ) -> grain.IterDataset:
-    """Batches alternating over `corpora` ({task: shard folders}) in its order."""
+    """Batches alternating over `corpora` ({task: shard folders}) in its order, each
+    corpus `cfg.task_weights[i]` batches per cycle (a fixed interleaving, not a draw)."""
     if not corpora:
         raise ValueError("no corpora given")
+    if cfg.task_weights is not None and len(cfg.task_weights) != len(corpora):
+        raise ValueError(f"{len(cfg.task_weights)} task weights for {len(corpora)} corpora")
     unknown = set(corpora) - set(TASK_IDS)
     if unknown:
         raise ValueError(f"unknown tasks {sorted(unknown)}; expected some of {list(TASK_IDS)}")
     streams = [task_batches(task, folders, cfg, cfg.seed + i)
                for i, (task, folders) in enumerate(corpora.items())]
-    ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams)
+    ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, cfg.task_weights)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                               prefetch_buffer_size=cfg.read_threads))
     if cfg.num_workers:

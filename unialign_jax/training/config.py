@@ -63,6 +63,9 @@ class ComputeConfig(JsonConfig):
 class DataConfig(JsonConfig):
     t2i_shards: tuple[str, ...] = ()      # shard folders of `unialign-data build --kind t2i`
     edit_shards: tuple[str, ...] = ()     # editing + perception shard folders
+    # (text-to-image, editing) batches per cycle of the task mix: the release alternates
+    # one of each; (3, 1) gives three text-to-image steps per editing step.
+    task_weights: tuple[float, float] = (1.0, 1.0)
     resolution: int = 512
     max_length: int = MAX_LENGTH          # caption / instruction tokens
     seed: int = 0
@@ -226,6 +229,9 @@ class TrainConfig(JsonConfig):
         if self.optimizer.ema_decay is not None and not 0.0 <= self.optimizer.ema_decay < 1.0:
             problems.append(f"optimizer.ema_decay must be in [0, 1) or None, got "
                             f"{self.optimizer.ema_decay}")
+        if len(self.data.task_weights) != 2 or min(self.data.task_weights) <= 0:
+            problems.append(f"data.task_weights must be two positive numbers (text-to-image, "
+                            f"editing), got {self.data.task_weights}")
         if self.data.worker_timeout_s < 0:
             problems.append(f"data.worker_timeout_s must be >= 0 (0: no limit), got "
                             f"{self.data.worker_timeout_s}")

@@ -67,6 +67,12 @@ def corpora(cfg: TrainConfig) -> dict[str, tuple[str, ...]]:
                                                 ("edit", cfg.data.edit_shards)) if folders}
 
 
+def task_weights(cfg: TrainConfig) -> tuple[float, ...]:
+    """`data.task_weights` of the tasks `corpora` trains on, in its order."""
+    weight = dict(zip(("t2i", "edit"), cfg.data.task_weights))
+    return tuple(float(weight[task]) for task in corpora(cfg))
+
+
 def train(cfg: TrainConfig, workdir: str, *, echo=None) -> TrainResult:
     """Trains until `run.num_steps`, resuming from the latest checkpoint in `workdir`."""
     maybe_initialize_distributed(cfg.mesh.distributed, cfg.mesh.heartbeat_timeout_s)
@@ -96,7 +102,8 @@ def train(cfg: TrainConfig, workdir: str, *, echo=None) -> TrainResult:
     iterator = training_iterator(corpora(cfg), PipelineConfig(
         batch_size=cfg.run.batch_size // jax.process_count(), tokenizer=cfg.models.tokenizer,
         max_length=cfg.data.max_length, seed=cfg.data.seed, num_workers=cfg.data.workers,
-        resolution=cfg.data.resolution, skip_corrupt=cfg.data.skip_corrupt))
+        resolution=cfg.data.resolution, skip_corrupt=cfg.data.skip_corrupt,
+        task_weights=task_weights(cfg)))
     if cfg.loss.align_weight and not all(has_teacher(folder) for folders in corpora(cfg).values()
                                          for folder in folders):
         if not cfg.loss.allow_missing_teacher:
@@ -196,7 +203,7 @@ class Throughput:
     """Model FLOP/s per chip and MFU from samples/s: the figures `scripts/bench_train.py`
     reports, logged by every run (FLOPs of `training.flops`, recomputation not counted)."""
 
-    flops_per_sample: float          # mean over the alternated tasks
+    flops_per_sample: float          # mean over the mixed tasks, by their weights
     chips: int
     device_kind: str
 
@@ -207,7 +214,8 @@ class Throughput:
         per_task = [flops.sample_flops(transformer, t5, vae, flops.StepShape(
             cfg.data.resolution, cfg.data.max_length, int(task == "edit")))["total"]
             for task in corpora(cfg)]
-        return cls(float(np.mean(per_task)) if per_task else 0.0, jax.device_count(),
+        mean = float(np.average(per_task, weights=task_weights(cfg))) if per_task else 0.0
+        return cls(mean, jax.device_count(),
                    jax.devices()[0].device_kind)
 
     def of(self, samples_per_s: float) -> dict[str, float]:
