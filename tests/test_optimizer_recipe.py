@@ -73,6 +73,21 @@ def test_lr_is_linear_warmup_then_constant_as_the_release_scheduler():
     assert float(no_warmup(0)) == float(no_warmup(5000)) == pytest.approx(3e-5)
 
 
+@pytest.mark.parametrize("warmup", [0, 100])
+def test_cosine_decay_option_is_transformers_cosine_schedule_with_warmup(warmup):
+    """Not the release's recipe (constant after warmup) but an option: `cosine_end_step`
+    E decays as `get_cosine_schedule_with_warmup(num_training_steps=E)`, 0 after E."""
+    cfg = OptimizerConfig(lr=1e-3, warmup_steps=warmup, cosine_end_step=2000)
+    opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    reference = transformers.get_cosine_schedule_with_warmup(
+        opt, num_warmup_steps=warmup, num_training_steps=2000).lr_lambdas[0]
+    schedule = learning_rate(cfg)
+    for step in (0, 1, 50, 99, 100, 101, 700, 1500, 1999, 2000):
+        assert float(schedule(step)) == pytest.approx(1e-3 * reference(step), rel=1e-5,
+                                                      abs=1e-10), step
+    assert float(schedule(2000)) == float(schedule(2500)) == 0.0
+
+
 def tiny_tree(seed=0):
     rng = np.random.default_rng(seed)
     return {"a": rng.normal(size=(3,)).astype(np.float32),

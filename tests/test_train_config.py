@@ -85,12 +85,15 @@ def test_validate_reports_every_problem():
     cfg = dataclasses.replace(TrainConfig(), run=dataclasses.replace(TrainConfig().run,
                                                                     batch_size=0),
                               loss=dataclasses.replace(TrainConfig().loss, null_prompt_prob=2.0),
-                              data=dataclasses.replace(TrainConfig().data, task_weights=(1, 0)))
+                              data=dataclasses.replace(TrainConfig().data, task_weights=(1, 0)),
+                              optimizer=dataclasses.replace(TrainConfig().optimizer,
+                                                            cosine_end_step=10))
     with pytest.raises(ValueError) as err:
         cfg.validate()
     text = str(err.value)
     for part in ("run.batch_size", "loss.null_prompt_prob", "no training data", "tokenizer",
-                 "data.task_weights must be two positive numbers"):
+                 "data.task_weights must be two positive numbers",
+                 "optimizer.cosine_end_step (10) must be 0 (no decay) or after the warmup"):
         assert part in text
 
 

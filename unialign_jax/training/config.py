@@ -85,6 +85,9 @@ class OptimizerConfig(JsonConfig):
 
     lr: float = 3e-5
     warmup_steps: int = 2000
+    # After warmup: constant, as the release (0), or a cosine from lr down to 0 at this
+    # step (e.g. the run's last step).
+    cosine_end_step: int = 0
     weight_decay: float = 0.01
     b1: float = 0.9
     b2: float = 0.999
@@ -235,6 +238,11 @@ class TrainConfig(JsonConfig):
         if self.data.worker_timeout_s < 0:
             problems.append(f"data.worker_timeout_s must be >= 0 (0: no limit), got "
                             f"{self.data.worker_timeout_s}")
+        if self.optimizer.cosine_end_step and \
+                self.optimizer.cosine_end_step <= self.optimizer.warmup_steps:
+            problems.append(f"optimizer.cosine_end_step ({self.optimizer.cosine_end_step}) must "
+                            f"be 0 (no decay) or after the warmup "
+                            f"({self.optimizer.warmup_steps} steps)")
         if self.optimizer.warmup_steps < 0:
             problems.append(f"optimizer.warmup_steps must be >= 0, got "
                             f"{self.optimizer.warmup_steps}")

@@ -26,12 +26,22 @@ class TrainState:
 def learning_rate(cfg: OptimizerConfig) -> optax.Schedule:
     """Linear warmup from 0 over `warmup_steps`, then constant (the release's
     `get_constant_schedule_with_warmup`): the update of step s (0-based) uses
-    lr·min(s / warmup, 1)."""
-    if cfg.warmup_steps == 0:
+    lr·min(s / warmup, 1); with `cosine_end_step` E, after the warmup it is
+    lr·(1 + cos(π·min((s − warmup) / (E − warmup), 1))) / 2 instead."""
+    warmup, end = cfg.warmup_steps, cfg.cosine_end_step
+
+    def schedule(count):
+        # lr·(s / warmup) directly: optax.linear_schedule's lr − lr·(1 − s / warmup) loses
+        # ~1e-4 of the early values to float32 cancellation.
+        factor = jnp.minimum(count / warmup, 1.0) if warmup else jnp.ones_like(count, float)
+        if end:
+            done = jnp.clip((count - warmup) / (end - warmup), 0.0, 1.0)
+            factor = jnp.where(count < warmup, factor, 0.5 * (1.0 + jnp.cos(jnp.pi * done)))
+        return cfg.lr * factor
+
+    if not (warmup or end):
         return optax.constant_schedule(cfg.lr)
-    # lr·(s / warmup) directly: optax.linear_schedule's lr − lr·(1 − s / warmup) loses ~1e-4
-    # of the early values to float32 cancellation.
-    return lambda count: cfg.lr * jnp.minimum(count / cfg.warmup_steps, 1.0)
+    return schedule
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
