@@ -62,14 +62,16 @@ def test_loss_config_defaults_follow_the_spec():
     assert (w.block_depth, w.null_prompt_prob, w.contrastive_temperature, w.caption_eps) == \
         (8, 0.1, 0.07, 1e-3)
     assert w.contrastive_scope == "device"
+    assert (w.logit_mean, w.logit_std) == (0.0, 1.0)
 
 
 @pytest.mark.parametrize("drop_all", [True, False])
 def test_null_prompt_dropout_and_which_pass_feeds_which_loss(drop_all):
     """The objective on a tiny model with stand-in T5 / VAE: with null_prompt_prob=1 the image
     pass sees only the null prompt's context; the image pass gets the noisy target at its
-    timestep, the caption pass the other posterior sample at timestep 0 and the masked
-    caption; each loss term equals its function applied to the right pass's outputs."""
+    timestep (σ from the configured logit-normal), the caption pass the other posterior
+    sample at timestep 0 and the masked caption; each loss term equals its function
+    applied to the right pass's outputs."""
     from flax import nnx
     from unialign_jax.diffusion import flow, masked
     from unialign_jax.models.mmdit import MMDiT, MMDiTConfig
@@ -102,7 +104,10 @@ def test_null_prompt_dropout_and_which_pass_feeds_which_loss(drop_all):
              "teacher_image": jnp.asarray(RNG.normal(size=(b, 40)), jnp.float32),
              "teacher_text": jnp.asarray(RNG.normal(size=(b, 40)), jnp.float32)}
     null = jnp.full((1, 8, 32), -7.0)
-    cfg = LossConfig(block_depth=1, null_prompt_prob=1.0 if drop_all else 0.0)
+    # One case with the release's timestep law, one with a shifted, narrower logit-normal.
+    logit = (0.0, 1.0) if drop_all else (0.7, 0.5)
+    cfg = LossConfig(block_depth=1, null_prompt_prob=1.0 if drop_all else 0.0,
+                     logit_mean=logit[0], logit_std=logit[1])
     key = jax.random.key(0)
     total, terms = objective.micro_batch_loss(spy, t5, VAE(), batch, null, key, cfg, 63)
     image, caption = calls
@@ -114,7 +119,7 @@ def test_null_prompt_dropout_and_which_pass_feeds_which_loss(drop_all):
     k_vae, k_draws = jax.random.split(key)
     draws = objective.Draws.sample(k_draws, image["latents"].shape, 8)
     latents, caption_latents, _ = objective.encode_images(VAE(), batch, k_vae)
-    sigma, timesteps = flow.training_timesteps(draws.flow_logit_normal)
+    sigma, timesteps = flow.training_timesteps(logit[0] + logit[1] * draws.flow_logit_normal)
     np.testing.assert_allclose(np.asarray(image["latents"]),
                                np.asarray(flow.add_noise(latents, draws.flow_noise, sigma)),
                                rtol=1e-6, atol=1e-6)

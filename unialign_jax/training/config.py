@@ -112,6 +112,10 @@ class LossConfig(JsonConfig):
     align_weight: float = 0.1
     block_depth: int = 8                  # block after which alignment features are taken
     null_prompt_prob: float = 0.1
+    # Image timesteps: σ from sigmoid(logit_mean + logit_std·u), u ~ N(0, 1); the release's
+    # (0, 1). A positive mean trains more at high noise, where a layout is decided.
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
     contrastive_temperature: float = CONTRASTIVE_TEMPERATURE
     caption_eps: float = masked.SCHEDULE_EPS   # ε of the masked-diffusion schedule
     # "device": contrast within each device's micro-batch, as the release (per GPU, no

@@ -91,7 +91,8 @@ def objective(transformer: nnx.Module, encode_text: Callable[[jax.Array], jax.Ar
     context = jax.lax.stop_gradient(encode_text(inputs.instruction_ids))
     drop = draws.null_prompt_uniform < cfg.null_prompt_prob
     context = jnp.where(drop[:, None, None], null_context.astype(context.dtype), context)
-    sigma, timesteps = flow.training_timesteps(draws.flow_logit_normal)
+    sigma, timesteps = flow.training_timesteps(cfg.logit_mean
+                                               + cfg.logit_std * draws.flow_logit_normal)
     noisy = flow.add_noise(latents, draws.flow_noise, sigma)
     image_out = transformer(noisy, timesteps, context, conditions=inputs.conditions,
                             block_depth=cfg.block_depth)
