@@ -93,8 +93,22 @@ def test_validate_reports_every_problem():
     text = str(err.value)
     for part in ("run.batch_size", "loss.null_prompt_prob", "no training data", "tokenizer",
                  "data.task_weights must be two positive numbers",
-                 "optimizer.cosine_end_step (10) must be 0 (no decay) or after the warmup"):
+                 "optimizer.cosine_end_step (10) must be 0 (no decay), -1 (the last step) or a "
+                 "step after the warmup"):
         assert part in text
+
+
+def test_cosine_end_minus_one_is_the_runs_last_step():
+    base = TrainConfig()
+    cfg = dataclasses.replace(
+        base, optimizer=dataclasses.replace(base.optimizer, warmup_steps=10, cosine_end_step=-1),
+        run=dataclasses.replace(base.run, num_steps=1234))
+    assert cfg.resolved().optimizer.cosine_end_step == 1234
+    short = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, num_steps=10))
+    with pytest.raises(ValueError, match="cosine_end_step"):
+        dataclasses.replace(short, data=dataclasses.replace(
+            short.data, t2i_shards=("/a",)), models=dataclasses.replace(
+            short.models, tokenizer="/t")).validate()
 
 
 def test_cli_errors_and_help(capsys, tmp_path):

@@ -37,7 +37,7 @@ PIPELINE_DIR = "pipeline"  # WORKDIR/pipeline: the trained model as a pipeline f
 OPTIONS = (  # flag, default, meaning
     ("--samples", 3000, "synthetic samples per kind, 10%% held out"),
     ("--vae-steps", 400, "VAE fitting steps"),
-    ("--eval-samples", 96, "held-out prompts / images to evaluate"),
+    ("--eval-samples", 288, "held-out prompts / images to evaluate"),
     ("--sample-steps", 28, "flow sampler steps (the release's text-to-image default)"),
     ("--guidance", 7.0, "guidance scale (the release's default)"),
     ("--caption-steps", 64, "masked-diffusion caption sampler steps"),

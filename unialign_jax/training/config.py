@@ -86,7 +86,7 @@ class OptimizerConfig(JsonConfig):
     lr: float = 3e-5
     warmup_steps: int = 2000
     # After warmup: constant, as the release (0), or a cosine from lr down to 0 at this
-    # step (e.g. the run's last step).
+    # step; -1: at the run's last step (run.num_steps).
     cosine_end_step: int = 0
     weight_decay: float = 0.01
     b1: float = 0.9
@@ -242,10 +242,11 @@ class TrainConfig(JsonConfig):
         if self.data.worker_timeout_s < 0:
             problems.append(f"data.worker_timeout_s must be >= 0 (0: no limit), got "
                             f"{self.data.worker_timeout_s}")
-        if self.optimizer.cosine_end_step and \
-                self.optimizer.cosine_end_step <= self.optimizer.warmup_steps:
+        end = (self.run.num_steps if self.optimizer.cosine_end_step == -1
+               else self.optimizer.cosine_end_step)
+        if end and end <= self.optimizer.warmup_steps:
             problems.append(f"optimizer.cosine_end_step ({self.optimizer.cosine_end_step}) must "
-                            f"be 0 (no decay) or after the warmup "
+                            f"be 0 (no decay), -1 (the last step) or a step after the warmup "
                             f"({self.optimizer.warmup_steps} steps)")
         if self.optimizer.warmup_steps < 0:
             problems.append(f"optimizer.warmup_steps must be >= 0, got "
@@ -264,7 +265,8 @@ class TrainConfig(JsonConfig):
 
     def resolved(self) -> "TrainConfig":
         """A copy with the LoRA base and the pipeline folder expanded into component paths
-        (a LoRA run then records the transformer it adapts as lora.base)."""
+        (a LoRA run then records the transformer it adapts as lora.base) and the cosine's
+        end at the run's last step when asked for."""
         cfg = self._with_lora_base() if self.lora.base else self
         if cfg.models.pipeline is not None:
             from unialign_jax.checkpoints.pipeline import component_paths
@@ -277,6 +279,9 @@ class TrainConfig(JsonConfig):
         if cfg.lora.rank and cfg.lora.base is None:
             cfg = dataclasses.replace(cfg, lora=dataclasses.replace(
                 cfg.lora, base=cfg.models.transformer_path))
+        if cfg.optimizer.cosine_end_step == -1:
+            cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(
+                cfg.optimizer, cosine_end_step=cfg.run.num_steps))
         return cfg
 
     def _with_lora_base(self) -> "TrainConfig":
