@@ -24,7 +24,8 @@ def tiny_pipe(tmp_path_factory):
 
 @pytest.fixture
 def loads(monkeypatch, tiny_pipe):
-    """Replaces checkpoint loading by the tiny pipeline; records the loads."""
+    """Replaces checkpoint loading (and the reading of its prompt length) by the tiny
+    pipeline; records the loads."""
     calls = []
 
     def load(args):
@@ -33,6 +34,7 @@ def loads(monkeypatch, tiny_pipe):
         return tiny_pipe
 
     monkeypatch.setattr(cli, "load_pipeline_from_args", load)
+    monkeypatch.setattr(cli, "text_length_of", lambda args: tiny_pipe.text_length)
     return calls
 
 
@@ -54,7 +56,8 @@ def test_t2i_writes_pngs_and_sidecars_and_resumes(tmp_path, loads, capsys):
     side = json.loads((out / "00002.json").read_text())
     assert side == {"task": "t2i", "index": 2, "prompt": "a blue ball", "seed": 7,
                     "images": [], "steps": 2, "checkpoint": str(tmp_path), "dtype": "float32",
-                    "attention": "auto", "height": 64, "width": 48, "guidance": 7.0,
+                    "attention": "auto", "text_length": 256, "height": 64, "width": 48,
+                    "guidance": 7.0,
                     "negative_prompt": DEFAULT_NEGATIVE_PROMPT}
     assert Image.open(out / "00000.png").size == (48, 64)
     assert not [f for f in os.listdir(out) if f.startswith(".")], "no temporary files left"

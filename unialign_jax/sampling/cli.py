@@ -122,14 +122,12 @@ def lora_of(args) -> dict | None:
 
 
 def text_length_of(args) -> int | None:
-    """The prompt length --ckpt samples at (recorded in every sidecar); None when --ckpt is
-    missing, which loading reports."""
-    if not os.path.isdir(args.ckpt):
-        return None
+    """The prompt length --ckpt samples at (recorded in every sidecar); None when --ckpt
+    cannot be read, which loading reports."""
     try:
         return training_runs.text_length(args.ckpt)
-    except (CheckpointError, ValueError, KeyError) as e:
-        raise InputError(f"{args.ckpt}: {e}") from None
+    except (OSError, CheckpointError, ValueError, KeyError):
+        return None
 
 
 def checkpoint_of(args) -> dict | None:

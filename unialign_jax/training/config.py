@@ -86,7 +86,7 @@ class OptimizerConfig(JsonConfig):
     lr: float = 3e-5
     warmup_steps: int = 2000
     # After warmup: constant, as the release (0), or a cosine from lr down to 0 at this
-    # step; -1: at the run's last step (run.num_steps).
+    # step; -1: at the run's last step (run.num_steps; none if the run ends in the warmup).
     cosine_end_step: int = 0
     weight_decay: float = 0.01
     b1: float = 0.9
@@ -242,9 +242,8 @@ class TrainConfig(JsonConfig):
         if self.data.worker_timeout_s < 0:
             problems.append(f"data.worker_timeout_s must be >= 0 (0: no limit), got "
                             f"{self.data.worker_timeout_s}")
-        end = (self.run.num_steps if self.optimizer.cosine_end_step == -1
-               else self.optimizer.cosine_end_step)
-        if end and end <= self.optimizer.warmup_steps:
+        end = self.optimizer.cosine_end_step
+        if end != -1 and end and end <= self.optimizer.warmup_steps:
             problems.append(f"optimizer.cosine_end_step ({self.optimizer.cosine_end_step}) must "
                             f"be 0 (no decay), -1 (the last step) or a step after the warmup "
                             f"({self.optimizer.warmup_steps} steps)")
@@ -280,8 +279,9 @@ class TrainConfig(JsonConfig):
             cfg = dataclasses.replace(cfg, lora=dataclasses.replace(
                 cfg.lora, base=cfg.models.transformer_path))
         if cfg.optimizer.cosine_end_step == -1:
+            end = cfg.run.num_steps if cfg.run.num_steps > cfg.optimizer.warmup_steps else 0
             cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(
-                cfg.optimizer, cosine_end_step=cfg.run.num_steps))
+                cfg.optimizer, cosine_end_step=end))
         return cfg
 
     def _with_lora_base(self) -> "TrainConfig":
