@@ -305,11 +305,16 @@ def scheduler_of(config: dict) -> dict:
     return {"shift": flow.INFERENCE_SHIFT, "num_train_timesteps": flow.NUM_TRAIN_TIMESTEPS}
 
 
+def run_text_length(config: dict) -> int:
+    """Prompt tokens a run (its config.json) trained with: what it is sampled at."""
+    return int(config["data"]["max_length"])
+
+
 def text_length(path: str) -> int:
     """Prompt tokens the transformer of a training work dir or pipeline folder `path` was
     trained with, read without loading anything."""
     if is_training_run(path):
-        return int(read_run_config(path)["data"]["max_length"])
+        return run_text_length(read_run_config(path))
     return index_text_length(read_index(path))
 
 
@@ -344,5 +349,5 @@ def load_run_components(workdir: str, dtype=jnp.float32, *, vae_dtype=jnp.float3
     return PipelineComponents(
         transformer=transformer, t5=t5, vae=vae, tokenizer=tokenizer,
         scheduler=scheduler_of(config), mask_token_id=mask_token_id(tokenizer),
-        path=os.path.abspath(workdir), text_length=config["data"]["max_length"])
+        path=os.path.abspath(workdir), text_length=run_text_length(config))
 
