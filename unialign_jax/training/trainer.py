@@ -61,16 +61,23 @@ class TrainResult:
     models: dict | None = None   # the SplitModels (graph definitions, frozen weights)
 
 
+def _trained_tasks(cfg: TrainConfig) -> list[tuple[str, tuple[str, ...], float]]:
+    """(task, shard folders, weight) of each task with data, in alternation order:
+    text-to-image first, then editing."""
+    t2i_weight, edit_weight = cfg.data.task_weights
+    return [(task, folders, float(weight)) for task, folders, weight in (
+        ("t2i", cfg.data.t2i_shards, t2i_weight), ("edit", cfg.data.edit_shards, edit_weight))
+        if folders]
+
+
 def corpora(cfg: TrainConfig) -> dict[str, tuple[str, ...]]:
-    """{task: shard folders} in alternation order: text-to-image first, then editing."""
-    return {task: folders for task, folders in (("t2i", cfg.data.t2i_shards),
-                                                ("edit", cfg.data.edit_shards)) if folders}
+    """{task: shard folders} in alternation order."""
+    return {task: folders for task, folders, _ in _trained_tasks(cfg)}
 
 
 def task_weights(cfg: TrainConfig) -> tuple[float, ...]:
     """`data.task_weights` of the tasks `corpora` trains on, in its order."""
-    weight = dict(zip(("t2i", "edit"), cfg.data.task_weights))
-    return tuple(float(weight[task]) for task in corpora(cfg))
+    return tuple(weight for _, _, weight in _trained_tasks(cfg))
 
 
 def train(cfg: TrainConfig, workdir: str, *, echo=None) -> TrainResult:
