@@ -1,9 +1,10 @@
 """A non-editable install works from anywhere: a fresh virtualenv gets `pip install .` (the
-dependencies come from this environment), then, from an unrelated folder, every console
+dependencies come from the environment running the tests), then, from an unrelated folder, every console
 script answers --help and a short quickstart runs end to end on the installed copy."""
 
 import os
 import subprocess
+import sysconfig
 import venv
 
 import pytest
@@ -17,9 +18,19 @@ SCRIPTS = ("unialign-quickstart", "unialign-train", "unialign-convert", "unialig
 def installed(tmp_path_factory):
     root = tmp_path_factory.mktemp("install")
     env_dir = root / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    venv.EnvBuilder(with_pip=True).create(env_dir)
     python = str(env_dir / "bin" / "python")
-    # ensurepip may bring an old setuptools that would shadow this environment's.
+    # The dependencies are those of the interpreter running the tests, whether it is a
+    # virtualenv or not: its site directories go on the new one's path. (`system_site_packages`
+    # would give the base installation's instead, which in a fresh virtualenv has none of them.)
+    # Their .pth files are not read, so this environment's editable install stays out of sight.
+    site_dir = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    outer = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    with open(os.path.join(site_dir, "outer_environment.pth"), "w") as f:
+        f.write("\n".join(outer) + "\n")
+    # ensurepip brings its own (old) setuptools, which would shadow this environment's.
     subprocess.run([python, "-m", "pip", "uninstall", "--quiet", "--yes", "setuptools"],
                    capture_output=True, timeout=300)
     proc = subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps",
