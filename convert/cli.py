@@ -68,10 +68,19 @@ RUN_OPTIONS = (  # choosing the weights of a training work dir
 COMMANDS = {
     "transformer": Command(
         "transformer", "an SD3Transformer2DModel or SD3JointModelFlexible folder",
-        "Convert a diffusers transformer folder (config.json + safetensors, sharded or not) "
-        "into an Orbax checkpoint folder loadable by unialign_jax.load_transformer.",
-        "diffusers transformer folder",
+        "Convert a diffusers transformer folder (config.json + safetensors, sharded or not), "
+        "or with --config a training checkpoint of the release's train.py, into an Orbax "
+        "checkpoint folder loadable by unialign_jax.load_transformer.",
+        "diffusers transformer folder; with --config: a train.py checkpoint, either one step "
+        "folder (NNNNNNN/ with consolidated.00-of-01.safetensors) or a run (--results_dir or "
+        "its checkpoints/ folder: the newest finished step, or --step)",
         (DTYPE,
+         option("--config", metavar="FILE", default=None,
+                help="the transformer's config.json for a train.py checkpoint, which stores "
+                     "none: UniAlignment's, or SD3-medium's with --vocab-size"),
+         option("--step", type=int, default=None,
+                help="with --config and a run folder: the step to convert (default: the "
+                     "newest with its resume_step.txt)"),
          option("--to", choices=["unialignment"], default=None,
                 help="port an SD3 model into the UniAlignment layout: keep same-name, "
                      "same-shape weights, initialise the rest, drop the pooled-text embedder "
@@ -80,9 +89,9 @@ COMMANDS = {
                 help="text-head vocabulary (the tokenizer's length, 32100 for T5)"),
          option("--adapter-widths", type=int, nargs=2, metavar=("HIDDEN", "TEACHER"),
                 default=None,
-                help="with --to unialignment: hidden and output widths of the fresh alignment "
-                     "adapters (default: the release's 2048 3584; the output width must equal "
-                     "the teacher's feature size)"))),
+                help="with --to unialignment or an SD3 --config: hidden and output widths of "
+                     "the alignment adapters (default: the release's 2048 3584; the output "
+                     "width must equal the teacher's feature size)"))),
     "t5": Command(
         "t5", "T5 v1.1 text encoder (transformers T5EncoderModel folder)",
         "Convert a transformers T5EncoderModel folder (config.json + model.safetensors, or "
