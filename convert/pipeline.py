@@ -33,6 +33,12 @@ LAYOUTS = {
 WEIGHTS_NAMES = {"transformer": "diffusion_pytorch_model", "text_encoder": "model",
                  "vae": "diffusion_pytorch_model"}
 SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
+# FlowMatchEulerDiscreteScheduler settings that, when set, give another schedule than the
+# fixed `shift` our sampler draws (`use_dynamic_shifting` makes the release's pipeline
+# compute a resolution-dependent `mu` from base/max_shift); refused rather than ignored.
+SCHEDULE_SETTINGS = ("use_dynamic_shifting", "shift_terminal", "use_karras_sigmas",
+                     "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                     "stochastic_sampling")
 
 
 def detect_layout(src: str) -> str:
@@ -59,6 +65,12 @@ def read_scheduler(folder: str) -> dict:
     if cfg.get("_class_name") != SCHEDULER_CLASS:
         raise ConversionError(f"{path}: expected a {SCHEDULER_CLASS}, found "
                               f"{cfg.get('_class_name')!r}")
+    changed = {k: cfg[k] for k in SCHEDULE_SETTINGS if cfg.get(k) not in (None, False)}
+    if changed:
+        raise ConversionError(
+            f"{path}: {changed} change the sigma schedule, which here is the fixed shift "
+            "(SD3-medium's and the release's scheduler, shift only); remove them to sample "
+            "with the plain shifted schedule")
     return {"shift": float(cfg.get("shift", 1.0)),
             "num_train_timesteps": int(cfg.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS))}
 

@@ -66,9 +66,17 @@ def torch_shapes(config: MMDiTConfig) -> dict[str, tuple[int, ...]]:
             for m in tensor_moves(config)}
 
 
-def fresh_initialiser(config: MMDiTConfig, seed: int = 0):
-    """`fresh(move, shape)` for tensors the source lacks: LeCun-normal kernels, zero biases,
-    the fixed sin-cos position table, small-normal null tokens (as `MMDiT` initialises)."""
+def fresh_initialiser(config: MMDiTConfig, shapes: dict[tuple, tuple[int, ...]], seed: int = 0):
+    """`fresh(move, shape)` for tensors the source lacks, drawn as the release's do.
+
+    The release builds `SD3JointModelFlexible` in PyTorch and loads the SD3 weights into it
+    non-strictly, so what they lack keeps PyTorch's default initialisation: an `nn.Linear`
+    (or `nn.Conv2d`) weight is kaiming-uniform with a = √5, i.e. uniform(±1/√fan_in), and
+    its bias uniform(±1/√fan_in) of the same fan_in; the null image tokens are
+    `randn / √width` (`modules/unialignment_model.py`); the position table is the fixed
+    sin-cos one. `shapes` holds the full tree's shapes ({path: shape}), where a bias finds
+    its weight's fan_in.
+    """
     rng = np.random.default_rng(seed)
 
     def fresh(move: TensorMove, shape: tuple[int, ...]) -> np.ndarray:
@@ -76,9 +84,12 @@ def fresh_initialiser(config: MMDiTConfig, seed: int = 0):
             return np.asarray(sincos_2d_table(config.width, config.pos_embed_max_size,
                                               config.sample_size // config.patch_size))[None]
         if move.target == ("null_image_embd",):
-            return 0.02 * rng.standard_normal(shape, dtype=np.float32)
+            return rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(config.width))
         if move.target[-1] == "kernel":
-            return rng.standard_normal(shape, dtype=np.float32) / np.sqrt(np.prod(shape[:-1]))
-        return np.zeros(shape, np.float32)
+            kernel = shape
+        else:  # a bias: its weight's fan_in (one layer's kernel of a stacked block)
+            kernel = shapes[move.target[:-1] + ("kernel",)][0 if move.layer is None else 1:]
+        bound = 1.0 / np.sqrt(np.prod(kernel[:-1]))  # fan_in: all axes but the output one
+        return rng.uniform(-bound, bound, shape).astype(np.float32)
 
     return fresh

@@ -211,6 +211,15 @@ BAD_SOURCES = {
     "scheduler": (lambda src: _edit_json(src / "scheduler" / "scheduler_config.json",
                                          _class_name="DDPMScheduler"),
                   "expected a FlowMatchEulerDiscreteScheduler"),
+    # the release's pipeline would compute a resolution-dependent mu from these: refused,
+    # never silently sampled with the plain shift
+    "dynamic_shifting": (lambda src: _edit_json(src / "scheduler" / "scheduler_config.json",
+                                                use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15),
+                         r"\{'use_dynamic_shifting': True\} change the sigma schedule"),
+    "karras_sigmas": (lambda src: _edit_json(src / "scheduler" / "scheduler_config.json",
+                                             use_karras_sigmas=True),
+                      r"\{'use_karras_sigmas': True\} change the sigma schedule"),
     "corrupt_vae": (lambda src: os.truncate(src / VAE_WEIGHTS, 1000),
                     r"vae/diffusion_pytorch_model.safetensors: corrupt safetensors header"),
     # found in the last stage, after the transformer and T5 were written to the temporary folder

@@ -111,11 +111,41 @@ def test_sd3_to_unialignment_port(tmp_path):
     assert f"transformer_blocks.{last}.attn.to_q.weight" in kept
     for key in kept:
         np.testing.assert_array_equal(ours[key], _ours(moves[key], source[key]), err_msg=key)
+    _assert_pytorch_default_init({k: ours[k] for k in expected_init}, ours, SD3.width)
     # the ported model runs every task path
     model = unialign_jax.load_transformer(str(tmp_path / "dst"))
     out = model(jnp.ones((1, 8, 8, 16)), jnp.ones((1,)), jnp.ones((1, 3, SD3.joint_attention_dim)),
                 block_depth=2)
     assert out.text_logits.shape == (1, 3, 50) and np.isfinite(np.asarray(out.sample)).all()
+
+
+def _assert_pytorch_default_init(fresh: dict, tree: dict, width: int) -> None:
+    """The port's fresh tensors are drawn as the release's are, by PyTorch's defaults (the
+    release builds SD3JointModelFlexible and loads SD3 weights into it non-strictly):
+    nn.Linear weight and bias uniform(±1/√fan_in), null tokens randn / √width. Each tensor,
+    scaled by its bound, is pooled and compared with the same scaling of PyTorch's own
+    nn.Linear and of the release's null-token expression."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    pooled = {"weight": [], "bias": [], "null": []}
+    reference = {"weight": [], "bias": [], "null": []}
+    for key, value in fresh.items():
+        if key == "null_image_embd":
+            pooled["null"].append(value.ravel() * np.sqrt(width))
+            reference["null"].append((torch.randn(value.shape) / width**0.5).numpy().ravel()
+                                     * np.sqrt(width))
+            continue
+        kind = key.rsplit(".", 1)[1]
+        fan_in, out = tree[key.rsplit(".", 1)[0] + ".weight"].shape  # ours: (in, out)
+        linear = torch.nn.Linear(fan_in, out)
+        pooled[kind].append(value.ravel() * np.sqrt(fan_in))
+        reference[kind].append(getattr(linear, kind).detach().numpy().ravel() * np.sqrt(fan_in))
+    for kind in pooled:
+        ours, theirs = np.concatenate(pooled[kind]), np.concatenate(reference[kind])
+        assert len(ours) > 200, kind
+        if kind != "null":  # uniform(±1/√fan_in): scaled, uniform(±1), std 1/√3
+            assert np.abs(ours).max() <= 1 and np.abs(theirs).max() <= 1, kind
+        assert np.std(ours) == pytest.approx(np.std(theirs), rel=0.1), kind
 
 
 def test_port_with_chosen_adapter_widths_through_the_cli(tmp_path):
