@@ -6,6 +6,13 @@ is the LLM's input-embedding rows of the tokenised caption, pooled as `teacher.p
 says ("release": padded together with the batch, pads averaged in). The target image is
 the one stored in the shards (already resized and cropped); Qwen's own image processor
 then prepares it exactly as it would for the VLM. PyTorch is needed only here.
+
+The processor is pinned to transformers' PIL backend on the stored uint8 pixels, so the
+features do not change with whether torchvision happens to be installed. The release
+(`train.py` `encode_img`) uses the torchvision ("fast") processor on float tensors
+(`do_rescale=False`); same pixels, but its 512 → 504 resize keeps floats where this one
+rounds to uint8 (torchvision's PyPI wheels need the CUDA build of torch, so that path is
+not a dependency here; README, Fidelity).
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ class QwenTeacher:
         self.torch, self.device, self.name, self.pooling = torch, device, path, pooling
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             path, local_files_only=True, dtype=getattr(torch, dtype)).to(device).eval()
-        self.image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        self.image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True,
+                                                                  backend="pil")
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.dim = self.model.config.vision_config.out_hidden_size
         text_dim = self.model.get_input_embeddings().embedding_dim
