@@ -18,11 +18,14 @@ from unialign_jax.data import cli, shards
 from unialign_jax.data.faults import TooManySkipped
 from unialign_jax.data.fetch import FetchOptions
 from unialign_jax.data.images import decode_stored
+from unialign_jax.data.jsonl import LineRules
 from unialign_jax.data.records import decode_record
 from unialign_jax.data.shards import BuildOptions, build
 from unialign_jax.data.source import read_summary, record_files
 
 FAST_FETCH = FetchOptions(timeout=0.3, retries=1, backoff=0.0)
+# Ours, not the release's: a t2i line with two images and a blank caption are faults here.
+STRICT = LineRules(exact_images=True, keep_empty_text=False)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -160,7 +163,7 @@ def _records(folder):
 def test_every_fault_is_skipped_and_counted_exactly(faulty_corpus, tmp_path, caplog):
     path, good_captions, expected = faulty_corpus
     opts = BuildOptions(kind="t2i", resolution=16, records_per_shard=5, threads=4,
-                        fetch=FAST_FETCH, max_skip_fraction=1.0)
+                        fetch=FAST_FETCH, max_skip_fraction=1.0, lines=STRICT)
     hits = dict(_Handler.hits)
     with caplog.at_level(logging.WARNING):
         summary = build([path], str(tmp_path / "out"), opts)
@@ -183,7 +186,7 @@ def test_too_many_skips_fails_loudly_and_keeps_progress(faulty_corpus, tmp_path,
     out = str(tmp_path / "out")
     # Parsing alone skips 6 of 22 lines (27%); with the images it is 14 of 22 (64%).
     opts = BuildOptions(kind="t2i", resolution=16, records_per_shard=5, fetch=FAST_FETCH,
-                        max_skip_fraction=0.5)
+                        max_skip_fraction=0.5, lines=STRICT)
     with pytest.raises(TooManySkipped, match="14 of 22 samples skipped"):
         build([path], out, opts)
     assert not os.path.exists(out)
@@ -191,7 +194,7 @@ def test_too_many_skips_fails_loudly_and_keeps_progress(faulty_corpus, tmp_path,
     calls = []
     monkeypatch.setattr(shards, "build_shard", lambda *a: calls.append(a))
     relaxed = BuildOptions(kind="t2i", resolution=16, records_per_shard=5, fetch=FAST_FETCH,
-                           max_skip_fraction=0.9)
+                           max_skip_fraction=0.9, lines=STRICT)
     assert build([path], out, relaxed)["records"] == len(good_captions)
     assert calls == []  # every shard was already done
 
@@ -201,6 +204,56 @@ def test_parse_faults_alone_fail_before_any_image_is_read(tmp_path, monkeypatch)
     monkeypatch.setattr(shards, "build_shard", lambda *a: pytest.fail("images were read"))
     with pytest.raises(TooManySkipped, match="parsing: 3 of 4"):
         build([str(tmp_path / "c.jsonl")], str(tmp_path / "out"), BuildOptions(kind="t2i"))
+
+
+def test_by_default_the_release_lines_and_images_are_all_kept(faulty_corpus, tmp_path):
+    """The release trains on a t2i line's image[0] whatever follows it, on a blank caption
+    and on images of any size or shape (upscaled, centre-cropped): the default build keeps
+    them all and skips only what the release cannot read."""
+    path, good_captions, expected = faulty_corpus
+    d = tmp_path / "sizes"
+    os.makedirs(d)
+    sizes = {"tiny": (3, 2), "long": (90, 9), "tall": (6, 70)}
+    for name, size in sizes.items():
+        _png(d / f"{name}.png", size, (200, 30, 30))
+    lines = [_line([f"{name}.png"], name) for name in sizes]
+    (d / "c.jsonl").write_text("\n".join(lines) + "\n")
+    summary = build([path, str(d / "c.jsonl")], str(tmp_path / "out"),
+                    BuildOptions(kind="t2i", resolution=16, fetch=FAST_FETCH,
+                                 max_skip_fraction=1.0))
+    kept = {**expected, "missing_field": expected["missing_field"] - 1}
+    del kept["wrong_image_count"]
+    assert summary["skipped"] == kept
+    assert sorted(_captions(str(tmp_path / "out"))) == sorted(
+        good_captions + ["", "a photo", *sizes])
+    assert (summary["min_side"], summary["max_aspect"], summary["max_pixels"]) == (
+        None, None, 2 * 89_478_485)
+    assert (summary["exact_images"], summary["keep_empty_text"], summary["image_root"]) == (
+        False, True, None)
+
+
+def test_release_composition_jsonl_builds(tmp_path):
+    """A compose corpus in the release's layout (original_images, generated_images,
+    edit_prompt, caption) → records of 3 sources + the target, in that order."""
+    os.makedirs(tmp_path / "img")
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9)]
+    lines = []
+    for i in range(3):
+        names = [f"img/{i}_{k}.png" for k in range(4)]
+        for name, colour in zip(names, colours):
+            _png(tmp_path / name, (20, 24), colour)
+        lines.append(json.dumps({"original_images": names[:3], "generated_images": names[3:],
+                                 "edit_prompt": f' "put {i} together" ', "caption": f"c{i}"}))
+    (tmp_path / "comp.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["build", "--jsonl", str(tmp_path / "comp.jsonl"), "--kind", "compose",
+                     "--out", str(out), "--resolution", "16", "--image-format", "raw"]) == 0
+    summary = read_summary(str(out))
+    assert (summary["records"], summary["num_sources"], summary["skipped"]) == (3, 3, {})
+    for i, record in enumerate(_records(str(out))):
+        fields, blobs = decode_record(record)
+        assert (fields["caption"], fields["instruction"]) == (f"c{i}", f"put {i} together")
+        assert [tuple(decode_stored(b, "raw", 16)[8, 8]) for b in blobs] == colours
 
 
 def _edit_corpus(d, n):

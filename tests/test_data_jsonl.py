@@ -11,7 +11,7 @@ from PIL import Image
 from unialign_jax.data.faults import SkipLog, SkipSample, TooManySkipped, check_skipped_fraction
 from unialign_jax import images
 from unialign_jax.images import to_model_range
-from unialign_jax.data.jsonl import parse_line, read_jsonl
+from unialign_jax.data.jsonl import LineRules, parse_line, read_jsonl
 from unialign_jax.data.records import decode_record, encode_record
 
 
@@ -40,7 +40,58 @@ def test_editing_and_composition_lines():
                           "conversations": _conv("all"), "instruction": "put them together"})
     assert len(parse_line(compose, "compose", "/d", "w").sources) == 3
     assert len(parse_line(compose.replace('"3.png", ', ""), "compose", "/d", "w",
-                          compose_sources=2).sources) == 2
+                          LineRules(compose_sources=2)).sources) == 2
+
+
+def test_release_composition_layout():
+    """`FlexibleInternalData_compose`: original_images[0..K-1] are the sources,
+    generated_images[0] the target, edit_prompt stripped of ' \\"' the instruction."""
+    line = {"original_images": ["1.png", "2.png", "3.png", "4.png"],
+            "generated_images": ["t.png", "u.png"], "edit_prompt": ' \\"put them together"\\ ',
+            "caption": "a cup and a plate", "other": 1}
+    s = parse_line(json.dumps(line), "compose", "/d", "w")
+    assert s.sources == ("/d/1.png", "/d/2.png", "/d/3.png") and s.target == "/d/t.png"
+    assert (s.instruction, s.caption) == ("put them together", "a cup and a plate")
+    for rules, reason in ((LineRules(exact_images=True), "wrong_image_count"),
+                          (LineRules(compose_sources=5), "wrong_image_count")):
+        with pytest.raises(SkipSample) as err:
+            parse_line(json.dumps(line), "compose", "/d", "w", rules)
+        assert err.value.reason == reason
+    assert parse_line(json.dumps({**line, "edit_prompt": ""}), "compose", "/d", "w"
+                      ).instruction == ""
+    for missing in ("original_images", "generated_images", "edit_prompt", "caption"):
+        with pytest.raises(SkipSample) as err:
+            parse_line(json.dumps({k: v for k, v in line.items() if k != missing}), "compose",
+                       "/d", "w")
+        assert err.value.reason == "missing_field"
+
+
+def test_default_rules_are_the_releases():
+    """As `dataset/data_unify.py` reads lines: image[0] (and image[1]) with extra images
+    ignored, empty captions and instructions trained on; the strict rules skip both."""
+    strict = LineRules(exact_images=True, keep_empty_text=False)
+    t2i = json.dumps({"image": ["a.png", "b.png"], "conversations": _conv("")})
+    s = parse_line(t2i, "t2i", "/d", "w")
+    assert (s.images, s.caption, s.instruction) == (("/d/a.png",), "", "")
+    edit = json.dumps({"image": ["s.png", "t.png", "x.png"], "conversations": _conv("c"),
+                       "instruction": ""})
+    s = parse_line(edit, "edit", "/d", "w")
+    assert (s.sources, s.target, s.instruction) == (("/d/s.png",), "/d/t.png", "")
+    for line, kind in ((t2i, "t2i"), (edit, "edit")):
+        with pytest.raises(SkipSample) as err:
+            parse_line(line, kind, "/d", "w", strict)
+        assert err.value.reason == "wrong_image_count"
+    for line, kind in ((t2i.replace('"b.png"', '"a.png"').replace(', "a.png"', ""), "t2i"),
+                       (edit.replace(', "x.png"', ""), "edit")):
+        with pytest.raises(SkipSample) as err:
+            parse_line(line, kind, "/d", "w", strict)
+        assert err.value.reason == "missing_field"
+    # Composition in the `image` layout (target last) cannot drop extras: always exact.
+    compose = json.dumps({"image": ["1", "2", "3", "4", "t"], "conversations": _conv("c"),
+                          "instruction": "i"})
+    with pytest.raises(SkipSample) as err:
+        parse_line(compose, "compose", "/d", "w")
+    assert err.value.reason == "wrong_image_count"
 
 
 @pytest.mark.parametrize("line, kind, reason", [
@@ -56,14 +107,14 @@ def test_editing_and_composition_lines():
     ('{"image": ["a", "b"], "conversations": [{"value": "c"}]}', "edit", "missing_field"),
     ('{"image": ["a", "b"], "conversations": [{"value": "c"}], "instruction": 5}', "edit",
      "missing_field"),
-    ('{"image": ["a", "b"], "conversations": [{"value": "c"}]}', "t2i", "wrong_image_count"),
     ('{"image": ["a"], "conversations": [{"value": "c"}], "instruction": "i"}', "edit",
      "wrong_image_count"),
 ])
 def test_malformed_lines_are_skipped_with_their_reason(line, kind, reason):
-    with pytest.raises(SkipSample) as err:
-        parse_line(line, kind, "/d", "w")
-    assert err.value.reason == reason
+    for rules in (LineRules(), LineRules(exact_images=True, keep_empty_text=False)):
+        with pytest.raises(SkipSample) as err:
+            parse_line(line, kind, "/d", "w", rules)
+        assert err.value.reason == reason
 
 
 def test_read_jsonl_numbers_lines_and_ignores_blank_ones(tmp_path):
@@ -73,6 +124,8 @@ def test_read_jsonl_numbers_lines_and_ignores_blank_ones(tmp_path):
     assert [w.rsplit(":", 1)[1] for w, _ in out] == ["1", "4", "5"]
     assert [type(x).__name__ for _, x in out] == ["Sample", "SkipSample", "Sample"]
     assert out[0][1].target == os.path.join(str(tmp_path), "a.png")
+    rooted = list(read_jsonl(str(tmp_path / "c.jsonl"), "t2i", LineRules(image_root="/root/x")))
+    assert rooted[0][1].target == "/root/x/a.png"
     with pytest.raises(FileNotFoundError):
         list(read_jsonl(str(tmp_path / "missing.jsonl"), "t2i"))
     with pytest.raises(ValueError, match="unknown corpus kind"):

@@ -198,12 +198,16 @@ def _expected_reason(size, *, min_side, max_aspect, max_pixels) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("flags, rules", [
-    ([], dict(min_side=8, max_aspect=4.0, max_pixels=89_478_485)),  # defaults at resolution 16
+@pytest.mark.parametrize("flags, rules, exercised", [
+    # The defaults are the release's: every readable image, PIL's own pixel refusal.
+    ([], dict(min_side=None, max_aspect=None, max_pixels=2 * 89_478_485), 0),
+    (["--min-side", "8", "--max-aspect", "4"],  # half the resolution, 4:1
+     dict(min_side=8, max_aspect=4.0, max_pixels=2 * 89_478_485), 2),
     (["--min-side", "12", "--max-aspect", "2", "--max-pixels", "2000"],
-     dict(min_side=12, max_aspect=2.0, max_pixels=2000)),
+     dict(min_side=12, max_aspect=2.0, max_pixels=2000), 3),
 ])
-def test_size_filters_skip_and_count_exactly_the_files_that_break_them(tmp_path, flags, rules):
+def test_size_filters_skip_and_count_exactly_the_files_that_break_them(tmp_path, flags, rules,
+                                                                        exercised):
     names = []
     for w, h in SIZES:
         name = f"{w}x{h}.png"
@@ -213,11 +217,14 @@ def test_size_filters_skip_and_count_exactly_the_files_that_break_them(tmp_path,
     assert cli.main(["build", "--jsonl", _jsonl(tmp_path / "c.jsonl", names, tmp_path),
                      "--kind", "t2i", "--out", str(out), "--resolution", "16",
                      "--image-format", "png", "--max-skip-fraction", "1", *flags]) == 0
-    reasons = {name: _expected_reason(size, **rules) for name, size in zip(names, SIZES)}
+    reasons = {name: _expected_reason(size, min_side=rules["min_side"] or 1,
+                                      max_aspect=rules["max_aspect"] or float("inf"),
+                                      max_pixels=rules["max_pixels"])
+               for name, size in zip(names, SIZES)}
     expected = collections.Counter(r for r in reasons.values() if r)
     summary = read_summary(str(out))
     assert summary["skipped"] == dict(expected)
-    assert len(expected) == (2 if not flags else 3)  # every rule is exercised
+    assert len(expected) == exercised  # every rule is exercised
     assert (summary["min_side"], summary["max_aspect"], summary["max_pixels"]) == (
         rules["min_side"], rules["max_aspect"], rules["max_pixels"])
     kept = _stored(str(out), "png", 16)

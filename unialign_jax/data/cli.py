@@ -12,7 +12,7 @@ from unialign_jax.data.faults import DEFAULT_MAX_SKIP_FRACTION, TooManySkipped
 from unialign_jax.files import disk_full_message, is_disk_full
 from unialign_jax.data.fetch import DEFAULT_DEADLINE, DEFAULT_MAX_BYTES, MIB, FetchOptions
 from unialign_jax.data.jsonl import DEFAULT_COMPOSE_SOURCES, KINDS
-from unialign_jax.data.shards import DEFAULT_MAX_ASPECT
+from unialign_jax.data.shards import RELEASE_MAX_PIXELS
 from unialign_jax.data.teacher import POOLINGS, RELEASE_TEXT_BATCH
 from unialign_jax.images import DecodeOptions
 
@@ -20,8 +20,10 @@ from unialign_jax.images import DecodeOptions
 def _add_build(sub) -> None:
     p = sub.add_parser(
         "build", help="JSONL corpus → ArrayRecord shards + summary.json",
-        description="Reads JSONL corpora (image paths relative to the JSONL, absolute, or "
-                    "http(s) URLs), decodes every image, converts it to RGB, resizes its short "
+        description="Reads JSONL corpora (image paths relative to the JSONL or --image-root, "
+                    "absolute, or http(s) URLs; composition also in the release's layout: "
+                    "original_images, generated_images, edit_prompt, caption), decodes every "
+                    "image, converts it to RGB, resizes its short "
                     "side (bicubic) and center-crops it, and writes ArrayRecord shards with "
                     "the texts plus OUT/summary.json (records written, skipped samples by "
                     "reason). Faulty samples are skipped and counted; the build fails only if "
@@ -40,7 +42,18 @@ def _add_build(sub) -> None:
                         "png, ~7x faster to read")
     p.add_argument("--records-per-shard", type=int, default=1000)
     p.add_argument("--compose-sources", type=int, default=DEFAULT_COMPOSE_SOURCES,
-                   help="source images per composition sample (3)")
+                   help="source images per composition sample (3, the release's)")
+    p.add_argument("--image-root", default=None, metavar="DIR",
+                   help="folder relative image paths resolve against (default: each JSONL "
+                        "file's folder; the release resolves them against its working "
+                        "directory: --image-root .)")
+    p.add_argument("--exact-images", action="store_true",
+                   help="skip lines that list more images than their kind needs "
+                        "(wrong_image_count); default: the first ones are taken, as the "
+                        "release takes image[0] (and image[1])")
+    p.add_argument("--skip-empty-text", action="store_true",
+                   help="skip lines with an empty caption or instruction (missing_field); "
+                        "default: kept, as the release trains on them")
     p.add_argument("--workers", type=int, default=1, help="worker processes (1)")
     p.add_argument("--threads", type=int, default=8,
                    help="threads per worker, overlapping downloads and decoding (8)")
@@ -57,14 +70,16 @@ def _add_build(sub) -> None:
     p.add_argument("--max-skip-fraction", type=float, default=DEFAULT_MAX_SKIP_FRACTION,
                    help="fail when a larger fraction of samples is skipped (0.05)")
     p.add_argument("--min-side", type=int, default=None, metavar="PX",
-                   help="skip images whose short side is below PX (default: half of "
-                        "--resolution); counted as image_too_small")
-    p.add_argument("--max-aspect", type=float, default=DEFAULT_MAX_ASPECT,
-                   help="skip images whose long / short side exceeds this (default "
-                        "%(default)s); counted as bad_aspect_ratio")
-    p.add_argument("--max-pixels", type=int, default=DecodeOptions().max_pixels,
-                   help="decompression-bomb limit: skip images with more pixels (default "
-                        "%(default)s, PIL's); counted as image_too_large")
+                   help="skip images whose short side is below PX, counted as "
+                        "image_too_small (default: none, as the release, which upscales "
+                        "them; e.g. half of --resolution)")
+    p.add_argument("--max-aspect", type=float, default=None,
+                   help="skip images whose long / short side exceeds this, counted as "
+                        "bad_aspect_ratio (default: none, as the release; e.g. 4)")
+    p.add_argument("--max-pixels", type=int, default=RELEASE_MAX_PIXELS,
+                   help="decompression-bomb limit: skip images with more pixels, counted as "
+                        "image_too_large (default %(default)s: where PIL refuses them, as in "
+                        "the release; PIL warns from half of it)")
     p.add_argument("--exif-orientation", choices=("apply", "keep"), default="apply",
                    help="apply: turn photos upright by their EXIF orientation (default); keep: "
                         "the stored orientation, as the release reads them")
@@ -78,12 +93,14 @@ def _add_build(sub) -> None:
 
 
 def _build(args) -> dict:
+    from unialign_jax.data.jsonl import LineRules
     from unialign_jax.data.shards import BuildOptions, build
 
     opts = BuildOptions(
         kind=args.kind, resolution=args.resolution, image_format=args.image_format,
-        records_per_shard=args.records_per_shard, compose_sources=args.compose_sources,
-        workers=args.workers, threads=args.threads,
+        records_per_shard=args.records_per_shard, workers=args.workers, threads=args.threads,
+        lines=LineRules(compose_sources=args.compose_sources, exact_images=args.exact_images,
+                        keep_empty_text=not args.skip_empty_text, image_root=args.image_root),
         fetch=FetchOptions(timeout=args.url_timeout, retries=args.url_retries,
                            deadline=args.url_deadline,
                            max_bytes=int(args.max_download_mib * MIB)),
@@ -99,15 +116,19 @@ def _add_synth(sub) -> None:
     p = sub.add_parser(
         "synth", help="write a synthetic shape corpus in the JSONL formats",
         description="Draws flat-coloured shape scenes with exact captions ('a red square'), "
-                    "colour edits ('make the red square blue') and segmentation requests, as "
-                    "t2i_*.jsonl and edit_*.jsonl plus images/, readable by `build`.")
+                    "colour edits ('make the red square blue'), segmentation requests and "
+                    "compositions (shapes from separate images combined into one scene), as "
+                    "t2i_*.jsonl, edit_*.jsonl and compose_*.jsonl (the release's compose "
+                    "layout) plus images/, readable by `build`.")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--n", type=int, required=True, help="samples per kind (t2i and edit)")
+    p.add_argument("--n", type=int, required=True, help="samples per kind (t2i, edit, compose)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64, help="image side in pixels (64)")
     p.add_argument("--max-shapes", type=int, default=1, help="shapes per scene, at most (1)")
     p.add_argument("--heldout", type=float, default=0.0,
                    help="fraction of each kind written to *_heldout.jsonl instead (0)")
+    p.add_argument("--compose-sources", type=int, default=DEFAULT_COMPOSE_SOURCES,
+                   help="source images (shapes) per composition sample (3)")
     p.add_argument("--force", action="store_true", help="overwrite DIR")
     p.set_defaults(func=_synth)
 
@@ -116,7 +137,8 @@ def _synth(args) -> dict:
     from unialign_jax.data.synth import generate
 
     info = generate(args.out, args.n, seed=args.seed, size=args.size,
-                    max_shapes=args.max_shapes, heldout=args.heldout, force=args.force)
+                    max_shapes=args.max_shapes, heldout=args.heldout, force=args.force,
+                    compose_sources=args.compose_sources)
     return {k: info[k] for k in ("n", "seed", "size", "heldout", "files")}
 
 

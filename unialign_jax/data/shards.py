@@ -29,7 +29,7 @@ from unialign_jax.data import images as image_ops
 from unialign_jax.data.faults import (DEFAULT_MAX_SKIP_FRACTION, FaultLogger, SkipLog, SkipSample,
                                       check_skipped_fraction)
 from unialign_jax.data.fetch import FetchOptions, read_image_bytes
-from unialign_jax.data.jsonl import DEFAULT_COMPOSE_SOURCES, Sample, expected_images, read_jsonl
+from unialign_jax.data.jsonl import LineRules, Sample, expected_images, read_jsonl
 from unialign_jax.data.records import encode_record
 from unialign_jax.files import read_json_or_none, remove_stale_partials, write_json
 from unialign_jax.images import DecodeOptions
@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
 PLAN = "plan.json"
 RECORD_SUFFIX = ".array_record"
-# Sources longer than 4:1 lose most of their content to the square crop.
-DEFAULT_MAX_ASPECT = 4.0
 STATS_SUFFIX = ".stats.json"
+# The release reads images with PIL's own limits: a warning past Image.MAX_IMAGE_PIXELS
+# (89_478_485), a refusal past twice that. Its pixel limit is the refusal.
+RELEASE_MAX_PIXELS = 2 * DecodeOptions().max_pixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,39 +51,39 @@ class BuildOptions:
     resolution: int = 512
     image_format: str = "png"
     records_per_shard: int = 1000
-    compose_sources: int = DEFAULT_COMPOSE_SOURCES
     workers: int = 1                 # processes, one shard each at a time
     threads: int = 8                 # per worker: overlaps downloads and decoding
     fetch: FetchOptions = FetchOptions()
     max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION
-    decode: DecodeOptions = DecodeOptions()   # EXIF orientation, background, pixel limit
-    min_side: int | None = None      # shortest accepted side; None: resolution // 2
-    max_aspect: float = DEFAULT_MAX_ASPECT    # longest / shortest side accepted
+    # EXIF orientation, background, pixel limit (the release's: PIL's refusal point)
+    decode: DecodeOptions = DecodeOptions(max_pixels=RELEASE_MAX_PIXELS)
+    # Shortest side and longest / shortest side accepted; None: any, as the release, which
+    # upscales and crops every readable image.
+    min_side: int | None = None
+    max_aspect: float | None = None
+    lines: LineRules = LineRules()   # what a JSONL line must hold (the release's rules)
 
     def __post_init__(self):
-        expected_images(self.kind, self.compose_sources)  # validates kind
+        expected_images(self.kind, self.lines.compose_sources)  # validates kind
         if self.image_format not in image_ops.FORMATS:
             raise ValueError(f"image format must be one of {image_ops.FORMATS}")
         if self.resolution < 8 or self.records_per_shard < 1 or self.workers < 1 or self.threads < 1:
             raise ValueError("need resolution >= 8 and records_per_shard, workers, threads >= 1")
-        if self.max_aspect < 1 or (self.min_side is not None and self.min_side < 1):
+        if (self.max_aspect is not None and self.max_aspect < 1) or (
+                self.min_side is not None and self.min_side < 1):
             raise ValueError("need max_aspect >= 1 and min_side >= 1")
 
     @property
     def num_sources(self) -> int:
-        return expected_images(self.kind, self.compose_sources) - 1
-
-    @property
-    def shortest_side(self) -> int:
-        return self.resolution // 2 if self.min_side is None else self.min_side
+        return expected_images(self.kind, self.lines.compose_sources) - 1
 
     def settings(self) -> dict:
-        """What the stored pixels depend on, for the plan and `summary.json`."""
+        """What the stored samples depend on, for the plan and `summary.json`."""
         return {"resolution": self.resolution, "image_format": self.image_format,
                 "exif_orientation": self.decode.exif_orientation,
                 "background": list(self.decode.background),
-                "max_pixels": self.decode.max_pixels, "min_side": self.shortest_side,
-                "max_aspect": self.max_aspect}
+                "max_pixels": self.decode.max_pixels, "min_side": self.min_side,
+                "max_aspect": self.max_aspect, **self.lines.settings()}
 
 
 def staging_dir(out_dir: str) -> str:
@@ -97,8 +98,8 @@ def preprocess_sample(sample: Sample, opts: BuildOptions) -> bytes:
     for location in sample.images:
         img = images.decode_image(read_image_bytes(location, opts.fetch), location,
                                   opts.decode).image
-        images.check_size(img.size, min_side=opts.shortest_side, max_aspect=opts.max_aspect,
-                          name=location)
+        images.check_size(img.size, min_side=opts.min_side or 1,
+                          max_aspect=opts.max_aspect or float("inf"), name=location)
         img = images.resize_and_center_crop(img, opts.resolution)
         stored.append(image_ops.encode(img, opts.image_format))
     return encode_record({"caption": sample.caption, "instruction": sample.instruction,
@@ -145,7 +146,7 @@ def build_shard(folder: str, name: str, samples: list, opts: BuildOptions) -> di
 def _parse_inputs(paths: list[str], opts: BuildOptions) -> tuple[list[Sample], SkipLog, int]:
     samples, faults, lines = [], SkipLog(), 0
     for path in paths:
-        for where, item in read_jsonl(path, opts.kind, opts.compose_sources):
+        for where, item in read_jsonl(path, opts.kind, opts.lines):
             lines += 1
             if isinstance(item, SkipSample):
                 faults.add(where, item)
