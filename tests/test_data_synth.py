@@ -36,7 +36,8 @@ def _only(pixels, colour):
 def test_files_and_heldout_split(corpus):
     out, info, lines = corpus
     assert info["files"] == {"t2i_train.jsonl": 30, "t2i_heldout.jsonl": 10,
-                             "edit_train.jsonl": 30, "edit_heldout.jsonl": 10}
+                             "edit_train.jsonl": 30, "edit_heldout.jsonl": 10,
+                             "compose_train.jsonl": 30, "compose_heldout.jsonl": 10}
     assert json.load(open(out / "synth.json"))["seed"] == 11
     train = {x["image"][0] for x in lines["t2i_train.jsonl"]}
     assert not train & {x["image"][0] for x in lines["t2i_heldout.jsonl"]}
@@ -77,6 +78,24 @@ def test_edit_pairs_recolour_exactly_the_named_shape_and_masks_cover_it(corpus):
     assert kinds == {"mask", "edit"}
 
 
+def test_compositions_put_each_source_shape_where_it_was(corpus):
+    """Release layout; K sources of one shape each, in distinct colours; the target is the
+    scene of them all, pixel for pixel where the sources have them, captioned in full."""
+    out, info, lines = corpus
+    assert info["compose_sources"] == 3
+    for line in lines["compose_train.jsonl"]:
+        assert line["edit_prompt"] == synth.COMPOSE_INSTRUCTION
+        sources = [_rgb(out, p) for p in line["original_images"]]
+        (target_path,) = line["generated_images"]
+        target = _rgb(out, target_path)
+        parts = [CAPTION.match(p).groups() for p in line["caption"].split(" and ")]
+        assert len(sources) == len(parts) == 3 and len({c for c, _ in parts}) == 3
+        for source, (colour, _) in zip(sources, parts):
+            shape = _only(source, synth.PALETTE[colour])
+            assert shape.sum() > 0 and np.all(shape | _only(source, synth.BACKGROUND))
+            assert np.array_equal(_only(target, synth.PALETTE[colour]), shape)
+
+
 def test_dominant_colour_scores_noisy_float_images():
     rng = np.random.default_rng(0)
     img = np.full((32, 32, 3), synth.BACKGROUND, np.float32)
@@ -105,12 +124,21 @@ def test_generation_is_deterministic_and_texts_are_covered(tmp_path, corpus):
     _, _, lines = corpus
     for name in ("a", "b"):
         synth.generate(str(tmp_path / name), 6, seed=3, size=32)
-    for f in ("t2i_train.jsonl", "edit_train.jsonl", "images/edit_000003_target.png"):
+    for f in ("t2i_train.jsonl", "edit_train.jsonl", "images/edit_000003_target.png",
+              "compose_train.jsonl", "images/compose_000003_source2.png"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
     texts = set(synth.corpus_texts())
     for line in lines["edit_train.jsonl"] + lines["t2i_train.jsonl"]:
         assert line["conversations"][0]["value"] in texts
         assert line.get("instruction", synth.MASK_INSTRUCTION) in texts
+    words = {w for t in texts for w in t.split()}
+    for line in lines["compose_train.jsonl"]:
+        assert line["edit_prompt"] in texts and set(line["caption"].split()) <= words
+    # Composition samples draw from their own stream: the other kinds are the same
+    # whether they are written or not (the seed's corpus as before they existed).
+    synth.generate(str(tmp_path / "c"), 6, seed=3, size=32, compose_sources=1)
+    for f in ("t2i_train.jsonl", "edit_train.jsonl"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "c" / f).read_bytes()
     with pytest.raises(FileExistsError):
         synth.generate(str(tmp_path / "a"), 6)
 
@@ -122,3 +150,8 @@ def test_cli_writes_a_corpus_the_builder_reads(tmp_path, capsys):
     summary = read_summary(str(tmp_path / "b"))
     assert (summary["records"], summary["skipped"], summary["num_sources"]) == (5, {}, 1)
     assert '"records": 5' in capsys.readouterr().out
+    assert cli.main(["build", "--jsonl", str(tmp_path / "s" / "compose_train.jsonl"),
+                     "--kind", "compose", "--out", str(tmp_path / "c"),
+                     "--resolution", "16"]) == 0
+    summary = read_summary(str(tmp_path / "c"))
+    assert (summary["records"], summary["skipped"], summary["num_sources"]) == (5, {}, 3)

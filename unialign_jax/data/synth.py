@@ -7,8 +7,12 @@ is the prompt's colour; hence a small regular vocabulary ("a red square"), colou
 the corners of the RGB cube (pairwise ≥ 255 apart) and a neutral grey background.
 
 Files: `t2i_train.jsonl`, `edit_train.jsonl` (colour edits and segmentation requests
-alternating — perception data is editing data), their `*_heldout.jsonl` twins when a
-held-out fraction is asked for, `images/`, and `synth.json` describing the run.
+alternating — perception data is editing data), `compose_train.jsonl` (in the release's
+composition layout: K source images each holding one shape, in distinct colours, and the
+target scene holding them all where they were, for the fixed instruction "combine
+them"), their `*_heldout.jsonl` twins when a held-out fraction is asked for, `images/`,
+and `synth.json` describing the run. Composition samples draw from their own random stream,
+so adding them left the text-to-image and editing samples of a seed as they were.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import os
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from unialign_jax.data.jsonl import DEFAULT_COMPOSE_SOURCES
 
 PALETTE = {
     "red": (255, 0, 0),
@@ -32,6 +38,7 @@ BACKGROUND = (128, 128, 128)
 MASK_ON, MASK_OFF = (255, 255, 255), (0, 0, 0)
 SHAPES = ("square", "circle", "triangle")
 MASK_INSTRUCTION = "give the segmentation mask"
+COMPOSE_INSTRUCTION = "combine them"  # 4 tokens with the quickstart's tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,14 +91,16 @@ def _area(shape: Shape, size: int) -> int:
 
 def side_range(size: int, count: int = 1) -> range:
     """Box sides `random_scene` draws in a `size`-pixel scene of `count` shapes: a lone
-    shape fills much of the image, several share it."""
-    low, high = (0.4, 0.7) if count == 1 else (0.15, 0.35)
+    shape fills much of the image, two or more share it."""
+    low, high = {1: (0.4, 0.7), 2: (0.25, 0.45)}.get(count, (0.15, 0.35))
     return range(int(low * size), int(high * size) + 1)
 
 
-def random_scene(rng: np.random.Generator, size: int, max_shapes: int = 1) -> list[Shape]:
-    """1..max_shapes non-overlapping shapes with distinct (colour, kind), largest first."""
-    count = int(rng.integers(1, max_shapes + 1))
+def random_scene(rng: np.random.Generator, size: int, max_shapes: int = 1,
+                 count: int | None = None, distinct_colours: bool = False) -> list[Shape]:
+    """1..max_shapes (or exactly `count`) non-overlapping shapes with distinct (colour,
+    kind) — or distinct colours —, largest first."""
+    count = int(rng.integers(1, max_shapes + 1)) if count is None else count
     sides = side_range(size, count)
     shapes, boxes, used = [], [], set()
     for _ in range(100 * count):
@@ -103,9 +112,10 @@ def random_scene(rng: np.random.Generator, size: int, max_shapes: int = 1) -> li
         box = (x0, y0, x0 + side - 1, y0 + side - 1)
         overlaps = any(box[0] <= b[2] and b[0] <= box[2] and box[1] <= b[3] and b[1] <= box[3]
                        for b in boxes)
-        if (colour, kind) in used or overlaps:
+        key = colour if distinct_colours else (colour, kind)
+        if key in used or overlaps:
             continue
-        used.add((colour, kind))
+        used.add(key)
         boxes.append(box)
         shapes.append(Shape(colour, kind, box))
     return sorted(shapes, key=lambda s: -_area(s, size))
@@ -134,8 +144,10 @@ def dominant_colour(image) -> str | None:
 
 
 def corpus_texts() -> list[str]:
-    """Every caption and instruction of single-shape scenes, e.g. to train a tokenizer."""
-    texts = [MASK_INSTRUCTION]
+    """Every caption and instruction of single-shape scenes, the composition instruction and
+    a two-shape caption (for the word "and"), e.g. to train a tokenizer."""
+    pair = [Shape("red", "square", (0, 0, 1, 1)), Shape("blue", "circle", (0, 0, 1, 1))]
+    texts = [MASK_INSTRUCTION, COMPOSE_INSTRUCTION, caption(pair)]
     for kind in SHAPES:
         texts.append(mask_caption([Shape("red", kind, (0, 0, 1, 1))]))
         for colour in PALETTE:
@@ -164,18 +176,34 @@ def _edit_pair(rng: np.random.Generator, scene: list[Shape], size: int, i: int):
     return render(edited, size), caption(edited), edit_instruction(scene[j], new)
 
 
+def _compose_line(scene: list[Shape], size: int, i: int, folder: str) -> str:
+    """Writes a composition sample's images (each shape alone, then the scene) and returns
+    its line in the release's composition layout."""
+    names = [f"images/compose_{i:06d}_source{k}.png" for k in range(len(scene))]
+    for name, shape in zip(names, scene):
+        render([shape], size).save(os.path.join(folder, name))
+    target = f"images/compose_{i:06d}_target.png"
+    render(scene, size).save(os.path.join(folder, target))
+    return json.dumps({"original_images": names, "generated_images": [target],
+                       "edit_prompt": COMPOSE_INSTRUCTION, "caption": caption(scene)})
+
+
 def generate(out_dir: str, n: int, seed: int = 0, size: int = 64, max_shapes: int = 1,
-             heldout: float = 0.0, force: bool = False) -> dict:
-    """Writes `n` text-to-image and `n` edit/perception samples; returns the description."""
+             heldout: float = 0.0, force: bool = False,
+             compose_sources: int = DEFAULT_COMPOSE_SOURCES) -> dict:
+    """Writes `n` samples of each kind (text-to-image, edit/perception, composition of
+    `compose_sources` shapes); returns the description."""
     from unialign_jax.files import atomic_output_dir, write_json
 
-    if n < 1 or size < 16 or max_shapes < 1 or not 0.0 <= heldout < 1.0:
-        raise ValueError("need n >= 1, size >= 16, max_shapes >= 1 and 0 <= heldout < 1")
+    if n < 1 or size < 16 or max_shapes < 1 or not 0.0 <= heldout < 1.0 or not (
+            1 <= compose_sources <= len(PALETTE)):
+        raise ValueError("need n >= 1, size >= 16, max_shapes >= 1, 0 <= heldout < 1 and "
+                         f"1 <= compose_sources <= {len(PALETTE)}")
     rng = np.random.default_rng(seed)
     n_heldout = int(round(n * heldout))
     with atomic_output_dir(out_dir, force) as tmp:
         os.makedirs(os.path.join(tmp, "images"))
-        lines = {"t2i": [], "edit": []}
+        lines = {"t2i": [], "edit": [], "compose": []}
         for i in range(n):
             scene = random_scene(rng, size, max_shapes)
             t2i = f"images/t2i_{i:06d}.png"
@@ -188,6 +216,13 @@ def generate(out_dir: str, n: int, seed: int = 0, size: int = 64, max_shapes: in
             render(scene, size).save(os.path.join(tmp, source))
             target_img.save(os.path.join(tmp, target))
             lines["edit"].append(_line([source, target], target_caption, size, instruction))
+        compose_rng = np.random.default_rng([seed, 1])
+        for i in range(n):
+            scene = []
+            while len(scene) != compose_sources:  # a crowded draw may place fewer
+                scene = random_scene(compose_rng, size, count=compose_sources,
+                                     distinct_colours=True)
+            lines["compose"].append(_compose_line(scene, size, i, tmp))
         files = {}
         for kind, kind_lines in lines.items():
             splits = {"train": kind_lines[:n - n_heldout], "heldout": kind_lines[n - n_heldout:]}
@@ -198,7 +233,7 @@ def generate(out_dir: str, n: int, seed: int = 0, size: int = 64, max_shapes: in
                         f.write("\n".join(split_lines) + "\n")
                     files[name] = len(split_lines)
         info = {"n": n, "seed": seed, "size": size, "max_shapes": max_shapes,
-                "heldout": n_heldout, "files": files, "palette": PALETTE,
+                "compose_sources": compose_sources, "heldout": n_heldout, "files": files, "palette": PALETTE,
                 "background": BACKGROUND}
         write_json(os.path.join(tmp, "synth.json"), info)
     return info
