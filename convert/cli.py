@@ -130,9 +130,10 @@ COMMANDS = {
         "Export a converted transformer folder, or a training work dir's transformer (EMA "
         "weights by default when kept), as a diffusers folder: config.json + "
         "diffusion_pytorch_model.safetensors, sharded with its index file above "
-        "--max-shard-size. The UniAlignment layout loads into the release's "
-        "SD3JointModelFlexible, the SD3 layout into diffusers' SD3Transformer2DModel, with no "
-        "missing or unexpected key. Host memory: about one copy of the weights.",
+        "--max-shard-size. The UniAlignment layout loads into "
+        "unialign_convert.torch_unialignment.SD3JointModelFlexible (any size; the release's "
+        "own class at full size only), the SD3 layout into diffusers' SD3Transformer2DModel, "
+        "with no missing or unexpected key. Host memory: about one copy of the weights.",
         "converted transformer folder or training work dir",
         (DTYPE, MAX_SHARD_SIZE, *RUN_OPTIONS)),
     "export-pipeline": Command(
@@ -148,8 +149,10 @@ COMMANDS = {
         "weights by default when kept) as one safetensors file in the diffusers / PEFT "
         "naming (transformer.<module>.lora_A.weight (r, in), .lora_B.weight (out, r)), the "
         "run's alpha / rank folded into lora_B so that every loader applies the same "
-        "update: pipe.load_lora_weights(DST) or transformer.load_lora_adapter(DST) in "
-        "diffusers, UniAlignPipeline.load_lora(DST) or unialign-sample --lora DST here.",
+        "update: transformer.load_lora_adapter(DST, prefix='transformer') in PyTorch (peft) "
+        "on unialign_convert.torch_unialignment.SD3JointModelFlexible loaded from the base's "
+        "export, UniAlignPipeline.load_lora(DST) or unialign-sample --lora DST here. Also "
+        "writes DST.produced_by.json: what made DST, so that a rerun finds it done.",
         "LoRA training work dir (unialign-train ... lora.rank=R)",
         (DTYPE, *RUN_OPTIONS), dst="output .safetensors file"),
 }

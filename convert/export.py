@@ -1,8 +1,9 @@
 """`unialign-convert export`: our transformer (a converted folder, or a training work dir's
 EMA or raw weights) → a diffusers folder that PyTorch loads with no missing or unexpected key.
 
-The UniAlignment layout loads into the release's `SD3JointModelFlexible`, the SD3 layout
-into diffusers' `SD3Transformer2DModel`. The key mapping is the import's own
+The UniAlignment layout loads into `unialign_convert.torch_unialignment.SD3JointModelFlexible`
+(any size; the release's own class only at full size), the SD3 layout into diffusers'
+`SD3Transformer2DModel`. The key mapping is the import's own
 (`transformer_keys.tensor_moves`, `t5.tensor_moves`, `vae.tensor_moves`) read in reverse,
 so the two directions cannot drift apart. Parameters are read once into host memory (numpy,
 never onto an accelerator) and written tensor by tensor into safetensors shards of at most

@@ -1,13 +1,15 @@
 """`unialign-convert export-lora`: a LoRA run's factors → one safetensors file in the
-diffusers / PEFT naming (`unialign_jax.checkpoints.lora_files`), which diffusers loads with
-`pipe.load_lora_weights(DST)` / `transformer.load_lora_adapter(DST)` and we load with
+diffusers / PEFT naming (`unialign_jax.checkpoints.lora_files`), which PyTorch loads with
+peft into the base's export (`unialign_convert.torch_unialignment.SD3JointModelFlexible`,
+`load_lora_adapter(DST, prefix="transformer")`) and we load with
 `UniAlignPipeline.load_lora(DST)` or `unialign-sample --lora DST`. The run's alpha / rank is
 folded into lora_B (see `lora_files` for why), so every loader applies the same update.
 
 The factors of one checkpoint step (EMA by default when the run keeps one) are read alone:
 the base is not needed. Tensors a run trained in full (`lora.train_also`) have no place in
 a LoRA file, so such runs are refused with the way out (`unialign-convert export` writes
-the merged transformer).
+the merged transformer). Beside DST the command line leaves DST.produced_by.json
+(`reruns.record_path`): what made the file, so that a rerun finds it done; no loader reads it.
 """
 
 from __future__ import annotations

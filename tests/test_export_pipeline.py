@@ -18,6 +18,7 @@ from flax import nnx  # noqa: E402
 from test_convert_pipeline import build_unialignment_folder  # noqa: E402
 from test_export_transformer import load_torch  # noqa: E402
 from unialign_convert import cli  # noqa: E402
+from unialign_convert.torch_unialignment import SD3JointModelFlexible  # noqa: E402
 from unialign_jax.checkpoints.pipeline import load_components  # noqa: E402
 from unialign_jax.files import PRODUCED_BY  # noqa: E402
 
@@ -41,7 +42,10 @@ def test_exported_pipeline_reimports_equal(tmp_path):
                                             "text_encoder", "tokenizer", "transformer", "vae"]
     assert json.loads((exported / "model_index.json").read_text())["_class_name"] == \
         "UniAlignmentPipeline"
-    load_torch(exported / "transformer", "unialignment")
+    transformer = load_torch(exported / "transformer", "unialignment")
+    same = SD3JointModelFlexible.from_pretrained(str(exported), subfolder="transformer")
+    for key, value in transformer.state_dict().items():
+        torch.testing.assert_close(same.state_dict()[key], value, rtol=0, atol=0, msg=key)
     _, info = transformers.T5EncoderModel.from_pretrained(str(exported / "text_encoder"),
                                                           output_loading_info=True)
     assert_no_loading_problems(info)

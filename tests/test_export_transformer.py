@@ -5,6 +5,7 @@ same in PyTorch."""
 
 import json
 import os
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +25,9 @@ from test_convert_transformer import SD3, _write_source  # noqa: E402
 from test_from_run import shared_cache  # noqa: E402
 from test_train_resume import _train as train  # noqa: E402
 from test_train_resume import corpus  # noqa: E402, F401
-from torch_unialignment import UniAlignmentStandIn  # noqa: E402
 from unialign_convert import cli  # noqa: E402
 from unialign_convert.export import export_tensors  # noqa: E402
+from unialign_convert.torch_unialignment import SD3JointModelFlexible  # noqa: E402
 from unialign_convert.transformer import convert_transformer  # noqa: E402
 from unialign_convert.transformer_keys import abstract_params  # noqa: E402
 from unialign_jax.files import PRODUCED_BY  # noqa: E402
@@ -34,7 +35,7 @@ from unialign_jax.models.mmdit import MMDiTConfig  # noqa: E402
 
 WEIGHTS = "diffusion_pytorch_model"
 RTOL = 1e-4  # max |ours - torch| / max |torch|, float32
-CLASSES = {"sd3": diffusers.SD3Transformer2DModel, "unialignment": UniAlignmentStandIn}
+CLASSES = {"sd3": diffusers.SD3Transformer2DModel, "unialignment": SD3JointModelFlexible}
 
 
 def load_torch(folder, layout):
@@ -95,11 +96,10 @@ def test_bfloat16_export_rounds_each_tensor_once(tmp_path):
         np.testing.assert_array_equal(written[key], value.astype(ml_dtypes.bfloat16))
 
 
-def test_release_fixture_exports_to_itself_and_the_stand_in_reproduces_the_release(
+def test_release_fixture_exports_to_itself_and_pytorch_reproduces_the_release(
         tmp_path, tiny_transformer_dir):
     """The released-layout fixture, imported and exported, is the same file content; the
-    PyTorch stand-in loaded from it gives the release's stored outputs (so the stand-in
-    used below is faithful)."""
+    PyTorch class loaded from it gives the release's stored outputs."""
     fixture = os.path.dirname(shared_fixture("unialignment_tiny", "config.json"))
     assert cli.main(["export", tiny_transformer_dir, str(tmp_path / "dst")]) == 0
     original = load_file(os.path.join(fixture, f"{WEIGHTS}.safetensors"))
@@ -114,9 +114,10 @@ def test_release_fixture_exports_to_itself_and_the_stand_in_reproduces_the_relea
     batch = ref["gen.sample"].shape[0]
     model = load_torch(tmp_path / "dst", "unialignment")
     with torch.no_grad():
-        sample, logits = model(torch.from_numpy(ref["latents"]),
-                               torch.from_numpy(ref["context"][:batch]),
-                               torch.from_numpy(ref["timestep"][:batch]))
+        sample, logits, *_ = model(
+            torch.from_numpy(ref["latents"]),
+            encoder_hidden_states=torch.from_numpy(ref["context"][:batch]),
+            timestep=torch.from_numpy(ref["timestep"][:batch]))
     for ours, expected in ((sample, ref["gen.sample"]), (logits, ref["gen.text_logits"])):
         err = np.abs(ours.numpy() - expected).max() / np.abs(expected).max()
         assert err <= RTOL, err
@@ -163,14 +164,31 @@ def test_trained_transformer_runs_the_same_in_pytorch(trained, tmp_path):
     context = rng.standard_normal((2, 8, cfg.joint_attention_dim), dtype=np.float32)
     timestep = np.array([981.0, 12.5], np.float32)
     with torch.no_grad():
-        sample, logits = torch_model(torch.from_numpy(latents), torch.from_numpy(context),
-                                     torch.from_numpy(timestep))
+        sample, logits, *_ = torch_model(torch.from_numpy(latents),
+                                         encoder_hidden_states=torch.from_numpy(context),
+                                         timestep=torch.from_numpy(timestep))
     out = ours(jnp.asarray(latents.transpose(0, 2, 3, 1)), jnp.asarray(timestep),
                jnp.asarray(context))
     for mine, expected in ((np.asarray(out.sample).transpose(0, 3, 1, 2), sample.numpy()),
                            (np.asarray(out.text_logits), logits.numpy())):
         err = np.abs(mine - expected).max() / np.abs(expected).max()
         assert err <= RTOL, err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_exported_folder_has_the_permissions_mkdir_gives(tmp_path, tiny_transformer_dir,
+                                                        umask):
+    """Not the 0o700 of a temporary folder: what `mkdir` makes under the user's umask."""
+    previous = os.umask(umask)
+    try:
+        assert cli.main(["export", tiny_transformer_dir, str(tmp_path / "dst")]) == 0
+        os.mkdir(tmp_path / "by_mkdir")
+    finally:
+        os.umask(previous)
+    mode = lambda path: stat.S_IMODE(os.stat(path).st_mode)  # noqa: E731
+    assert mode(tmp_path / "dst") == mode(tmp_path / "by_mkdir") == 0o777 & ~umask
+    for name in os.listdir(tmp_path / "dst"):
+        assert mode(tmp_path / "dst" / name) == 0o666 & ~umask, name
 
 
 def test_bad_requests_fail_clearly_and_write_nothing(tmp_path, capsys, tiny_transformer_dir):

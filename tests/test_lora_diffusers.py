@@ -21,9 +21,9 @@ import unialign_jax  # noqa: E402
 from safetensors.numpy import load_file, save_file as save_numpy  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from test_sampling_pipeline import tiny_components  # noqa: E402
-from torch_unialignment import UniAlignmentStandIn  # noqa: E402
 from unialign_convert.cli import main as convert_main  # noqa: E402
 from unialign_convert.export import write_export  # noqa: E402
+from unialign_convert.torch_unialignment import SD3JointModelFlexible  # noqa: E402
 from unialign_jax.checkpoints import lora_files  # noqa: E402
 from unialign_jax.checkpoints.io import CheckpointError  # noqa: E402
 from unialign_jax.models import lora  # noqa: E402
@@ -184,14 +184,14 @@ def tiny_pipe(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stand_in_lora(tiny_pipe, tmp_path_factory):
+def pytorch_lora(tiny_pipe, tmp_path_factory):
     """The tiny pipeline's transformer in PyTorch (the release's layout), a PEFT LoRA on it
-    saved by diffusers, and the stand-in's outputs with the LoRA."""
-    root = tmp_path_factory.mktemp("stand_in")
+    saved by diffusers, and the PyTorch outputs with the LoRA."""
+    root = tmp_path_factory.mktemp("pytorch_lora")
     transformer = tiny_pipe.components.transformer
     tree = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(transformer)))
     write_export("transformer", transformer.config, tree, str(root))
-    model = UniAlignmentStandIn.from_pretrained(str(root)).eval()
+    model = SD3JointModelFlexible.from_pretrained(str(root)).eval()
     path = peft_lora(model, root / "lora")
     rng = np.random.default_rng(2)
     cfg = transformer.config
@@ -199,7 +199,8 @@ def stand_in_lora(tiny_pipe, tmp_path_factory):
               rng.standard_normal((2, 6, cfg.joint_attention_dim), dtype=np.float32),
               np.array([999.0, 3.0], np.float32))
     with torch.no_grad():
-        sample, logits = model(*map(torch.from_numpy, inputs))
+        latents, context, timestep = map(torch.from_numpy, inputs)
+        sample, logits, *_ = model(latents, encoder_hidden_states=context, timestep=timestep)
     return path, inputs, (sample.numpy(), logits.numpy())
 
 
@@ -211,8 +212,8 @@ def pipe_outputs(pipe, inputs):
 
 
 def test_pipeline_loads_a_pytorch_lora_merged_or_not_and_unloads_it_exactly(
-        tiny_pipe, stand_in_lora):
-    path, inputs, expected = stand_in_lora
+        tiny_pipe, pytorch_lora):
+    path, inputs, expected = pytorch_lora
     transformer = tiny_pipe.components.transformer
     base = flat_state(transformer)
     kw = dict(height=64, width=64, num_steps=2, seed=3)
@@ -254,9 +255,9 @@ def test_pipeline_loads_a_pytorch_lora_merged_or_not_and_unloads_it_exactly(
         tiny_pipe.unload_lora()
 
 
-def test_files_that_do_not_fit_fail_clearly_and_change_nothing(tiny_pipe, stand_in_lora,
+def test_files_that_do_not_fit_fail_clearly_and_change_nothing(tiny_pipe, pytorch_lora,
                                                                 tmp_path):
-    good = load_file(stand_in_lora[0])
+    good = load_file(pytorch_lora[0])
     key = "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"
     cases = {
         "missing.safetensors": (None, "LoRA file not found"),
@@ -289,11 +290,11 @@ def test_files_that_do_not_fit_fail_clearly_and_change_nothing(tiny_pipe, stand_
         lora_files.read_lora(str(tmp_path / "empty.safetensors"), transformer)
 
 
-def test_sample_cli_applies_the_lora_and_records_it(tiny_pipe, stand_in_lora, tmp_path,
+def test_sample_cli_applies_the_lora_and_records_it(tiny_pipe, pytorch_lora, tmp_path,
                                                     monkeypatch, capsys):
     monkeypatch.setattr(UniAlignPipeline, "from_pretrained",
                         classmethod(lambda cls, *a, **k: tiny_pipe))
-    path = stand_in_lora[0]
+    path = pytorch_lora[0]
     argv = ["t2i", "--ckpt", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "o"),
             "--height", "64", "--width", "64", "--steps", "1", "--batch-size", "2",
             "--no-progress", "--lora", path, "--lora-scale", "0.5"]

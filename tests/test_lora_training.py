@@ -126,14 +126,19 @@ def test_resume_continues_the_run_exactly(run, tmp_path):
     assert _metrics(resumed) == _metrics(run["workdir"])
 
 
-def test_export_lora_applies_in_pytorch_as_we_load_the_run(run, loaded, tmp_path):
+def test_export_lora_applies_in_pytorch_as_we_load_the_run(run, loaded, tmp_path,
+                                                          monkeypatch):
+    """The LoRA file, loaded in PyTorch exactly as the README's block shows, into its base
+    exported under the name the README uses."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("peft")
-    from torch_unialignment import UniAlignmentStandIn
+    from test_export_torch_route import readme_python
     from unialign_convert.export import write_export
 
-    path = tmp_path / "run.safetensors"
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "qs_lora.safetensors"
     assert convert_cli.main(["export-lora", str(run["workdir"]), str(path), "--raw"]) == 0
+    assert (tmp_path / "qs_lora.safetensors.produced_by.json").exists()  # the README says so
     written = (path.read_bytes(), os.stat(path).st_mtime_ns)
     # The same command again is a no-op (a retry loop reruns everything); other options
     # against the same file are an error.
@@ -141,11 +146,13 @@ def test_export_lora_applies_in_pytorch_as_we_load_the_run(run, loaded, tmp_path
     assert (path.read_bytes(), os.stat(path).st_mtime_ns) == written
     assert convert_cli.main(["export-lora", str(run["workdir"]), str(path)]) == 2
     base = run["models"]["transformer"]  # the frozen base: every variable but the factors
-    os.makedirs(tmp_path / "base")
+    os.makedirs(tmp_path / "exported" / "qs_base")
     write_export("transformer", base.module().config, jax.tree.map(np.asarray, base.rest),
-                 str(tmp_path / "base"))
-    torch_model = UniAlignmentStandIn.from_pretrained(str(tmp_path / "base")).eval()
-    torch_model.load_lora_adapter(str(path), prefix="transformer")
+                 str(tmp_path / "exported" / "qs_base"))
+    user = {}
+    exec(readme_python('load_lora_adapter("qs_lora.safetensors"'), user)
+    torch_model = user["transformer"]
+    assert len(torch_model.peft_config) == 1
 
     ours = loaded
     cfg = ours.config
@@ -154,7 +161,9 @@ def test_export_lora_applies_in_pytorch_as_we_load_the_run(run, loaded, tmp_path
     context = rng.standard_normal((2, 6, cfg.joint_attention_dim), dtype=np.float32)
     timestep = np.array([900.0, 20.0], np.float32)
     with torch.no_grad():
-        sample, logits = torch_model(*map(torch.from_numpy, (latents, context, timestep)))
+        sample, logits, *_ = torch_model(torch.from_numpy(latents),
+                                         encoder_hidden_states=torch.from_numpy(context),
+                                         timestep=torch.from_numpy(timestep))
     out = ours(jnp.asarray(latents.transpose(0, 2, 3, 1)), jnp.asarray(timestep),
                jnp.asarray(context))
     for mine, theirs in ((np.asarray(out.sample).transpose(0, 3, 1, 2), sample.numpy()),
