@@ -19,13 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import sys
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from bench_common import OTHERS_LIMIT, CpuWatch, environment, write_json
 
 MMDIT_PARAMS = 2.18e9          # spec section 2
 T5_ENCODER_PARAMS = 4.76e9     # T5 v1.1 XXL encoder
@@ -132,6 +134,7 @@ def main(argv=None) -> int:
     for _ in range(max(2, args.workers)):  # worker start-up is not throughput
         next(it)
     samples = images = 0
+    watch = CpuWatch().start()  # the pipeline's worker processes count as ours
     start = time.perf_counter()
     for _ in tqdm(range(args.batches), desc="pipeline", unit="batch"):
         batch = next(it)
@@ -139,21 +142,23 @@ def main(argv=None) -> int:
         sources = batch["sources"].shape[1] if "sources" in batch else 0
         images += len(batch["target"]) * (1 + sources)
     elapsed = time.perf_counter() - start
+    load = watch.stop()
     it.close()
 
     summary = {
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version()},
         "resolution": args.resolution, "image_format": args.image_format,
         "batch_size": args.batch_size, "workers": args.workers, "read_threads": args.read_threads,
         "samples_per_s": round(samples / elapsed, 1), "images_per_s": round(images / elapsed, 1),
         "build_samples_per_s": build_rate,
         "target_v5e_64": required_rate(args.resolution, 384, 64, 4, 197e12, args.mfu),
+        "load": load, "args": vars(args), **environment(),
     }
-    print(json.dumps(summary, indent=2))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(summary, f, indent=2)
+    others = load["others_cpus"]
+    if others is not None and others > OTHERS_LIMIT * load["cpus"]:
+        print(f"NOISY MACHINE: other processes used {others:.2f} of the {load['cpus']} CPUs "
+              f"while this ran: the rate is a lower bound; rerun on an idle machine",
+              file=sys.stderr)
+    write_json(args.json_out, summary)
     return 0
 
 

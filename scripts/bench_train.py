@@ -4,13 +4,14 @@ Builds the real train step (`training.step.make_train_step`: transformer + froze
 all four loss families, AdamW) with random weights on whatever backend is present, times it
 on t2i and/or edit batches and prints samples/s, model TFLOP/s (the analytical count of
 `unialign_jax.training.flops`, recomputation not counted) and MFU against the chip's bf16
-peak. With --torch (the default on CPU) it first times a PyTorch reference step written the
+peak. With --torch (the default on CPU) it also times a PyTorch reference step written the
 release's way — diffusers' joint blocks with the UniAlignment heads, transformers' T5,
-diffusers' VAE, the same losses in eager mode, AdamW — on the same sizes and threads, and
-prints the ratio.
+diffusers' VAE, the same losses in eager mode, AdamW — on the same sizes and threads, each
+in its own process, interleaved with our step at the first setting (see `bench_common` for
+why, and for when the ratio is withheld), and prints the ratio.
 
     python scripts/bench_train.py --preset tiny                   # CPU, seconds
-    python scripts/bench_train.py --preset small --repeats 5      # CPU, vs PyTorch
+    python scripts/bench_train.py --preset small                  # CPU, vs PyTorch
     python scripts/bench_train.py --preset full --dtype bfloat16 --micro-batch 8 \\
         --remat nothing_saveable --task t2i edit --no-torch      # one H100 / H200 / TPU chip
     python scripts/bench_train.py --preset small --no-torch --micro-batch 1 4 \\
@@ -24,10 +25,10 @@ accelerators).
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
-import time
+
+from bench_common import (CpuWatch, Worker, add_timing_arguments, compare, environment,
+                          interleaved, print_setup, write_json)
 
 PRESETS = {
     # transformer (layers, heads, head_dim), T5 (layers, d_model, heads, d_ff), VAE channels
@@ -53,16 +54,15 @@ def parse_args(argv=None):
     p.add_argument("--remat", nargs="+", default=["none"],
                    help="remat policies (unialign_jax.models.remat; several: one row each)")
     p.add_argument("--attention", default="auto", help="attention kernel (default auto)")
-    p.add_argument("--iters", type=int, default=3, help="timed steps per repeat")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timed repeats; the median and the spread are reported")
     p.add_argument("--torch", dest="torch", action="store_true", default=None,
                    help="also time the PyTorch reference step (default on CPU)")
     p.add_argument("--no-torch", dest="torch", action="store_false")
-    p.add_argument("--threads", type=int, default=os.cpu_count(),
-                   help="CPU threads for both frameworks")
-    p.add_argument("--json", default=None, help="also write the results here")
-    return p.parse_args(argv)
+    add_timing_arguments(p, repeats=5, iters=2)
+    args = p.parse_args(argv)
+    defaults = {"tiny": (64, 16), "small": (256, 64), "full": (512, 256)}[args.preset]
+    args.resolution = args.resolution or defaults[0]
+    args.text_len = args.text_len or defaults[1]
+    return args
 
 
 def configs(args):
@@ -90,20 +90,13 @@ def configs(args):
     return configlib.apply_overrides(TrainConfig(), overrides), vocab
 
 
-def time_calls(call, iters: int, repeats: int) -> list[float]:
-    """Seconds per call of `repeats` timed runs of `iters` calls (after one warm-up)."""
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
-            call()
-        times.append((time.perf_counter() - start) / iters)
-    return times
+def setting(args, remat: str, micro_batch: int) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "remat": remat, "micro_batch": micro_batch})
 
 
-def jax_step(args, cfg, vocab, task: str):
-    """Seconds per step of our jitted train step, and its global batch."""
+def jax_side(args) -> dict:
+    """(In the JAX worker.) prepare(remat, micro-batch, task) builds and compiles our step of
+    one setting and returns its rows and XLA's memory figures; call() runs one step."""
     import dataclasses
 
     import jax
@@ -114,97 +107,126 @@ def jax_step(args, cfg, vocab, task: str):
     from unialign_jax.training.models import build_models
     from unialign_jax.training.step import FrozenModels, make_train_step
 
-    mesh = make_mesh()
-    rows = args.micro_batch * args.accum * batch_ways(mesh)
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, batch_size=rows))
-    models = build_models(cfg.models, cfg.compute, mesh, vocab)
-    null_ids = jax.device_put(np.ones((1, cfg.data.max_length), np.int32), replicated(mesh))
-    frozen = FrozenModels.of(models, null_ids)
-    trainer = make_train_step(models, frozen, mesh, optimizer=cfg.optimizer, loss=cfg.loss,
-                              run=cfg.run, mask_id=vocab - 1)
-    rng = np.random.default_rng(0)
-    shapes = batch_spec.shapes(batch_size=rows, resolution=cfg.data.resolution,
-                               max_length=cfg.data.max_length,
-                               num_sources=int(task == "edit"),
-                               teacher_dim=cfg.models.transformer.teacher_dim)
-    host = {k: (rng.integers(0, vocab - 1, shape) if np.issubdtype(dtype, np.integer)
-                else rng.uniform(-1, 1, shape)).astype(dtype)
-            for k, (shape, dtype) in shapes.items()}
-    batch = trainer.put_batch(host)
-    state = [trainer.init()]
-    analysis = trainer.step.lower(state[0], frozen, batch).compile().memory_analysis()
-    memory = {"xla_temp_gib": analysis.temp_size_in_bytes / 2**30,
-              "xla_argument_gib": analysis.argument_size_in_bytes / 2**30}
+    current = {}
 
-    def call():
-        state[0], metrics = trainer.step(state[0], frozen, batch)
-        jax.block_until_ready(metrics)
+    def prepare(remat: str, micro_batch: int, task: str) -> dict:
+        current.clear()
+        run = setting(args, remat, micro_batch)
+        cfg, vocab = configs(run)
+        mesh = make_mesh()
+        rows = run.micro_batch * run.accum * batch_ways(mesh)
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, batch_size=rows))
+        models = build_models(cfg.models, cfg.compute, mesh, vocab)
+        null_ids = jax.device_put(np.ones((1, cfg.data.max_length), np.int32),
+                                  replicated(mesh))
+        frozen = FrozenModels.of(models, null_ids)
+        trainer = make_train_step(models, frozen, mesh, optimizer=cfg.optimizer,
+                                  loss=cfg.loss, run=cfg.run, mask_id=vocab - 1)
+        rng = np.random.default_rng(0)
+        shapes = batch_spec.shapes(batch_size=rows, resolution=cfg.data.resolution,
+                                   max_length=cfg.data.max_length,
+                                   num_sources=int(task == "edit"),
+                                   teacher_dim=cfg.models.transformer.teacher_dim)
+        host = {k: (rng.integers(0, vocab - 1, shape) if np.issubdtype(dtype, np.integer)
+                    else rng.uniform(-1, 1, shape)).astype(dtype)
+                for k, (shape, dtype) in shapes.items()}
+        batch = trainer.put_batch(host)
+        state = [trainer.init()]
+        step = trainer.step.lower(state[0], frozen, batch).compile()  # compiled once
+        analysis = step.memory_analysis()
 
-    times = time_calls(call, args.iters, args.repeats)
-    stats = jax.devices()[0].memory_stats() or {}  # accelerators: the allocator's peak
-    if "peak_bytes_in_use" in stats:
-        memory["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
-    return times, rows, memory
+        def call():
+            state[0], metrics = step(state[0], frozen, batch)
+            jax.block_until_ready(metrics)
+
+        current["call"] = call
+        return {"rows": rows, "xla_temp_gib": analysis.temp_size_in_bytes / 2**30,
+                "xla_argument_gib": analysis.argument_size_in_bytes / 2**30}
+
+    def peak() -> dict:
+        stats = jax.devices()[0].memory_stats() or {}  # accelerators: the allocator's peak
+        return ({"device_peak_gib": stats["peak_bytes_in_use"] / 2**30}
+                if "peak_bytes_in_use" in stats else {})
+
+    return {"prepare": prepare, "call": lambda: current["call"](), "peak": peak,
+            "backend": jax.default_backend, "device_count": jax.device_count,
+            "device": lambda: jax.devices()[0].device_kind}
+
+
+def torch_side(args) -> dict:
+    """(In the PyTorch worker.) prepare(task) builds the reference step (scripts/
+    torch_reference.py) at the first setting: the reference has no remat."""
+    import torch_reference
+
+    current = {}
+
+    def prepare(remat: str, micro_batch: int, task: str) -> None:
+        run = setting(args, remat, micro_batch)
+        cfg, vocab = configs(run)
+        current["step"] = torch_reference.make_step(run, cfg, vocab, task)
+
+    return {"prepare": prepare, "call": lambda: current["step"](), "device": lambda: "cpu"}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    defaults = {"tiny": (64, 16), "small": (256, 64), "full": (512, 256)}[args.preset]
-    args.resolution = args.resolution or defaults[0]
-    args.text_len = args.text_len or defaults[1]
-    os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true "
-                                       f"intra_op_parallelism_threads={args.threads}")
-    import jax
+    from unialign_jax.training import flops  # plain arithmetic: no JAX backend here
 
-    backend = jax.default_backend()
-    use_torch = args.torch if args.torch is not None else backend == "cpu"
-    runs = [argparse.Namespace(**{**vars(args), "remat": remat, "micro_batch": micro})
-            for remat in args.remat for micro in args.micro_batch]
+    settings = [(remat, micro, task) for remat in args.remat for micro in args.micro_batch
+                for task in args.task]
     results = []
-    torch_times = {}
-    if use_torch:  # once, at the first setting: the reference has no remat
-        import torch_reference  # scripts/torch_reference.py
-
-        cfg, vocab = configs(runs[0])
-        for task in args.task:
-            torch_times[task] = torch_reference.time_step(runs[0], cfg, vocab, task,
-                                                          time_calls)
-
-    from unialign_jax.training import flops
-
-    kind = jax.devices()[0].device_kind
-    for run, task in ((run, task) for run in runs for task in args.task):
-        cfg, vocab = configs(run)
-        times, rows, memory = jax_step(run, cfg, vocab, task)
-        per_sample = flops.sample_flops(
-            cfg.models.transformer, cfg.models.t5, cfg.models.vae,
-            flops.StepShape(args.resolution, args.text_len, int(task == "edit")))["total"]
-        median = statistics.median(times)
-        sps = rows / median
-        row = {"task": task, "preset": args.preset, "resolution": args.resolution,
-               "text_len": args.text_len, "rows_per_step": rows, "dtype": args.dtype,
-               "remat": run.remat, "micro_batch": run.micro_batch,
-               "attention": args.attention,
-               "step_s": {"median": median, "min": min(times), "max": max(times),
-                          "repeats": args.repeats, "iters": args.iters},
-               "samples_per_s": sps, "model_tflop_per_sample": per_sample / 1e12,
-               "model_tflops": sps * per_sample / 1e12 / jax.device_count(),
-               "mfu": flops.mfu(sps, per_sample, jax.device_count(), kind), **memory}
-        if task in torch_times and run is runs[0]:
-            t = torch_times[task]
-            row["torch_step_s"] = {"median": statistics.median(t), "min": min(t),
-                                   "max": max(t)}
-            row["jax_over_torch"] = statistics.median(t) / median
-        results.append(row)
-        mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
-        ratio = (f", {row['jax_over_torch']:.2f}× PyTorch" if "jax_over_torch" in row else "")
-        print(f"{task}, remat {run.remat}, micro-batch {run.micro_batch}: {sps:.2f} samples/s ({min(times):.3f}–{max(times):.3f} s/step over "
-              f"{args.repeats} repeats), {row['model_tflops']:.3f} model TFLOP/s per chip"
-              f"{mfu}{ratio}; XLA temporaries {row['xla_temp_gib']:.2f} GiB", file=sys.stderr)
-    from bench_common import environment, write_json
-
-    write_json(args.json, {"results": results, "threads": args.threads, "device_kind": kind,
-                           "devices": jax.device_count(), **environment("cpu")})
+    with Worker("JAX", args.threads, jax_side, args) as jax_worker:
+        use_torch = (args.torch if args.torch is not None
+                     else jax_worker.run("backend") == "cpu")
+        kind, chips = jax_worker.run("device"), jax_worker.run("device_count")
+        torch_worker = Worker("PyTorch", args.threads, torch_side, args) if use_torch else None
+        workers = [w for w in (torch_worker, jax_worker) if w]
+        try:
+            for remat, micro, task in settings:
+                memory = jax_worker.run("prepare", remat, micro, task)
+                rows = memory.pop("rows")
+                sides = {"JAX": jax_worker.caller("call")}
+                with_torch = torch_worker is not None and (remat, micro) == settings[0][:2]
+                if with_torch:
+                    torch_worker.run("prepare", remat, micro, task)
+                    sides = {"PyTorch": torch_worker.caller("call"), **sides}
+                watch = CpuWatch().start()
+                timings = interleaved(sides, args.repeats, args.iters)
+                record = compare(timings, watch.stop(),
+                                 f"{task}, remat {remat}, micro-batch {micro}: s per step",
+                                 ("PyTorch", "JAX") if with_torch else None)
+                memory.update(jax_worker.run("peak"))
+                run = setting(args, remat, micro)
+                cfg, _ = configs(run)
+                per_sample = flops.sample_flops(
+                    cfg.models.transformer, cfg.models.t5, cfg.models.vae,
+                    flops.StepShape(args.resolution, args.text_len, int(task == "edit")))["total"]
+                step = record["sides"]["JAX"]
+                sps = rows / step["median"]
+                row = {"task": task, "preset": args.preset, "resolution": args.resolution,
+                       "text_len": args.text_len, "rows_per_step": rows, "dtype": args.dtype,
+                       "remat": remat, "micro_batch": micro, "attention": args.attention,
+                       "step_s": step, "samples_per_s": sps,
+                       "model_tflop_per_sample": per_sample / 1e12,
+                       "model_tflops": sps * per_sample / 1e12 / chips,
+                       "mfu": flops.mfu(sps, per_sample, chips, kind), **memory,
+                       "warnings": record["warnings"], "load": record["load"]}
+                if with_torch:
+                    row["torch_step_s"] = record["sides"]["PyTorch"]
+                    row["jax_over_torch"] = record["ratio"]  # PyTorch s / JAX s; null if noisy
+                results.append(row)
+                mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
+                print(f"  → {sps:.2f} samples/s (median), {row['model_tflops']:.3f} model "
+                      f"TFLOP/s per chip{mfu}; XLA temporaries {row['xla_temp_gib']:.2f} GiB",
+                      file=sys.stderr)
+            env = environment({w.name: w.report() for w in workers})
+        finally:
+            if torch_worker is not None:
+                torch_worker.close()
+    print_setup(env)
+    write_json(args.json, {"results": results, "repeats": args.repeats, "iters": args.iters,
+                           "threads": args.threads, "device_kind": kind, "devices": chips,
+                           "args": vars(args), **env})
     return 0
 
 

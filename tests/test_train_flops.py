@@ -129,5 +129,8 @@ def test_bench_train_runs_in_its_ci_sized_form(tmp_path):
             flops.StepShape(32, 16, int(task == "edit")))["total"]
         np.testing.assert_allclose(row["model_tflop_per_sample"], want / 1e12, rtol=1e-12)
         assert row["mfu"] is None                      # no peak for a CPU
-        assert row["jax_over_torch"] == pytest.approx(
-            row["torch_step_s"]["median"] / row["step_s"]["median"])
+        if row["warnings"]:                            # a busy machine: no ratio
+            assert row["jax_over_torch"] is None
+        else:
+            assert row["jax_over_torch"] == pytest.approx(
+                row["torch_step_s"]["median"] / row["step_s"]["median"])
