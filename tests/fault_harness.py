@@ -168,11 +168,14 @@ def timed(cmd, **kw) -> tuple[subprocess.CompletedProcess, float]:
 
 
 def metrics(workdir) -> list[dict]:
-    """The logged metrics, less those that depend on the wall clock."""
+    """The logged metrics, less those that depend on the wall clock (`workdir`: a folder
+    or a gs:// URL)."""
+    from etils import epath
+
     from unialign_jax.training.trainer import TIMING_METRICS
 
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    text = (epath.Path(workdir) / "metrics.jsonl").read_text()
+    rows = [json.loads(line) for line in text.splitlines()]
     return [{k: v for k, v in r.items() if k not in TIMING_METRICS} for r in rows]
 
 
@@ -190,9 +193,11 @@ def saved_state(workdir, step: int):
 
 
 def data_state(workdir, step: int) -> dict:
-    folder = os.path.join(str(workdir), "checkpoints", str(step), "data")
-    return {n: open(os.path.join(folder, n)).read() for n in sorted(os.listdir(folder))
-            if n.startswith("process_")}
+    from etils import epath
+
+    folder = epath.Path(workdir) / "checkpoints" / str(step) / "data"
+    return {f.name: f.read_text() for f in sorted(folder.iterdir())
+            if f.name.startswith("process_")}
 
 
 def differences(a, b) -> list[str]:

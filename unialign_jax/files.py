@@ -5,6 +5,13 @@ converters all write through the same few functions. A writer fills a hidden tem
 beside the target (flushed to disk), then renames it over the target: a crash, a SIGKILL
 or a full disk leaves either the previous file or the new one, never a truncated file that a
 resumed run would trust. Paths may be local or cloud URLs (`gs://...`, through etils).
+
+On an object store (GCS) there is no rename: gcsfs moves an object by copying it and
+deleting the original, two requests that are not atomic together. What is atomic there is
+the upload itself: an object appears, or replaces the previous one, only when its upload
+completes, whole. So a cloud writer collects the bytes in memory and uploads them as one
+object under the target's name: no temporary object, nothing to rename or clean up, and a
+writer that fails or is killed, before or during the upload, leaves the previous object.
 """
 
 from __future__ import annotations
@@ -12,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import io
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from typing import Any, BinaryIO, Callable, Iterable
@@ -27,15 +36,15 @@ def _is_local(path: str | os.PathLike) -> bool:
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Calls `write(file)` on a temporary file and renames it to `path` when it succeeded."""
+    """Calls `write(file)` on a temporary file and renames it to `path` when it succeeded
+    (on a cloud store: on a buffer, uploaded to `path` as one object when it succeeded)."""
     path = os.fspath(path)
     if not _is_local(path):
+        buffer = io.BytesIO()
+        write(buffer)
         target = epath.Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.partial"
-        with tmp.open("wb") as f:
-            write(f)
-        tmp.replace(target)
+        target.write_bytes(buffer.getvalue())
         return
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -115,7 +124,7 @@ def atomic_output_dir(dst: str, force: bool = False):
     parent, name = os.path.split(dst)
     os.makedirs(parent, exist_ok=True)
     remove_stale_partials(parent, name, recursive=False)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=parent)
+    tmp = _new_folder(parent, f".{name}.partial-{os.getpid()}-")
     try:
         yield tmp
         if dst in _RECORDS.get():
@@ -130,6 +139,19 @@ def atomic_output_dir(dst: str, force: bool = False):
     os.replace(tmp, dst)
     if old is not None:
         shutil.rmtree(old)
+
+
+def _new_folder(parent: str, prefix: str) -> str:
+    """A new empty folder `parent/prefix<random>` made by `os.mkdir`, so that it has the
+    permissions `mkdir` gives (0o777 less the umask): it becomes the published folder, and
+    `tempfile.mkdtemp`'s 0o700 would leave that readable by its writer alone."""
+    while True:
+        path = os.path.join(parent, prefix + secrets.token_hex(4))
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
 
 
 def into_new_folder(write: Callable[..., Any]) -> Callable[..., Any]:

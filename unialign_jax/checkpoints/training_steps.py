@@ -2,11 +2,12 @@
 
 `unialign-train` writes `WORKDIR/checkpoints/STEP/` through Orbax: each step is saved into
 a temporary `STEP.orbax-checkpoint-tmp` folder and committed by writing
-`commit_success.txt` and renaming it (on GCS: by the commit file alone). A SIGKILL during
-a save therefore leaves only a temporary folder, which is never a step. What Orbax cannot
-see is damage after the commit — a copy that lost files, a truncated file, flipped bits —
-so the trainer and the readers of runs (`training_runs`, `unialign-convert from-run`) ask
-here before trusting a step:
+`commit_success.txt` and renaming it (on GCS, which has no atomic rename, Orbax writes into
+`STEP/` itself and commits by the commit file alone). A SIGKILL during a save therefore
+leaves only a temporary folder (on GCS: a step folder without the commit file), which is
+never a step. What Orbax cannot see is damage after the commit — a copy that lost files,
+a truncated file, flipped bits — so the trainer and the readers of runs (`training_runs`,
+`unialign-convert from-run`) ask here before trusting a step:
 
     valid_steps(workdir)         [2, 4, 6]: committed steps whose files are all there
     latest_valid_step(workdir)   6, or None
@@ -63,18 +64,29 @@ def checkpoint_dir(workdir: str) -> epath.Path:
     return epath.Path(workdir) / CHECKPOINT_DIR
 
 
+def _unfinished_in_place(workdir: str, step_folder: epath.Path) -> bool:
+    """Whether `step_folder` is a save Orbax is writing, or stopped writing, in place: on
+    GCS (`gs://`, no atomic rename there) Orbax writes a step straight into its final folder
+    and commits it by the commit file alone, so a step folder without one is no step."""
+    return str(workdir).startswith("gs://") and not (step_folder / COMMIT_FILE).exists()
+
+
 def committed_steps(workdir: str) -> list[int]:
     """Step folders (named by their step, as Orbax names them), ascending."""
     folder = checkpoint_dir(workdir)
     if not folder.is_dir():
         return []
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir()
+                  and not _unfinished_in_place(workdir, p))
 
 
 def uncommitted(workdir: str) -> list[epath.Path]:
     """Folders of saves that never committed (interrupted), which Orbax ignores."""
     folder = checkpoint_dir(workdir)
-    return sorted(p for p in folder.iterdir() if TMP_SUFFIX in p.name) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if TMP_SUFFIX in p.name
+                  or (p.name.isdigit() and _unfinished_in_place(workdir, p)))
 
 
 def check_step(workdir: str, step: int) -> StepCheck:
