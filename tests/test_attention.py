@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +132,18 @@ def test_splash_rejects_bias():
         attention.resolve_implementation("splash", "tpu", bias=True)
 
 
+def test_kernel_is_chosen_for_the_mesh_devices_not_the_host():
+    """A model whose mesh holds TPU devices (a topology's, compiled from this CPU host)
+    resolves 'auto' as the TPU run does; without a mesh, the default backend decides."""
+    from types import SimpleNamespace
+
+    tpu_mesh = SimpleNamespace(mesh=SimpleNamespace(
+        devices=np.array([SimpleNamespace(platform="tpu")] * 4)))
+    assert attention.platform(tpu_mesh) == "tpu"
+    assert attention.platform() == jax.default_backend()
+    assert attention.resolve_implementation("auto", attention.platform(tpu_mesh)) == "splash"
+
+
 @pytest.mark.skipif(jax.default_backend() == "tpu", reason="splash runs on TPU")
 def test_dispatch_checks_the_backend():
     (q, k, v), _, _ = inputs(SHAPES[2], False, jnp.float32)
@@ -135,3 +151,56 @@ def test_dispatch_checks_the_backend():
         attention.dot_product_attention(q, k, v, implementation="splash")
     np.testing.assert_array_equal(
         attention.dot_product_attention(q, k, v, implementation="xla"), reference(q, k, v, None))
+
+
+# --------------------------------------------------------------------------------------------
+# splash on a mesh: under shard_map, per device, on 8 simulated CPU devices
+
+SHARDED_MESH = (2, 2, 2)  # data × fsdp × tensor: rows split 4 ways, heads 2 ways
+
+
+def sharded_splash_report() -> dict:
+    """Runs in a subprocess with 8 CPU devices: for 4 heads (split over tensor) and 3 heads
+    (tensor does not divide them: the fallback), splash in interpret mode on the mesh vs the
+    XLA reference, forward and gradients, plus whether the kernel ran under shard_map."""
+    from jax.sharding import NamedSharding
+
+    from unialign_jax.models import layers
+    from unialign_jax.parallel import ActivationSharding, make_mesh
+
+    mesh = make_mesh(*SHARDED_MESH, devices=jax.devices()[:8])
+    shard = ActivationSharding(mesh)
+    kernel = functools.partial(attention.splash_attention, interpret=True, shard=shard)
+    report = {}
+    for heads in (4, 3):
+        shape = (4, 48, 48, heads, 16)
+        (q, k, v), _, weights = inputs(shape, False, jnp.float32)
+        place = NamedSharding(mesh, shard.spec(layers.HEADS, q.shape))
+        q, k, v, weights = (jax.device_put(t, place) for t in (q, k, v, weights))
+        got = outputs_and_grads(kernel, q, k, v, None, weights)
+        want = outputs_and_grads(reference, q, k, v, None, weights)
+        report[heads] = {
+            "spec": str(place.spec),
+            "errors": {name: float(jnp.abs(g - w).max() / jnp.abs(w).max())
+                       for name, g, w in zip(("output", "dq", "dk", "dv"), got, want)},
+            "shard_map": "shard_map" in str(jax.make_jaxpr(kernel)(q, k, v))}
+    return report
+
+
+def test_splash_under_shard_map_matches_xla_on_a_sharded_mesh():
+    """The device count is fixed before JAX starts, so this runs as a subprocess."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, check=True,
+                         capture_output=True, text=True, timeout=600).stdout
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["4"]["spec"] == "P(('data', 'fsdp'), None, 'tensor', None)"
+    assert report["3"]["spec"] == "P(('data', 'fsdp'), None, None, None)"
+    for heads, r in report.items():
+        assert r["shard_map"], f"{heads} heads: splash did not run under shard_map"
+        for name, err in r["errors"].items():
+            assert err <= 1e-4, f"{heads} heads {name}: relative error {err:.3g} > 1e-4"
+
+
+if __name__ == "__main__":
+    print(json.dumps(sharded_splash_report()))

@@ -134,8 +134,8 @@ def load_t5(path: str, dtype=jnp.float32, *, param_dtype=None, attention: str = 
 
 
 def load_vae(path: str, dtype=jnp.float32, *, param_dtype=None, attention: str = "auto",
-             shardings=None) -> AutoencoderKL:
+             shardings=None, activation_sharding=None) -> AutoencoderKL:
     """The VAE of a converted folder (`unialign-convert vae`): `encode(images, key)`,
     `decode(latents)`, channels-last, images in [-1, 1]."""
     return load_model("vae", path, dtype, param_dtype=param_dtype, shardings=shardings,
-                      attention=attention)
+                      attention=attention, activation_sharding=activation_sharding)

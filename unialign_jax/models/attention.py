@@ -8,22 +8,34 @@ and runs one of `IMPLEMENTATIONS`:
   NVIDIA GPUs. JAX's cuDNN path takes the additive bias itself; it needs fp16/bf16 inputs, so
   "auto" picks it only for those.
 * "splash": the Pallas TPU splash-attention kernel (`splash_attention`). It has no additive
-  bias, so biased calls (T5's relative positions) resolve "auto" to "xla".
+  bias, so biased calls (T5's relative positions) resolve "auto" to "xla". A Mosaic call
+  cannot be split by XLA's partitioner, so on a mesh it runs under `shard_map`: each device
+  attends over its own rows and heads.
 * "blockwise": pure-JAX memory-efficient attention (`blockwise_attention`), tuned so that
   XLA:CPU beats the unfused "xla" path several times over; it is "auto" on CPU.
+
+The kernel is chosen for the platform of the devices the computation runs on: the mesh of
+the caller's activation sharding (`layers.Shard`) when it has one, so that compiling for a
+TPU topology from a CPU host picks what the TPU run picks; JAX's default backend otherwise.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec as P
+
+from unialign_jax.models import layers
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "blockwise")
 _NVIDIA = ("gpu", "cuda")
 _HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+log = logging.getLogger(__name__)
 
 
 # cuDNN's fused attention takes head dimensions up to this (the VAE's single 512-wide head
@@ -64,21 +76,31 @@ def resolve_implementation(implementation: str = "auto", backend: str | None = N
     return implementation
 
 
+def platform(shard: layers.Shard = layers.unsharded) -> str:
+    """The platform the computation runs on: that of `shard`'s mesh devices when it has a
+    mesh (a TPU topology's abstract devices say "tpu" on any host), else JAX's default
+    backend."""
+    mesh = shard.mesh
+    return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           implementation: str = "auto", bias: jax.Array | None = None,
-                          scale: float | None = None) -> jax.Array:
+                          scale: float | None = None,
+                          shard: layers.Shard = layers.unsharded) -> jax.Array:
     """softmax(q kᵀ · scale + bias) v for `(B, L, H, D)` inputs; returns `(B, Lq, H, D)`.
 
     `bias` is an optional additive `(1|B, H, Lq, Lk)` float bias; `scale` defaults to D^-1/2.
-    No masks: the models attend over every token.
+    `shard`: the caller's activation sharding; its mesh picks the kernel's platform and
+    splits the splash kernel. No masks: the models attend over every token.
     """
-    impl = resolve_implementation(implementation, bias=bias is not None, dtype=q.dtype,
-                                  head_dim=q.shape[-1])
+    impl = resolve_implementation(implementation, platform(shard), bias=bias is not None,
+                                  dtype=q.dtype, head_dim=q.shape[-1])
     if impl in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale,
                                             implementation=impl)
     if impl == "splash":
-        return splash_attention(q, k, v, scale=scale)
+        return splash_attention(q, k, v, scale=scale, shard=shard)
     return blockwise_attention(q, k, v, bias=bias, scale=scale)
 
 
@@ -104,14 +126,48 @@ def _splash_kernel(heads: int, lq: int, lk: int, interpret: bool):
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
-                     interpret: bool = False) -> jax.Array:
-    """TPU splash attention for `(B, L, H, D)` inputs of any length.
+                     interpret: bool = False, shard: layers.Shard = layers.unsharded
+                     ) -> jax.Array:
+    """TPU splash attention for `(B, L, H, D)` inputs of any length, on `shard`'s mesh.
+
+    XLA cannot partition a Mosaic call, so on a mesh of several devices the kernel runs
+    under `shard_map` with the placement the rules give these activations (batch over
+    data × fsdp, heads over tensor): each device attends over its own rows and heads. A
+    batch or head count that its mesh axes do not divide stays whole there (the rules'
+    fallback): those devices then repeat each other's work, which is correct but wasted,
+    and is logged. Lengths are never split (attention needs every key).
+    `interpret=True` runs the Pallas kernel in interpret mode on any backend, which is how
+    the CPU tests check this wrapper, sharded or not, against the reference.
+    """
+    local = functools.partial(_splash_local, scale=scale, interpret=interpret)
+    mesh = shard.mesh
+    if mesh is None or mesh.size == 1:
+        return local(q, k, v)
+    q_spec, kv_spec = (_per_shard_spec(shard, t.shape) for t in (q, k))
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec),
+                         out_specs=q_spec, check_vma=False)(q, k, v)
+
+
+def _per_shard_spec(shard: layers.Shard, shape: tuple[int, ...]) -> P:
+    """The rules' placement of a (B, L, H, D) activation, length and head width whole."""
+    batch, _, heads, _ = (tuple(shard.spec(layers.HEADS, shape)) + (None,) * 4)[:4]
+    used = {a for axes in (batch, heads) if axes is not None
+            for a in ((axes,) if isinstance(axes, str) else axes)}
+    idle = [a for a, n in shard.mesh.shape.items() if n > 1 and a not in used]
+    if idle:
+        log.info("splash attention on %s: mesh axes %s divide neither its rows nor its "
+                 "heads, so the devices along them repeat the same work", shape, idle)
+    return P(batch, None, heads, None)
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None,
+                  interpret: bool) -> jax.Array:
+    """Splash attention on one device's arrays.
 
     The kernel wants heads-major `(H, L, D)` per example, lengths that its blocks divide and q
     already scaled. Lengths are padded up to the block grid; padded keys get segment id 1 while
     every query has segment id 0, so no real query sees them (padded queries see only real keys,
-    stay finite and are cut off). `interpret=True` runs the Pallas kernel in interpret mode on
-    any backend, which is how the CPU tests check this wrapper against the reference.
+    stay finite and are cut off).
     """
     _, lq, h, d = q.shape
     lk = k.shape[1]

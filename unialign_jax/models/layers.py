@@ -6,11 +6,12 @@ sharding of a model is decided by rules in one place, not by the model code.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
 
 Dtype = jnp.dtype
 
@@ -20,13 +21,33 @@ TOKENS = ("activation_batch", "activation_length", "activation_embed")
 HEADS = ("activation_batch", "activation_length", "activation_heads", None)
 HIDDEN = ("activation_batch", "activation_length", "activation_mlp")
 
-# `shard(x, names)`: constrains an activation's placement by logical names. Models take one
-# (`unialign_jax.parallel.ActivationSharding(mesh)`) and default to leaving XLA free.
-Shard = Callable[[jax.Array, Sequence[str | None]], jax.Array]
+
+class Shard(Protocol):
+    """Where a model's activations live: `shard(x, names)` constrains an activation's
+    placement by logical names; `mesh` (None: no mesh) and `spec(names, shape)` tell kernels
+    that the partitioner cannot split (splash attention) how to run per shard. Models take
+    one (`unialign_jax.parallel.ActivationSharding(mesh)`) and default to `unsharded`."""
+
+    mesh: Mesh | None
+
+    def __call__(self, x: jax.Array, names: Sequence[str | None]) -> jax.Array: ...
+
+    def spec(self, names: Sequence[str | None], shape: tuple[int, ...]) -> PartitionSpec: ...
 
 
-def unsharded(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    return x
+class Unsharded:
+    """No mesh: placement is left to XLA and kernels run as they are."""
+
+    mesh = None
+
+    def __call__(self, x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+        return x
+
+    def spec(self, names: Sequence[str | None], shape: tuple[int, ...]) -> PartitionSpec:
+        return PartitionSpec()
+
+
+unsharded = Unsharded()
 
 
 def dense(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,

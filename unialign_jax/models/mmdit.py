@@ -68,8 +68,9 @@ class MMDiT(nnx.Module):
     `dtype` is the compute dtype (bf16 on TPU), `param_dtype` the storage dtype (fp32 for
     training). `remat_policy`: rematerialisation of every block, by name (see
     `models.remat`; None: none). `attention`: the attention kernel (`models.attention`;
-    "auto" picks the fastest for the backend). `activation_sharding`: places the
-    activations carried between blocks (`unialign_jax.parallel.ActivationSharding`).
+    "auto" picks the fastest for the platform of the mesh's devices). `activation_sharding`:
+    places the activations carried between blocks and splits the attention kernel over the
+    mesh (`unialign_jax.parallel.ActivationSharding`).
     """
 
     def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
@@ -139,8 +140,9 @@ class MMDiT(nnx.Module):
         return self.patch_embed(latents) + pos.astype(self.dtype)
 
     # -- blocks -------------------------------------------------------------------------
-    def _shard(self, x: jax.Array, names) -> jax.Array:
-        return x if self.activation_sharding is None else self.activation_sharding(x, names)
+    @property
+    def _shard(self) -> layers.Shard:
+        return self.activation_sharding or layers.unsharded
 
     def _run_blocks(self, x, c, temb_act, n_target: int, collect_means: bool):
         """Scans the stacked blocks; optionally returns each block's token means, (L, B, W)."""

@@ -35,7 +35,8 @@ class JointAttention(nnx.Module):
     """Joint attention over [image tokens, text tokens]; no masks (the reference uses none).
 
     `context_pre_only` (SD3's last block) drops the text stream's output projection.
-    `implementation` is an `attention.IMPLEMENTATIONS` name ("auto": fastest for the backend).
+    `implementation` is an `attention.IMPLEMENTATIONS` name ("auto": fastest for the platform
+    of the mesh that `shard` places on).
     """
 
     def __init__(self, width: int, num_heads: int, *, context_pre_only: bool, rngs: nnx.Rngs,
@@ -61,7 +62,8 @@ class JointAttention(nnx.Module):
         q = joint(self.to_q, self.add_q_proj, "query")
         k = joint(self.to_k, self.add_k_proj, "key")
         v = joint(self.to_v, self.add_v_proj, "value")
-        out = attention.dot_product_attention(q, k, v, implementation=self.implementation)
+        out = attention.dot_product_attention(q, k, v, implementation=self.implementation,
+                                              shard=shard)
         out = checkpoint_name(shard(out, layers.HEADS), "attention").reshape(b, q.shape[1], -1)
         img_out, txt_out = out[:, :n_img], out[:, n_img:]
         return self.to_out(img_out), (None if self.to_add_out is None else self.to_add_out(txt_out))

@@ -70,7 +70,8 @@ class T5Attention(nnx.Module):
         self.v = layers.dense(cfg.d_model, inner, ("embed", "heads"), **kw)
         self.o = layers.dense(inner, cfg.d_model, ("heads", "embed"), **kw)
 
-    def __call__(self, x: jax.Array, position_bias: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, position_bias: jax.Array,
+                 shard: layers.Shard = layers.unsharded) -> jax.Array:
         b, n, _ = x.shape
 
         def heads(t):
@@ -78,7 +79,7 @@ class T5Attention(nnx.Module):
 
         out = attention.dot_product_attention(heads(self.q(x)), heads(self.k(x)),
                                               heads(self.v(x)), bias=position_bias, scale=1.0,
-                                              implementation=self.implementation)
+                                              implementation=self.implementation, shard=shard)
         return self.o(out.reshape(b, n, -1))
 
 
@@ -108,9 +109,10 @@ class T5Block(nnx.Module):
         self.ffn_norm = layers.param(rngs, ones, (cfg.d_model,), ("embed",), param_dtype)
         self.ffn = T5GatedFeedForward(cfg, **kw)
 
-    def __call__(self, x: jax.Array, position_bias: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, position_bias: jax.Array,
+                 shard: layers.Shard = layers.unsharded) -> jax.Array:
         x = x + self.attention(layers.rms_norm(x, self.attention_norm[...], self.eps),
-                               position_bias)
+                               position_bias, shard)
         return x + self.ffn(layers.rms_norm(x, self.ffn_norm[...], self.eps))
 
 
@@ -149,17 +151,15 @@ class T5Encoder(nnx.Module):
         table = self.relative_attention_bias[...].astype(jnp.float32)
         return jnp.transpose(table[buckets], (2, 0, 1))[None]
 
-    def _shard(self, x: jax.Array) -> jax.Array:
-        return (x if self.activation_sharding is None
-                else self.activation_sharding(x, layers.TOKENS))
-
     def __call__(self, input_ids: jax.Array) -> jax.Array:
-        x = self._shard(jnp.take(self.embedding[...], input_ids, axis=0).astype(self.dtype))
+        shard = self.activation_sharding or layers.unsharded
+        x = shard(jnp.take(self.embedding[...], input_ids, axis=0).astype(self.dtype),
+                  layers.TOKENS)
         bias = self.position_bias(input_ids.shape[1])
         graphdef, stacked = nnx.split(self.blocks)
 
         def body(h, block_state):
-            return self._shard(nnx.merge(graphdef, block_state)(h, bias)), None
+            return shard(nnx.merge(graphdef, block_state)(h, bias, shard), layers.TOKENS), None
 
         x, _ = jax.lax.scan(body, x, stacked)
         return layers.rms_norm(x, self.final_norm[...], self.config.layer_norm_epsilon)

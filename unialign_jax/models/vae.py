@@ -9,6 +9,7 @@ at a time so that 1024 px images decode within accelerator memory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -108,12 +109,12 @@ class Attention(nnx.Module):
         self.to_v = layers.dense(channels, channels, ("conv_in", "conv_out"), **kw)
         self.to_out = layers.dense(channels, channels, ("conv_in", "conv_out"), **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, shard: layers.Shard = layers.unsharded) -> jax.Array:
         b, h, w, c = x.shape
         tokens = self.group_norm(x).reshape(b, h * w, 1, c)
         out = attention.dot_product_attention(self.to_q(tokens), self.to_k(tokens),
                                               self.to_v(tokens),
-                                              implementation=self.implementation)
+                                              implementation=self.implementation, shard=shard)
         return x + self.to_out(out.reshape(b, h, w, c))
 
 
@@ -124,8 +125,8 @@ class MidBlock(nnx.Module):
         self.resnets = nnx.List([ResnetBlock(channels, channels, groups, **kw) for _ in range(2)])
         self.attention = Attention(channels, groups, attention=attention, **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.resnets[1](self.attention(self.resnets[0](x)))
+    def __call__(self, x: jax.Array, shard: layers.Shard = layers.unsharded) -> jax.Array:
+        return self.resnets[1](self.attention(self.resnets[0](x), shard))
 
 
 class DownBlock(nnx.Module):
@@ -174,11 +175,11 @@ class Encoder(nnx.Module):
                                        param_dtype=kw["param_dtype"])
         self.conv_out = conv(ch[-1], 2 * cfg.latent_channels, 3, **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, shard: layers.Shard = layers.unsharded) -> jax.Array:
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
-        return self.conv_out(jax.nn.silu(self.conv_norm_out(self.mid_block(x))))
+        return self.conv_out(jax.nn.silu(self.conv_norm_out(self.mid_block(x, shard))))
 
 
 class Decoder(nnx.Module):
@@ -195,8 +196,8 @@ class Decoder(nnx.Module):
                                        param_dtype=kw["param_dtype"])
         self.conv_out = conv(ch[-1], cfg.out_channels, 3, **kw)
 
-    def __call__(self, z: jax.Array) -> jax.Array:
-        x = self.mid_block(self.conv_in(z))
+    def __call__(self, z: jax.Array, shard: layers.Shard = layers.unsharded) -> jax.Array:
+        x = self.mid_block(self.conv_in(z), shard)
         for block in self.up_blocks:
             x = block(x)
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
@@ -219,12 +220,15 @@ class AutoencoderKL(nnx.Module):
 
     Images are channels-last RGB in [−1, 1]; latents are (B, H/8, W/8, 16) for SD3.
     `attention`: the mid blocks' kernel (`models.attention`; its single 512-wide head keeps
-    XLA's on GPUs, too wide for cuDNN).
+    XLA's on GPUs, too wide for cuDNN). `activation_sharding`: the mesh the attention kernel
+    is chosen for and split over (as for `MMDiT`).
     """
 
     def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, attention: str = "auto"):
+                 param_dtype=jnp.float32, attention: str = "auto",
+                 activation_sharding: layers.Shard | None = None):
         self.config, self.dtype = cfg, dtype
+        self.activation_sharding = activation_sharding
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention=attention)
         self.encoder = Encoder(cfg, **kw)
         self.decoder = Decoder(cfg, **kw)
@@ -232,11 +236,16 @@ class AutoencoderKL(nnx.Module):
     def posterior(self, images: jax.Array, *, images_per_chunk: int | None = None
                   ) -> tuple[jax.Array, jax.Array]:
         """Mean and log-variance (clipped to [−30, 20], as diffusers) of the posterior, float32."""
-        moments = _in_chunks(self.encoder, images.astype(self.dtype),
+        moments = _in_chunks(functools.partial(self.encoder, shard=self._shard),
+                             images.astype(self.dtype),
                              images.shape[1] * images.shape[2], images_per_chunk)
         moments = moments.astype(jnp.float32)
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
+
+    @property
+    def _shard(self) -> layers.Shard:
+        return self.activation_sharding or layers.unsharded
 
     def to_latents(self, sample: jax.Array) -> jax.Array:
         return (sample - self.config.shift_factor) * self.config.scaling_factor
@@ -260,6 +269,6 @@ class AutoencoderKL(nnx.Module):
         """Images in about [−1, 1] (not clipped), float32."""
         f = self.config.downsample_factor
         z = self.from_latents(latents.astype(jnp.float32)).astype(self.dtype)
-        images = _in_chunks(self.decoder, z, latents.shape[1] * latents.shape[2] * f * f,
-                            images_per_chunk)
+        images = _in_chunks(functools.partial(self.decoder, shard=self._shard), z,
+                            latents.shape[1] * latents.shape[2] * f * f, images_per_chunk)
         return images.astype(jnp.float32)

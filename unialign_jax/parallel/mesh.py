@@ -8,6 +8,7 @@ split over data × fsdp.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from typing import Sequence
@@ -46,15 +47,41 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all hosts).
 
-    On real hardware `jax.make_mesh` orders devices so that the inner axes (tensor, then
-    fsdp) sit on the fastest interconnect; explicit device lists are used as given.
+    TPU devices are ordered by `jax.make_mesh` so that the inner axes (tensor, then fsdp)
+    sit on the fastest interconnect, for a running pod and for a topology's abstract
+    devices alike (`scripts/tpu_plan.py` compiles the collectives the pod will run); other
+    explicit device lists are used as given.
     """
-    if devices is None:
-        shape = mesh_shape(jax.device_count(), data, fsdp, tensor)
-        return jax.make_mesh(shape, MESH_AXES,
-                             axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    given = devices is not None and devices[0].platform != "tpu"
+    devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(len(devices), data, fsdp, tensor)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    if given:
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def tpu_topology_devices(topology: str) -> list:
+    """The abstract devices of a named TPU topology ("v5e:8x8", "v5p:4x4x4", "v6e:2x2",
+    anything `jax.experimental.topologies.get_topology_desc` accepts), on any host with
+    libtpu installed: programs placed on them compile with the TPU compiler, nothing runs."""
+    from jax.experimental import topologies
+
+    if importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
+        raise RuntimeError("compiling for a TPU topology needs libtpu: pip install -e '.[tpu]'")
+    # (libtpu's host-probing messages on a host without TPU chips are silenced when
+    # `unialign_jax` is imported: see `unialign_jax.LIBTPU_HOST_ENV`.)
+    try:
+        return list(topologies.get_topology_desc(platform="tpu",
+                                                 topology_name=topology).devices)
+    except jax.errors.JaxRuntimeError as e:
+        if "chips_per_host_bounds" not in str(e):
+            raise
+    # smaller than one host of its generation (v5e:1x1): one host holding every chip
+    dims = [int(v) for v in topology.split(":")[-1].split("x")]
+    return list(topologies.get_topology_desc(
+        platform="tpu", topology_name=topology,
+        chips_per_host_bounds=tuple(dims + [1] * (3 - len(dims)))).devices)
 
 
 def maybe_initialize_distributed(enabled: bool | None, heartbeat_timeout_s: int = 100) -> bool:

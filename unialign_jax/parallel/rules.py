@@ -121,6 +121,8 @@ class ActivationSharding:
     layers: `shard(x, ("activation_batch", "activation_length", "activation_embed"))`.
     Without it, parameters split over fsdp along 'embed' would let XLA's propagation split
     activations along the width too and replicate the batch. On one device it does nothing.
+    It is the models' `layers.Shard`: kernels that must run under `shard_map` (splash
+    attention) read the mesh and the specs from it instead of recomputing them.
     """
 
     mesh: Mesh
@@ -129,3 +131,7 @@ class ActivationSharding:
         if self.mesh.size == 1:
             return x
         return jax.lax.with_sharding_constraint(x, named_sharding(self.mesh, names, x.shape))
+
+    def spec(self, names: Sequence[str | None], shape: tuple[int, ...]) -> P:
+        """The mesh PartitionSpec of an activation of `shape` named `names`."""
+        return logical_to_mesh(names, shape, self.mesh)

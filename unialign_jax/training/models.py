@@ -129,13 +129,13 @@ def build_models(models: ModelsConfig, compute: ComputeConfig, mesh: Mesh,
                          f"{vocab_size}")
 
     shard = rules.ActivationSharding(mesh)
-    text_options = dict(attention=compute.attention, activation_sharding=shard)
+    model_options = dict(attention=compute.attention, activation_sharding=shard)
     base_dtype = jnp.dtype(lora.base_dtype or compute.dtype) if lora.rank else param_dtype
     specs = {  # name: (class, config, constructor options, stored dtype, folder)
-        "transformer": (MMDiT, tcfg, dict(remat_policy=compute.remat_policy, **text_options),
+        "transformer": (MMDiT, tcfg, dict(remat_policy=compute.remat_policy, **model_options),
                         base_dtype, models.transformer_path),
-        "t5": (T5Encoder, t5_cfg, text_options, frozen_dtype, models.t5_path),
-        "vae": (AutoencoderKL, vae_cfg, dict(attention=compute.attention), frozen_dtype,
+        "t5": (T5Encoder, t5_cfg, model_options, frozen_dtype, models.t5_path),
+        "vae": (AutoencoderKL, vae_cfg, model_options, frozen_dtype,
                 models.vae_path),
     }
     out = {}
