@@ -64,7 +64,7 @@ def write_run_pipeline(workdir: str, out_dir: str, *, step: int | None = None,
     index = {"format": FORMAT, "source": os.path.abspath(workdir), "layout": LAYOUT,
              "training_run": chosen, "frozen": frozen, "components": COMPONENT_DIRS,
              "scheduler": SCHEDULER_FILE, "vocab_size": len(tokenizer),
-             "text_length": training_runs.run_text_length(config),
+             **training_runs.run_trained_with(config).as_index(),
              "mask_token_id": mask_token_id(tokenizer), "mask_embedding": None,
              "dtype": param_dtype, "vae_dtype": registry.read_config(out["vae"], "vae")[1],
              "transformer_initialised": []}

@@ -20,8 +20,9 @@ from unialign_convert.transformer import write_transformer
 from unialign_convert.vae import config_from_diffusers, write_vae
 from unialign_jax import files
 from unialign_jax.diffusion.flow import NUM_TRAIN_TIMESTEPS
-from unialign_jax.checkpoints.pipeline import COMPONENT_DIRS, FORMAT, INDEX_FILE, SCHEDULER_FILE
-from unialign_jax.text.tokenizer import MAX_LENGTH, load_tokenizer, mask_token_id
+from unialign_jax.checkpoints.pipeline import (COMPONENT_DIRS, FORMAT, INDEX_FILE, SCHEDULER_FILE,
+                                               TrainedWith)
+from unialign_jax.text.tokenizer import load_tokenizer, mask_token_id
 
 # Source sub-folder of each component, per layout.
 LAYOUTS = {
@@ -135,7 +136,7 @@ def write_pipeline(src: str, out_dir: str, *, dtype: str = "float32",
     files.write_json(os.path.join(out_dir, SCHEDULER_FILE), scheduler)
     index = {"format": FORMAT, "source": os.path.abspath(src), "layout": layout,
              "components": COMPONENT_DIRS, "scheduler": SCHEDULER_FILE,
-             "vocab_size": len(tokenizer), "text_length": MAX_LENGTH,
+             "vocab_size": len(tokenizer), **TrainedWith().as_index(),
              "mask_token_id": mask_id,
              "mask_embedding": os.path.abspath(mask_embedding) if mask_embedding else None,
              "dtype": dtype, "vae_dtype": vae_dtype,

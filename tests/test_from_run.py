@@ -109,18 +109,23 @@ def test_from_run_folder_holds_what_the_work_dir_loads(run, tmp_path):
             "vocab_size"]
         assert folder.scheduler == direct.scheduler == {"shift": 3.0,
                                                        "num_train_timesteps": 1000}
-        # prompts are sampled at the run's training length, not the release's 256
+        # prompts are sampled at the run's training length, not the release's 256; images
+        # at its resolution; the negative prompt is the null prompt it dropped to
         trained = json.loads(open(os.path.join(workdir, "config.json")).read())
-        assert trained["data"]["max_length"] != 256
-        assert index["text_length"] == trained["data"]["max_length"]
-        assert folder.text_length == direct.text_length == trained["data"]["max_length"]
+        assert trained["data"]["max_length"] != 256 and trained["data"]["resolution"] != 512
+        assert (index["text_length"], index["resolution"], index["negative_prompt"]) == (
+            trained["data"]["max_length"], trained["data"]["resolution"], " ")
+        assert folder.trained_with == direct.trained_with
+        assert folder.trained_with.text_length == trained["data"]["max_length"]
 
 
-def test_sample_cli_takes_a_work_dir_and_records_the_weights(run, tmp_path):
+def test_sample_cli_takes_a_work_dir_and_records_the_weights(run, tmp_path, caplog):
     workdir, _ = run
     common = ["t2i", "--ckpt", workdir, "--prompt", PROMPT, "--height", "16", "--width", "16",
               "--steps", "2", "--no-progress", "--no-compilation-cache"]
     assert sample_cli.main([*common, "--out", str(tmp_path / "a")]) == 0
+    # Reading one item of a training step is not a missing file (Orbax warned that it was).
+    assert "Metadata file does not exist" not in caplog.text
     sidecar = json.loads((tmp_path / "a" / "00000.json").read_text())
     assert sidecar["training_run"] == {"run": workdir, "step": 4, "weights": "ema"}
     trained = json.loads(open(os.path.join(workdir, "config.json")).read())

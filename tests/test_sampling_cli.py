@@ -11,7 +11,8 @@ from PIL import Image
 from test_sampling_pipeline import tiny_components
 from unialign_jax.sampling import cli
 from unialign_jax.sampling import pipeline as cli_pipeline
-from unialign_jax.sampling.pipeline import DEFAULT_NEGATIVE_PROMPT, UniAlignPipeline
+from unialign_jax.checkpoints.pipeline import RELEASE_NEGATIVE_PROMPT
+from unialign_jax.sampling.pipeline import UniAlignPipeline
 
 FAST = ["--steps", "2", "--batch-size", "2", "--no-progress"]
 
@@ -24,8 +25,8 @@ def tiny_pipe(tmp_path_factory):
 
 @pytest.fixture
 def loads(monkeypatch, tiny_pipe):
-    """Replaces checkpoint loading (and the reading of its prompt length) by the tiny
-    pipeline; records the loads."""
+    """Replaces checkpoint loading (and the reading of what it was trained with) by the
+    tiny pipeline; records the loads."""
     calls = []
 
     def load(args):
@@ -34,7 +35,7 @@ def loads(monkeypatch, tiny_pipe):
         return tiny_pipe
 
     monkeypatch.setattr(cli, "load_pipeline_from_args", load)
-    monkeypatch.setattr(cli, "text_length_of", lambda args: tiny_pipe.text_length)
+    monkeypatch.setattr(cli, "trained_with_of", lambda args: tiny_pipe.trained_with)
     return calls
 
 
@@ -58,7 +59,7 @@ def test_t2i_writes_pngs_and_sidecars_and_resumes(tmp_path, loads, capsys):
                     "images": [], "steps": 2, "checkpoint": str(tmp_path), "dtype": "float32",
                     "attention": "auto", "text_length": 256, "height": 64, "width": 48,
                     "guidance": 7.0,
-                    "negative_prompt": DEFAULT_NEGATIVE_PROMPT}
+                    "negative_prompt": RELEASE_NEGATIVE_PROMPT}
     assert Image.open(out / "00000.png").size == (48, 64)
     assert not [f for f in os.listdir(out) if f.startswith(".")], "no temporary files left"
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from test_sampling_pipeline import RES, picture, tiny_components
+from unialign_jax.checkpoints.pipeline import TrainedWith
 from unialign_jax.sampling import pipeline as pipeline_module
 from unialign_jax.sampling.pipeline import UniAlignPipeline
 
@@ -88,7 +89,8 @@ def test_text_to_image_prompts_are_padded_with_the_folders_pad_token(folder_pipe
 def test_prompts_are_padded_to_the_length_the_model_was_trained_with(tmp_path, monkeypatch):
     """A model trained on 12-token prompts (the folder records it) is conditioned on 12
     ids, not the release's 256: a text stream of mostly padding is not what it learned."""
-    components = dataclasses.replace(tiny_components(tmp_path / "tok"), text_length=12)
+    components = dataclasses.replace(tiny_components(tmp_path / "tok"),
+                                     trained_with=TrainedWith(text_length=12))
     UniAlignPipeline(components, progress=False).save_pretrained(str(tmp_path / "pipe"))
     pipe = UniAlignPipeline.from_pretrained(str(tmp_path / "pipe"), progress=False)
     tok = pipe.components.tokenizer

@@ -23,11 +23,11 @@ from typing import Sequence
 
 from PIL import Image
 
+from unialign_jax.checkpoints.pipeline import RELEASE_NEGATIVE_PROMPT
 from unialign_jax.files import (dumps, jsonl, read_json_or_none, remove_stale_partials,
                                 save_png, write_text_if_changed)
 from unialign_jax.sampling.cli import (add_model_args, at_run_shape,
                                        load_pipeline_from_args, run_until_disk_full)
-from unialign_jax.sampling.pipeline import DEFAULT_NEGATIVE_PROMPT
 from unialign_jax.sampling.preprocess import InputError, check_resolution, load_image
 
 BENCH_FILE = "semgen_bench.jsonl"
@@ -37,7 +37,7 @@ SOURCE_SUFFIX = "_SRCIMG"
 RELEASE_SCRIPT = "SemGen-Bench/generate_bench_img.py"
 # The release's settings, each from RELEASE_SCRIPT.
 RELEASE = {"resolution": 512, "steps": 50, "t2i_guidance": 7.0, "edit_guidance": 9.0,
-           "negative_prompt": DEFAULT_NEGATIVE_PROMPT}
+           "negative_prompt": RELEASE_NEGATIVE_PROMPT}
 
 
 def build_parser() -> argparse.ArgumentParser:

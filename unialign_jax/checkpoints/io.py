@@ -7,6 +7,7 @@ files go through `unialign_jax.files`.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -16,6 +17,25 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 PARAMS_DIR = "params"
+_STEP_METADATA = "_CHECKPOINT_METADATA"
+
+
+class _ItemOfAStep(logging.Filter):
+    """Orbax looks for a step's `_CHECKPOINT_METADATA` in any folder it reads, also in one
+    item of a training step (its `state`) read alone, where the file lives one level up: it
+    then warns that the file does not exist. Nothing is missing; that warning (and only it,
+    for a local folder whose parent has the file) is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Metadata file does not exist") or not record.args:
+            return True
+        missing = str(record.args[0])
+        parent = os.path.dirname(os.path.dirname(missing))
+        return not ("://" not in missing and os.path.basename(missing) == _STEP_METADATA
+                    and os.path.exists(os.path.join(parent, _STEP_METADATA)))
+
+
+logging.getLogger("absl").addFilter(_ItemOfAStep())
 
 
 class CheckpointError(ValueError):

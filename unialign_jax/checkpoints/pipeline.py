@@ -24,6 +24,36 @@ COMPONENT_DIRS = {"transformer": "transformer", "text_encoder": "text_encoder", 
                   "tokenizer": "tokenizer"}
 
 
+# The negative prompt the release samples with (its infer.py and SemGen script; the pipeline
+# class alone defaults to "").
+RELEASE_NEGATIVE_PROMPT = (
+    "low quality, blurry, low resolution, backlit, cartoon, animated, deformed, "
+    "oversaturated, undersaturated, out of frame")
+# The release trains at 512 px and its infer.py and SemGen script sample at 512.
+RELEASE_RESOLUTION = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedWith:
+    """What a transformer was trained with, recorded in `pipeline.json` so that sampling
+    follows it by default: the prompt length T5 pads to (no attention mask, so a model
+    trained on 8 tokens sees a text stream of mostly padding at 256), the image side, and a
+    negative prompt its unconditional branch knows. A field a folder does not record (one
+    written before it was) is the release's."""
+
+    text_length: int = MAX_LENGTH
+    resolution: int = RELEASE_RESOLUTION
+    negative_prompt: str = RELEASE_NEGATIVE_PROMPT
+
+    @classmethod
+    def from_index(cls, index: dict) -> "TrainedWith":
+        return cls(**{f.name: index[f.name] for f in dataclasses.fields(cls) if f.name in index})
+
+    def as_index(self) -> dict:
+        """The index entries that record it."""
+        return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass
 class PipelineComponents:
     """Everything the samplers need, loaded and checked against each other."""
@@ -35,9 +65,7 @@ class PipelineComponents:
     scheduler: dict  # 'shift', 'num_train_timesteps'
     mask_token_id: int
     path: str
-    # Prompt tokens the transformer was trained with (T5 pads to it, no attention mask):
-    # the release's 256; a run trained shorter must be sampled at its own length.
-    text_length: int = MAX_LENGTH
+    trained_with: TrainedWith = TrainedWith()
 
 
 def read_index(path: str) -> dict:
@@ -53,11 +81,6 @@ def read_index(path: str) -> dict:
         raise io.CheckpointError(f"{path}/{INDEX_FILE} is not a {FORMAT} index; convert a "
                                  "diffusers folder with `unialign-convert pipeline SRC DST`")
     return index
-
-
-def index_text_length(index: dict) -> int:
-    """The index's prompt length; folders written before it was recorded are the release's."""
-    return int(index.get("text_length", MAX_LENGTH))
 
 
 def component_paths(path: str) -> dict[str, str]:
@@ -97,7 +120,6 @@ def load_components(path: str, dtype=jnp.float32, *, vae_dtype=jnp.float32, para
         transformer=transformer,
         t5=registry.load_t5(where["text_encoder"], dtype, param_dtype=param_dtype,
                             attention=attention, **common),
-        vae=registry.load_vae(where["vae"], vae_dtype, attention=attention,
-                              shardings=shardings),
+        vae=registry.load_vae(where["vae"], vae_dtype, attention=attention, **common),
         tokenizer=tokenizer, scheduler=scheduler, mask_token_id=index["mask_token_id"],
-        path=os.path.abspath(path), text_length=index_text_length(index))
+        path=os.path.abspath(path), trained_with=TrainedWith.from_index(index))

@@ -36,12 +36,12 @@ from flax import nnx
 
 from unialign_jax import files
 from unialign_jax.checkpoints import io, registry, training_steps
-from unialign_jax.checkpoints.pipeline import PipelineComponents, index_text_length, read_index
+from unialign_jax.checkpoints.pipeline import PipelineComponents, TrainedWith, read_index
 from unialign_jax.checkpoints.training_steps import CHECKPOINT_DIR
 from unialign_jax.diffusion import flow
 from unialign_jax.models import lora
 from unialign_jax.models.mmdit import MMDiTConfig
-from unialign_jax.text.tokenizer import load_tokenizer, mask_token_id
+from unialign_jax.text.tokenizer import NULL_PROMPT, load_tokenizer, mask_token_id
 
 RUN_CONFIG_FILE = "config.json"
 STATE_ITEM = "state"
@@ -305,17 +305,19 @@ def scheduler_of(config: dict) -> dict:
     return {"shift": flow.INFERENCE_SHIFT, "num_train_timesteps": flow.NUM_TRAIN_TIMESTEPS}
 
 
-def run_text_length(config: dict) -> int:
-    """Prompt tokens a run (its config.json) trained with: what it is sampled at."""
-    return int(config["data"]["max_length"])
+def run_trained_with(config: dict) -> TrainedWith:
+    """What a run (its config.json) trained with, and so is sampled with: its prompt length,
+    its resolution and the null prompt its instructions were dropped to."""
+    return TrainedWith(text_length=int(config["data"]["max_length"]),
+                       resolution=int(config["data"]["resolution"]), negative_prompt=NULL_PROMPT)
 
 
-def text_length(path: str) -> int:
-    """Prompt tokens the transformer of a training work dir or pipeline folder `path` was
-    trained with, read without loading anything."""
+def trained_with(path: str) -> TrainedWith:
+    """What the transformer of a training work dir or pipeline folder `path` was trained
+    with, read without loading anything."""
     if is_training_run(path):
-        return run_text_length(read_run_config(path))
-    return index_text_length(read_index(path))
+        return run_trained_with(read_run_config(path))
+    return TrainedWith.from_index(read_index(path))
 
 
 def describe(workdir: str, step: int | None = None, weights: str | None = None) -> dict:
@@ -345,9 +347,9 @@ def load_run_components(workdir: str, dtype=jnp.float32, *, vae_dtype=jnp.float3
     t5 = frozen_module(workdir, "t5", model_config(workdir, "t5", vocab, config), dtype,
                        param_dtype=param_dtype, config=config, attention=attention, **common)
     vae = frozen_module(workdir, "vae", model_config(workdir, "vae", vocab, config),
-                        vae_dtype, shardings=shardings, config=config)
+                        vae_dtype, config=config, attention=attention, **common)
     return PipelineComponents(
         transformer=transformer, t5=t5, vae=vae, tokenizer=tokenizer,
         scheduler=scheduler_of(config), mask_token_id=mask_token_id(tokenizer),
-        path=os.path.abspath(workdir), text_length=run_text_length(config))
+        path=os.path.abspath(workdir), trained_with=run_trained_with(config))
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from unialign_jax import compilation_cache
 from unialign_jax.checkpoints import training_runs
 from unialign_jax.checkpoints.io import CheckpointError
+from unialign_jax.checkpoints.pipeline import TrainedWith
 from unialign_jax.checkpoints.training_runs import WEIGHTS
 from unialign_jax.files import (disk_full_message, is_disk_full, jsonl, read_json_or_none,
                                 remove_stale_partials, save_png, write_json,
@@ -27,8 +28,8 @@ from unialign_jax.files import (disk_full_message, is_disk_full, jsonl, read_jso
 from unialign_jax.images import RESIZE_MODES
 from unialign_jax.models.attention import IMPLEMENTATIONS
 from unialign_jax.parallel import batch_ways
-from unialign_jax.sampling.pipeline import (DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT,
-                                            DEFAULT_STEPS, MAX_CONDITION_IMAGES, chunk_size)
+from unialign_jax.sampling.pipeline import (DEFAULT_GUIDANCE, DEFAULT_STEPS,
+                                            MAX_CONDITION_IMAGES, chunk_size)
 from unialign_jax.sampling.preprocess import InputError, check_resolution, load_image
 
 TASKS = {
@@ -121,13 +122,27 @@ def lora_of(args) -> dict | None:
             "file": [stat.st_size, stat.st_mtime_ns]}
 
 
-def text_length_of(args) -> int | None:
-    """The prompt length --ckpt samples at (recorded in every sidecar); None when --ckpt
-    cannot be read, which loading reports."""
+def trained_with_of(args) -> TrainedWith:
+    """What --ckpt's model was trained with: the defaults of the prompt length, the sizes and
+    the negative prompt (each recorded in every sidecar). The release's when --ckpt cannot
+    be read, which loading then reports."""
     try:
-        return training_runs.text_length(args.ckpt)
+        return training_runs.trained_with(args.ckpt)
     except (OSError, CheckpointError, ValueError, KeyError):
-        return None
+        return TrainedWith()
+
+
+def fill_recorded_defaults(args) -> None:
+    """Options left unset take what the model was trained with."""
+    trained = trained_with_of(args)
+    args.text_length = trained.text_length
+    for name in ("height", "width", "resolution"):
+        if getattr(args, name, False) is None:
+            setattr(args, name, trained.resolution)
+    if getattr(args, "negative_prompt", False) is None:
+        args.negative_prompt = trained.negative_prompt
+    if args.task == "caption" and args.length is None:
+        args.length = args.text_length
 
 
 def checkpoint_of(args) -> dict | None:
@@ -165,15 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true",
                        help="redo items whose outputs already exist")
         if task == "t2i":
-            p.add_argument("--height", type=int, default=512,
-                           help="pixels, a multiple of 16 (default %(default)s)")
-            p.add_argument("--width", type=int, default=512,
-                           help="pixels, a multiple of 16 (default %(default)s)")
+            p.add_argument("--height", type=int, default=None,
+                           help="pixels, a multiple of 16 (default: the resolution the model "
+                                "was trained at, 512 for the release)")
+            p.add_argument("--width", type=int, default=None,
+                           help="pixels, a multiple of 16 (default: as --height)")
         else:
             p.add_argument("--image", action="append", default=[],
                            help="input image (repeatable; compose: the condition images)")
-            p.add_argument("--resolution", type=int, default=512,
-                           help="side in pixels, a multiple of 16 (default %(default)s)")
+            p.add_argument("--resolution", type=int, default=None,
+                           help="side in pixels, a multiple of 16 (default: the resolution "
+                                "the model was trained at, 512 for the release)")
             p.add_argument("--resize", choices=RESIZE_MODES, default="crop",
                            help="crop: square inputs, short side resized (bicubic) and "
                                 "centre-cropped, as the release (default); fit / pad: keep the "
@@ -192,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "this task)")
             p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                            help="classifier-free guidance scale (default %(default)s)")
-            p.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT,
-                           help="negative prompt (default: the release's)")
+            p.add_argument("--negative-prompt", default=None,
+                           help="negative prompt (default: the one the model's folder "
+                                "records: infer.py's for the release, the null prompt \" \" "
+                                "its instructions were dropped to for a model trained here)")
     return parser
 
 
@@ -248,6 +267,8 @@ def collect_items(args) -> list[dict]:
     else:
         items = [{"prompt": p, "images": [im]} for im, p in _pair(images, prompts)]
     items += file_items
+    if not items and args.prompts_file and not (args.prompt or images):
+        raise InputError(f"the prompts file {args.prompts_file} holds no prompts")
     if not items:
         raise InputError("nothing to do: give --prompt/--image or --prompts-file")
     for i, item in enumerate(items):
@@ -326,12 +347,24 @@ def run_task(pipe, args, items: list[dict]) -> None:
 
 
 def at_run_shape(pipe, items: list[dict], total: int) -> list[dict]:
-    """`items` padded, with copies of the last one that write nothing, to the batch size
-    of a run of all `total` items: XLA's results depend on the batch shape, so the items a
-    resumed run redoes come out byte-identical to an uninterrupted run's only at its
-    shape."""
+    """`items` laid out as a run of all `total` items batches them: XLA's results depend on
+    the batch shape and, on some CPUs, on an item's row in the batch, so the items a resumed
+    run redoes come out byte-identical to an uninterrupted run's only at its shape and row.
+    Items that carry their `position` in the uninterrupted run are put back at its row of
+    its chunk; every other slot, and the padding of a short chunk, holds a copy of an item
+    of the chunk that writes nothing."""
     size = chunk_size(total, pipe.batch_size, batch_ways(pipe.mesh))
-    return items + [{**items[-1], "write": lambda result: None}] * (size - len(items))
+    if any("position" not in item for item in items):
+        return items + [{**items[-1], "write": lambda result: None}] * (size - len(items))
+    chunks: dict[int, list] = {}
+    for item in items:
+        row, slot = divmod(item["position"], size)
+        chunks.setdefault(row, [None] * size)[slot] = item
+    laid_out = []
+    for chunk in chunks.values():
+        filler = {**next(it for it in chunk if it is not None), "write": lambda result: None}
+        laid_out += [filler if it is None else it for it in chunk]
+    return laid_out
 
 
 def run_skipping_bad_items(run: Callable[[list[dict]], None], items: list[dict],
@@ -368,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        fill_recorded_defaults(args)
         if args.task == "t2i":
             check_resolution(args.height, args.width)
         else:
@@ -376,9 +410,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InputError(f"--steps must be at least 1, got {args.steps}")
         items = collect_items(args)
         args.training_run = checkpoint_of(args) if os.path.isdir(args.ckpt) else None
-        args.text_length = text_length_of(args)
-        if args.task == "caption" and args.length is None:
-            args.length = args.text_length
         args.lora_record = lora_of(args)
     except InputError as e:
         parser.error(str(e))
@@ -392,12 +423,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed.append(item["settings"]["index"])
         print(f"skipping item {item['settings']['index']}: {message}", file=sys.stderr)
 
+    position = 0  # in the batches of a run that does every good item
     for index, item in enumerate(items):
         item["settings"] = settings_of(args, item, index)
         stem = os.path.join(args.out, f"{index:05d}")
         item["sidecar"] = stem + ".json"
         if not args.overwrite and _is_done(args, item, stem):
             already_done += 1
+            position += 1
             continue
         problem = item_problem(args, item)
         if problem is None:
@@ -409,6 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report(item, problem)
             continue
         item["write"] = _writer(args, item, stem, written)
+        item["position"], position = position, position + 1
         todo.append(item)
 
     if todo:

@@ -42,9 +42,17 @@ from unialign_jax.sampling.preprocess import (InputError, check_input_size, chec
                                               check_resolution, load_image, preprocess, to_pil)
 from unialign_jax.text.tokenizer import decode, prompt_ids, tokenize
 
-DEFAULT_NEGATIVE_PROMPT = (
-    "low quality, blurry, low resolution, backlit, cartoon, animated, deformed, "
-    "oversaturated, undersaturated, out of frame")
+
+
+class _Recorded:
+    """The default of `negative_prompt`: the one the pipeline records for its model
+    (`TrainedWith`); None keeps meaning "no guidance"."""
+
+    def __repr__(self) -> str:
+        return "RECORDED"
+
+
+RECORDED = _Recorded()
 # Composition in the release uses up to 3 condition images (spec section 1).
 MAX_CONDITION_IMAGES = 3
 # Per-task defaults of the release's pipeline (modules/pipeline.py): text-to-image 28 Euler
@@ -123,7 +131,7 @@ class UniAlignPipeline:
 
     Args:
       components: a `PipelineComponents` (transformer, t5, vae, tokenizer, scheduler dict
-        with 'shift' and 'num_train_timesteps', mask_token_id, path, text_length), as built
+        with 'shift' and 'num_train_timesteps', mask_token_id, path, trained_with), as built
         by `unialign_jax.load_pipeline`.
       mesh: a `unialign_jax.parallel.make_mesh` mesh (default: every device on 'fsdp');
         each batch is split over data × fsdp and the weights and activations are placed by
@@ -133,7 +141,10 @@ class UniAlignPipeline:
       progress: show tqdm progress bars (in steps, over all items).
 
     Every task takes `seed` (an int: item i uses seed + i; or one seed per item) and
-    `on_result(index, output)`, called as each output is ready.
+    `on_result(index, output)`, called as each output is ready. Sizes, the prompt length and
+    the negative prompt default to what the model was trained with (`trained_with`: the
+    release's 512 px, 256 tokens and infer.py's negative prompt for converted release
+    folders; a run's resolution, prompt length and null prompt for its own pipelines).
     """
 
     def __init__(self, components: PipelineComponents, *, mesh: Mesh | None = None,
@@ -152,9 +163,10 @@ class UniAlignPipeline:
         self.downsampling = components.vae.config.downsample_factor
         self.max_side = cfg.pos_embed_max_size * cfg.patch_size * self.downsampling
         self.shift = float(components.scheduler.get("shift", flow.INFERENCE_SHIFT))
+        self.trained_with = components.trained_with
         # Prompts are padded to the length the model was trained with (the release's 256):
         # a model trained on short prompts degrades when its text stream is mostly padding.
-        self.text_length = components.text_length
+        self.text_length = self.trained_with.text_length
         self.num_train_timesteps = int(components.scheduler.get("num_train_timesteps",
                                                                 flow.NUM_TRAIN_TIMESTEPS))
         self.lora: dict | None = None  # the loaded LoRA: path, scale, merged, layers, ranks
@@ -210,7 +222,7 @@ class UniAlignPipeline:
             files.write_json(os.path.join(tmp, INDEX_FILE), {
                 "format": FORMAT, "source": c.path, "layout": "saved", "components":
                 COMPONENT_DIRS, "scheduler": SCHEDULER_FILE, "vocab_size": len(c.tokenizer),
-                "text_length": c.text_length,
+                **c.trained_with.as_index(),
                 "mask_token_id": c.mask_token_id, "mask_embedding": None,
                 "dtype": dtypes["transformer"], "vae_dtype": dtypes["vae"],
                 "transformer_initialised": []})
@@ -254,19 +266,22 @@ class UniAlignPipeline:
 
     # -- the five tasks -----------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str], *,
-                 negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT, height: int = 512,
-                 width: int = 512, num_steps: int = DEFAULT_STEPS["t2i"],
+                 negative_prompt: str | None | _Recorded = RECORDED, height: int | None = None,
+                 width: int | None = None, num_steps: int = DEFAULT_STEPS["t2i"],
                  guidance_scale: float = DEFAULT_GUIDANCE, seed: int | Sequence[int] = 0,
                  on_result: OnResult | None = None) -> list[Image.Image]:
-        """Text-to-image: one image per prompt (`negative_prompt=None`: no guidance)."""
+        """Text-to-image: one image per prompt (`negative_prompt=None`: no guidance; sizes
+        default to the trained resolution)."""
         prompts = check_prompts(prompts)
+        height = self.trained_with.resolution if height is None else height
+        width = self.trained_with.resolution if width is None else width
         check_resolution(height, width, self.max_side)
         return self._diffuse(prompts, [[] for _ in prompts], [(width, height)] * len(prompts),
                              "crop", negative_prompt, num_steps, guidance_scale,
                              _seeds(seed, len(prompts)), on_result)
 
     def edit(self, images: Sequence[Any], instructions: str | Sequence[str], *,
-             negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT, resolution: int = 512,
+             negative_prompt: str | None | _Recorded = RECORDED, resolution: int | None = None,
              resize: str = "crop", num_steps: int = DEFAULT_STEPS["edit"],
              guidance_scale: float = DEFAULT_GUIDANCE, seed: int | Sequence[int] = 0,
              on_result: OnResult | None = None) -> list[Image.Image]:
@@ -289,8 +304,8 @@ class UniAlignPipeline:
         return self.edit(images, instructions, **kwargs)
 
     def compose(self, image_lists: Sequence[Sequence[Any]], instructions: str | Sequence[str],
-                *, negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
-                resolution: int = 512, resize: str = "crop",
+                *, negative_prompt: str | None | _Recorded = RECORDED,
+                resolution: int | None = None, resize: str = "crop",
                 num_steps: int = DEFAULT_STEPS["compose"],
                 guidance_scale: float = DEFAULT_GUIDANCE, seed: int | Sequence[int] = 0,
                 on_result: OnResult | None = None) -> list[Image.Image]:
@@ -311,9 +326,12 @@ class UniAlignPipeline:
         return self._diffuse(instructions, lists, sizes, resize, negative_prompt, num_steps,
                              guidance_scale, _seeds(seed, len(lists)), on_result)
 
-    def input_size(self, image: Image.Image, resolution: int, resize: str) -> tuple[int, int]:
+    def input_size(self, image: Image.Image, resolution: int | None, resize: str
+                   ) -> tuple[int, int]:
         """(width, height) of the model input made from `image`: square for "crop", else its
-        aspect bucket; checked against the model's position table."""
+        aspect bucket (of about `resolution`², default the trained resolution); checked
+        against the model's position table."""
+        resolution = self.trained_with.resolution if resolution is None else resolution
         if resize not in RESIZE_MODES:
             raise InputError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         check_resolution(resolution, resolution)
@@ -323,7 +341,7 @@ class UniAlignPipeline:
         return size
 
     def caption(self, images: Sequence[Any], *, prompt: str | Sequence[str] | None = None,
-                prefix: str | Sequence[str] | None = None, resolution: int = 512,
+                prefix: str | Sequence[str] | None = None, resolution: int | None = None,
                 resize: str = "crop", length: int | None = None,
                 num_steps: int = DEFAULT_STEPS["caption"],
                 seed: int | Sequence[int] = 0, on_result: OnResult | None = None
@@ -374,11 +392,12 @@ class UniAlignPipeline:
                 bar.update(real * num_steps)
         return [texts[i] for i in range(len(images))]
 
-    def reconstruct(self, images: Sequence[Any], *, resolution: int = 512,
+    def reconstruct(self, images: Sequence[Any], *, resolution: int | None = None,
                     seed: int | Sequence[int] = 0) -> list[Image.Image]:
         """Each image through the VAE and back (a posterior sample, decoded): what the
         latent space keeps of it."""
         images = self._images(images)
+        resolution = self.trained_with.resolution if resolution is None else resolution
         check_resolution(resolution, resolution, self.max_side)
         seeds = _seeds(seed, len(images))
         out: dict[int, Image.Image] = {}
@@ -391,11 +410,14 @@ class UniAlignPipeline:
 
     # -- shared machinery ---------------------------------------------------------------
     def _diffuse(self, prompts: list[str], condition_images: list[list[Image.Image]],
-                 sizes: list[tuple[int, int]], resize: str, negative_prompt: str | None,
-                 num_steps: int, guidance_scale: float, seeds: list[int],
-                 on_result: OnResult | None) -> list[Image.Image]:
+                 sizes: list[tuple[int, int]], resize: str,
+                 negative_prompt: str | None | _Recorded, num_steps: int,
+                 guidance_scale: float, seeds: list[int], on_result: OnResult | None
+                 ) -> list[Image.Image]:
         """Flow sampling for every item, chunked by (number of condition images, size)."""
         _check_steps(num_steps)
+        if negative_prompt is RECORDED:
+            negative_prompt = self.trained_with.negative_prompt
         if negative_prompt is not None:
             check_prompts([negative_prompt], "negative prompt")
         negative = (None if negative_prompt is None

@@ -15,6 +15,9 @@ from typing import Iterable, Sequence
 import numpy as np
 
 MAX_LENGTH = 256
+# The prompt training drops an instruction to (10% of samples, the release's " "): what the
+# unconditional branch of classifier-free guidance learns.
+NULL_PROMPT = " "
 MASK_TOKEN = "<extra_id_0>"
 
 
