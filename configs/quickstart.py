@@ -4,8 +4,8 @@
 small VAE fitted to the shapes, then fills in the paths below and calls the trainer; to run
 it by hand:
 
-  unialign-train --config quickstart --workdir /tmp/qs models.tokenizer=DIR \\
-      models.vae_path=DIR data.t2i_shards="('SHARDS/t2i',)" data.edit_shards="('SHARDS/edit',)"
+  unialign-train --config quickstart --workdir /tmp/qs models.tokenizer=DIR models.vae_path=DIR \\
+      data.tasks="{'t2i': ('SHARDS/t2i',), 'edit': ('SHARDS/edit',), 'compose': ('SHARDS/compose',)}"
 """
 
 from unialign_jax.models.mmdit_config import MMDiTConfig
@@ -32,10 +32,13 @@ def get_config() -> TrainConfig:
         compute=ComputeConfig(dtype="float32", param_dtype="float32",
                               frozen_param_dtype="float32", remat_policy="none"),
         # Every word is one token (`apps/quickstart.tokenizer_texts`): the longest caption
-        # or instruction is 6 tokens with its `</s>`. Three text-to-image batches per
-        # editing batch (the release alternates 1:1): the report scores generated shapes,
-        # and at this size editing and caption steps compete with them for 4 layers.
-        data=DataConfig(resolution=32, max_length=8, task_weights=(3.0, 1.0)),
+        # (two shapes) is 8 tokens with its `</s>`. Three text-to-image batches per editing
+        # batch (the release alternates 1:1): the report scores generated shapes, and at
+        # this size editing and caption steps compete with them for 4 layers. One
+        # composition batch per 6 + 2 of those, with 250 more steps: the text-to-image and
+        # editing steps stay 1500 and 500.
+        data=DataConfig(resolution=32, max_length=8,
+                        task_weights={"t2i": 6, "edit": 2, "compose": 1}),
         # A short run from scratch: a far higher lr than the release's 3e-5, decayed to 0 at
         # the last step. Held-out shape accuracy of this config (288 prompts) at lr 1e-3 /
         # 2e-3 / 4e-3: 0.66 / 0.75 / 0.89; 64 wide (head_dim 16), 1:1 tasks, caption
@@ -45,6 +48,6 @@ def get_config() -> TrainConfig:
         # The release's loss weights; the alignment terms run against the stand-in
         # teacher's features.
         loss=LossConfig(block_depth=2),
-        run=RunConfig(batch_size=32, micro_batch_per_device=32, num_steps=2000, log_every=10,
+        run=RunConfig(batch_size=32, micro_batch_per_device=32, num_steps=2250, log_every=10,
                       ckpt_every=500, keep_checkpoints=2, async_checkpoints=True),
     )

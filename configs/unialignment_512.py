@@ -11,7 +11,10 @@ Set the model and data paths on the command line, e.g.
 
   unialign-train --config unialignment_512 --workdir gs://BUCKET/unialign_512 \\
       models.pipeline=/models/unialign_jax_sd3_medium \\
-      data.t2i_shards="('/data/t2i',)" data.edit_shards="('/data/edit',)"
+      data.tasks="{'t2i': ('/data/t2i',), 'edit': ('/data/edit',)}"
+
+(the release alternates text-to-image and editing batches; a composition corpus joins the
+mix as "{..., 'compose': ('/data/compose',)}", its weight in data.task_weights, 1 if unset).
 
 `models.pipeline` is a folder converted with `unialign-convert pipeline` (SD3-medium: the
 transformer is ported to the UniAlignment layout; or the released UniAlignment weights).

@@ -35,8 +35,7 @@ def train_command(workdir: str, out: str) -> list[str]:
         run = json.load(f)
     overrides = [f"models.tokenizer={run['models']['tokenizer']}",
                  f"models.vae_path={run['models']['vae_path']}",
-                 f"data.t2i_shards={tuple(run['data']['t2i_shards'])!r}",
-                 f"data.edit_shards={tuple(run['data']['edit_shards'])!r}",
+                 f"data.tasks={run['data']['tasks']!r}",
                  "run.num_steps=2", "run.progress_bar=False", "run.tensorboard=False"]
     shutil.rmtree(out, ignore_errors=True)
     return [sys.executable, "-m", "unialign_jax.training.cli", "--config", "quickstart",

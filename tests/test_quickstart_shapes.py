@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from unialign_jax.apps.shape_score import best_shapes, foreground, shape_accuracy
+from unialign_jax.apps.shape_score import (best_shapes, composition_score, foreground,
+                                           shape_accuracy, shapes_present)
 from unialign_jax.data import synth
 
 SIZE = 32
@@ -90,3 +91,52 @@ def test_mismatched_lengths_and_non_square_images_fail_clearly():
         shape_accuracy(images, kinds[:1])
     with pytest.raises(ValueError, match="square images"):
         best_shapes([np.zeros((SIZE, SIZE + 2, 3), np.uint8)])
+
+
+def _compositions(n, seed, count):
+    rng = np.random.default_rng(seed)
+    scenes = [synth.random_scene(rng, SIZE, count=count, distinct_colours=True)
+              for _ in range(n)]
+    scenes = [s for s in scenes if len(s) == count]
+    return scenes, [[(shape.colour, shape.kind) for shape in s] for s in scenes]
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_composition_score_finds_every_shape_of_a_composed_scene(count):
+    """Clean and degraded composed scenes: all shapes present; one source alone (a copy
+    of the first input): only its own shape; another kind in the right colour and place:
+    not present; a blank image: nothing."""
+    scenes, wanted = _compositions(60, seed=10 + count, count=count)
+    assert len(scenes) > 40
+    rendered = [synth.render(s, SIZE) for s in scenes]
+    assert composition_score(rendered, wanted) == {"all_present": 1.0, "shape_recall": 1.0}
+    rng = np.random.default_rng(7)
+    assert composition_score([_degrade(im, rng, blur=0.7, noise=20.0) for im in rendered],
+                             wanted)["all_present"] >= 0.9
+    first_only = shapes_present([synth.render(s[:1], SIZE) for s in scenes], wanted)
+    assert first_only[:, 0].all() and not first_only[:, 1:].any()
+    other = {"square": "circle", "circle": "triangle", "triangle": "square"}
+    swapped = [[synth.Shape(x.colour, other[x.kind], x.box) for x in s] for s in scenes]
+    assert composition_score([synth.render(s, SIZE) for s in swapped], wanted
+                             )["shape_recall"] <= 0.1
+    blank = [synth.render([], SIZE)] * len(scenes)
+    assert composition_score(blank, wanted)["shape_recall"] == 0.0
+    with pytest.raises(ValueError, match="one scene"):
+        shapes_present(rendered[:1], wanted[:2])
+
+
+def test_every_quickstart_text_fits_its_prompt_length(tmp_path):
+    """The quickstart's tokenizer keeps the corpus' texts — two-shape composition captions
+    and the composition instruction included — within `data.max_length` (8) with `</s>`."""
+    from unialign_configs import load
+
+    from unialign_jax.apps.quickstart import make_tokenizer
+
+    tok = make_tokenizer(str(tmp_path))
+    rng = np.random.default_rng(0)
+    pairs = [synth.caption(synth.random_scene(rng, SIZE, count=2, distinct_colours=True))
+             for _ in range(50)]
+    texts = synth.corpus_texts() + pairs
+    lengths = [len(tok(text).input_ids) for text in texts]
+    assert max(lengths) <= load("quickstart").data.max_length
+    assert len(tok(synth.COMPOSE_INSTRUCTION).input_ids) < max(lengths)

@@ -47,7 +47,8 @@ def test_dotted_overrides_parse_literals_strings_and_sections():
         "models.tokenizer=gs://x/tok", "mesh.distributed=True", "optimizer.warmup_steps=0",
         "optimizer.ema_decay=None", "loss.contrastive_scope=global"])
     assert cfg.optimizer.lr == 1e-4 and cfg.run.num_steps == 10
-    assert cfg.data.t2i_shards == ("/data/a",) and cfg.data.edit_shards == ("/b", "/c")
+    # The retired keys data.t2i_shards / data.edit_shards set entries of data.tasks.
+    assert cfg.data.tasks == {"t2i": ("/data/a",), "edit": ("/b", "/c")}
     assert cfg.models.transformer.num_layers == 2
     assert cfg.models.transformer.num_heads == MMDiTConfig().num_heads   # others kept
     assert (cfg.models.t5.num_layers, cfg.models.t5.d_model) == (3, 64)
@@ -63,6 +64,9 @@ def test_dotted_overrides_parse_literals_strings_and_sections():
 @pytest.mark.parametrize("override, message", [
     ("nope=1", "unknown config key 'nope'"),
     ("lr=1", "did you mean optimizer.lr"),
+    ("optimiser.lr=1", "did you mean optimizer.lr"),
+    ("optimizer.lrr=1", r"did you mean optimizer\.lr\?"),
+    ("data.resolutoin=64", "did you mean data.resolution"),
     ("optimizer.lr", "not key=value"),
     ("run.batch_size=1.5", "expected int"),
     ("optimizer.lr=fast", "expected float"),
@@ -73,6 +77,36 @@ def test_dotted_overrides_parse_literals_strings_and_sections():
 def test_bad_overrides_fail_clearly(override, message):
     with pytest.raises(ValueError, match=message):
         configlib.apply_overrides(TrainConfig(), [override])
+
+
+def test_the_task_mix_is_one_mapping_whatever_its_spelling():
+    """t2i, edit and compose enter `data.tasks` / `data.task_weights` alike; the old keys
+    and the tuple of weights are the same mapping; the cycle takes the tasks in a fixed
+    order; a config.json from before `data.tasks` still loads."""
+    mapping = configlib.apply_overrides(TrainConfig(), [
+        "data.tasks={'compose': '/c', 'edit': ['/e'], 't2i': ('/t1', '/t2')}",
+        "data.task_weights={'t2i': 3, 'compose': 2}"])
+    assert mapping.data.trained() == [("t2i", ("/t1", "/t2"), 3.0), ("edit", ("/e",), 1.0),
+                                      ("compose", ("/c",), 2.0)]
+    old = configlib.apply_overrides(TrainConfig(), [
+        "data.t2i_shards=('/t1', '/t2')", "data.edit_shards=/e", "data.task_weights=(3, 1)"])
+    assert old.data.trained() == [("t2i", ("/t1", "/t2"), 3.0), ("edit", ("/e",), 1.0)]
+    dropped = configlib.apply_overrides(mapping, ["data.edit_shards=()"])
+    assert [task for task, _, _ in dropped.data.trained()] == ["t2i", "compose"]
+    assert TrainConfig().data.trained() == []  # and validate() says "no training data"
+    saved = mapping.to_dict()
+    assert set(saved["data"]) >= {"tasks", "task_weights"} and "t2i_shards" not in saved["data"]
+    assert TrainConfig.from_dict(saved) == mapping
+    legacy = dict(saved, data={**{k: v for k, v in saved["data"].items() if k != "tasks"},
+                               "t2i_shards": ["/t1", "/t2"], "edit_shards": ["/e"],
+                               "task_weights": [3.0, 1.0]})
+    assert TrainConfig.from_dict(legacy).data == old.data
+    with pytest.raises(ValueError, match="more weights than the 3 tasks"):
+        configlib.apply_overrides(TrainConfig(), ["data.task_weights=(1, 1, 1, 1)"])
+    bad = configlib.apply_overrides(mapping, ["data.tasks={'video': '/v', 't2i': '/t'}",
+                                              "data.task_weights={'t2i': 0}"])
+    problems = " ".join(bad.data.problems())
+    assert "unknown tasks ['video']" in problems and "to positive numbers" in problems
 
 
 def test_config_json_round_trip():
@@ -92,7 +126,7 @@ def test_validate_reports_every_problem():
         cfg.validate()
     text = str(err.value)
     for part in ("run.batch_size", "loss.null_prompt_prob", "no training data", "tokenizer",
-                 "data.task_weights must be two positive numbers",
+                 "data.task_weights must map tasks of ['t2i', 'edit', 'compose'] to positive",
                  "optimizer.cosine_end_step (10) must be 0 (no decay), -1 (the last step) or a "
                  "step after the warmup"):
         assert part in text

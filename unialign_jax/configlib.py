@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import functools
 import types
 import typing
-from typing import Any, Iterator
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 
 class JsonConfig:
     """Mixin for a frozen dataclass: `to_dict()` and a `from_dict()` that names unknown
     fields and rebuilds nested dataclasses and tuples."""
+
+    # Retired keys still read, by config files, overrides and older config.json files:
+    # {old name: function(config, value) -> config with the value in its new place}.
+    # `to_dict` writes only the current fields.
+    ALIASES: ClassVar[Mapping[str, Callable[[Any, Any], Any]]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -52,18 +58,25 @@ def from_dict(cls, d: dict[str, Any]):
     if not isinstance(d, dict):
         raise ValueError(f"{cls.__name__}: expected a mapping of fields, got {type(d).__name__}")
     types_ = field_types(cls)
-    unknown = set(d) - set(types_)
+    aliases = getattr(cls, "ALIASES", {})
+    unknown = set(d) - set(types_) - set(aliases)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
     values = {}
     for name, value in d.items():
+        if name in aliases:
+            continue
         nested = _nested_class(types_[name])
         if nested is not None and isinstance(value, dict):
             value = from_dict(nested, value)
         elif isinstance(value, list):
             value = tuple(value)
         values[name] = value
-    return cls(**values)
+    config = cls(**values)
+    for name in aliases:
+        if name in d:
+            config = aliases[name](config, d[name])
+    return config
 
 
 def parse_value(text: str) -> Any:
@@ -107,6 +120,9 @@ def replace_path(config, path: list[str], value: Any, key: str):
     dict given for a nested config updates only the fields it names."""
     types_ = field_types(type(config))
     name = path[0]
+    alias = getattr(config, "ALIASES", {}).get(name)
+    if alias is not None and len(path) == 1:
+        return alias(config, value)
     if name not in types_:
         raise KeyError(name)
     current = getattr(config, name)
@@ -140,6 +156,18 @@ def get_path(config, key: str) -> Any:
     return config
 
 
+def _did_you_mean(key: str, leaves: list[str]) -> list[str]:
+    """The same field in another section (optimiser.lr -> optimizer.lr), else the nearest
+    spellings of the field within its section (optimizer.lrr -> optimizer.lr)."""
+    section, _, name = key.rpartition(".")
+    same_name = [k for k in leaves if k.rpartition(".")[2] == name]
+    if same_name:
+        return same_name
+    siblings = {k.rpartition(".")[2]: k for k in leaves if k.rpartition(".")[0] == section}
+    return [siblings[n] for n in difflib.get_close_matches(name, list(siblings), n=3,
+                                                             cutoff=0.6)]
+
+
 def apply_overrides(config, overrides: list[str]):
     """`key=value` overrides (dotted keys into nested sections) onto a copy of `config`."""
     for item in overrides:
@@ -150,7 +178,7 @@ def apply_overrides(config, overrides: list[str]):
             config = replace_path(config, key.split("."), parse_value(text), key)
         except KeyError:
             leaves = [k for k, _ in iter_keys(type(config))]
-            close = [k for k in leaves if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+            close = _did_you_mean(key, leaves)
             raise ValueError(f"unknown config key {key!r}"
                              + (f"; did you mean {' or '.join(close)}?" if close else
                                 "; --help lists every key")) from None

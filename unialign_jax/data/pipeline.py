@@ -5,8 +5,9 @@ batches of the per-host size b; host `p` of `P` takes batches p, p + P, p + 2P, 
 so global batch k is host 0's k-th batch, then host 1's, ...: exactly the single-host
 run's global batch k, row for row, and hosts never share a sample. Each record is decoded
 to float32 [-1, 1] channels-last images and its texts tokenised like the release (pad
-`</s>`, fixed length); records are batched per task, and the task streams alternate one
-batch each (the release: one step text-to-image, one step editing).
+`</s>`, fixed length); records are batched per task, and the task streams (text-to-image,
+editing, composition) alternate in a fixed cycle of `task_weights` batches each (the
+release: one step text-to-image, one step editing).
 
 A record that cannot be read or decoded stops the pipeline with a `CorruptRecord` error
 naming its shard and position; with `skip_corrupt` it is replaced by the next readable
@@ -35,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import signal
 import threading
 from typing import Mapping, Sequence
 
@@ -43,14 +45,15 @@ import numpy as np
 
 from unialign_jax.data import images as image_ops
 from unialign_jax.images import to_model_range
+from unialign_jax.data.jsonl import KINDS
 from unialign_jax.data.records import decode_record
-from unialign_jax.data.source import CorruptRecord, ShardSource
-from unialign_jax.data.tfds_source import open_source
+from unialign_jax.data.source import CorruptRecord, ShardSource, read_summary
+from unialign_jax.data.tfds_source import is_tfds, open_source
 from unialign_jax.text.tokenizer import MAX_LENGTH, load_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
 
-TASK_IDS = {"t2i": 0, "edit": 1, "compose": 2}
+TASK_IDS = {task: i for i, task in enumerate(KINDS)}  # t2i 0, edit 1, compose 2
 _TOKENIZER_LOCK = threading.Lock()
 
 
@@ -148,6 +151,14 @@ def _host(cfg: PipelineConfig) -> tuple[int, int]:
     return index, count
 
 
+def condition_images(task: str, folders: Sequence[str]) -> int:
+    """Source images per sample of a task's corpus — 0 for text-to-image, 1 for editing, the
+    build's `--compose-sources` for composition —: the `K` of its batches' `sources`."""
+    if task == "t2i":
+        return 0
+    return 1 if is_tfds(folders[0]) else int(read_summary(folders[0])["num_sources"])
+
+
 def task_batches(task: str, folders: Sequence[str], cfg: PipelineConfig, seed: int
                  ) -> grain.MapDataset:
     """Shuffled, host-sharded, decoded and batched stream of one task's shard folders (or
@@ -187,8 +198,16 @@ def training_dataset(corpora: Mapping[str, Sequence[str]], cfg: PipelineConfig
     if cfg.num_workers:
         _allow_unparsed_absl_flags()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer))
+            num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer),
+            worker_init_fn=_ignore_interrupts)
     return ds
+
+
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+    """Data workers leave Ctrl-C to the trainer: a terminal sends SIGINT to the whole
+    process group, and the trainer finishes its step and saves (it needs the workers for
+    that, and closes them itself)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def training_iterator(corpora: Mapping[str, Sequence[str]], cfg: PipelineConfig

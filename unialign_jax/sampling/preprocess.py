@@ -116,5 +116,8 @@ def preprocess(images_: Sequence[Image.Image], size: int | tuple[int, int],
 def to_pil(images) -> list[Image.Image]:
     """(B, H, W, 3) in [-1, 1] → uint8 PIL images, as the release converts them:
     clamp(x·0.5 + 0.5, 0, 1)·255, truncated (not rounded) to integers."""
-    arr = np.clip(np.asarray(images, np.float32) * np.float32(0.5) + np.float32(0.5), 0.0, 1.0)
+    from unialign_jax.parallel.placement import to_host  # gathered across processes
+
+    arr = np.clip(to_host(images).astype(np.float32) * np.float32(0.5) + np.float32(0.5),
+                  0.0, 1.0)
     return [Image.fromarray(a) for a in (arr * np.float32(255)).astype(np.uint8)]

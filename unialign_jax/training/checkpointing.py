@@ -156,19 +156,29 @@ def _short(error: BaseException) -> str:
 
 
 class PreemptionSignal:
-    """Turns SIGTERM (what Cloud TPU and schedulers send before preemption) into a flag the
-    training loop polls once per step, so the current step finishes and a checkpoint is
-    written before exiting. Restores the previous handler on exit."""
+    """Turns SIGTERM (what Cloud TPU and schedulers send before preemption) and SIGINT
+    (Ctrl-C) into a flag the training loop polls once per step, so the current step finishes
+    and a checkpoint is written before exiting. A second Ctrl-C stops at once (Python's
+    KeyboardInterrupt), for a user who will not wait for the step. Restores the previous
+    handlers on exit."""
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.signals, self._previous, self._event = signals, {}, threading.Event()
+        self.signum: int | None = None  # the first signal received
 
     @property
     def requested(self) -> bool:
         return self._event.is_set()
 
     def _handle(self, signum, frame):
-        log.warning("received signal %d: saving a checkpoint after this step", signum)
+        if self.signum is None:
+            self.signum = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            log.warning("interrupted: saving a checkpoint after this step (Ctrl-C again to "
+                        "stop at once, losing the steps since the last checkpoint)")
+        else:
+            log.warning("received signal %d: saving a checkpoint after this step", signum)
         self._event.set()
 
     def __enter__(self):

@@ -18,6 +18,7 @@ import os
 from typing import Literal
 
 from unialign_jax.configlib import JsonConfig
+from unialign_jax.data.jsonl import KINDS as TASKS
 from unialign_jax.diffusion import masked
 from unialign_jax.models import lora as lora_layers
 from unialign_jax.models.mmdit_config import MMDiTConfig
@@ -59,13 +60,26 @@ class ComputeConfig(JsonConfig):
     attention: str = "auto"
 
 
+def _task_alias(task: str):
+    """`data.t2i_shards` / `data.edit_shards` (the keys before `data.tasks`): set one
+    task's folders; () drops the task."""
+    def alias(data: "DataConfig", folders) -> "DataConfig":
+        return dataclasses.replace(data, tasks={**data.tasks, task: folders})
+
+    return alias
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig(JsonConfig):
-    t2i_shards: tuple[str, ...] = ()      # shard folders of `unialign-data build --kind t2i`
-    edit_shards: tuple[str, ...] = ()     # editing + perception shard folders
-    # (text-to-image, editing) batches per cycle of the task mix: the release alternates
-    # one of each; (3, 1) gives three text-to-image steps per editing step.
-    task_weights: tuple[float, float] = (1.0, 1.0)
+    # {task: shard folders} of the tasks to train — 't2i', 'edit' (editing and perception),
+    # 'compose' — each built by `unialign-data build --kind TASK` (a task with no folders is
+    # not trained). The retired keys data.t2i_shards / data.edit_shards set one entry.
+    tasks: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # Batches of each task per cycle of the mix, {task: weight} (a task not named: 1); the
+    # cycle takes the tasks in TASKS order. The release alternates one text-to-image and one
+    # editing batch; {'t2i': 3, 'edit': 1} gives three text-to-image steps per editing step.
+    # The older tuple form lists weights in TASKS order, e.g. (3, 1).
+    task_weights: dict[str, float] | tuple[float, ...] = dataclasses.field(default_factory=dict)
     resolution: int = 512
     max_length: int = MAX_LENGTH          # caption / instruction tokens
     seed: int = 0
@@ -77,6 +91,52 @@ class DataConfig(JsonConfig):
     # Seconds to wait for one batch before failing with an error (a hung data worker or
     # storage); 0 waits forever. A crashed worker fails at once either way.
     worker_timeout_s: float = 600.0
+    # {task: held-out shard folders} of the eval loss (run.eval_every), in the form of
+    # `tasks`: read in record order, never shuffled (training/evaluation.py).
+    eval_tasks: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    ALIASES = {"t2i_shards": _task_alias("t2i"), "edit_shards": _task_alias("edit")}
+
+    def __post_init__(self):
+        # One spelling inside: folders as tuples of str, weights as {task: float}, whatever
+        # form a config file, an override or a config.json gave.
+        tasks, eval_tasks = (
+            {str(task): (folders,) if isinstance(folders, str) else tuple(folders)
+             for task, folders in dict(mapping).items()}
+            for mapping in (self.tasks, self.eval_tasks))
+        weights = self.task_weights
+        if not isinstance(weights, dict):
+            if len(weights) > len(TASKS):
+                raise ValueError(f"data.task_weights {tuple(weights)} lists more weights than "
+                                 f"the {len(TASKS)} tasks {list(TASKS)}")
+            weights = dict(zip(TASKS, weights))
+        object.__setattr__(self, "tasks", tasks)
+        object.__setattr__(self, "eval_tasks", eval_tasks)
+        object.__setattr__(self, "task_weights", weights)
+
+    def trained(self) -> list[tuple[str, tuple[str, ...], float]]:
+        """(task, shard folders, weight) of each task with folders, in TASKS order: the
+        order of the mix's cycle."""
+        return [(task, self.tasks[task], float(self.task_weights.get(task, 1.0)))
+                for task in TASKS if self.tasks.get(task)]
+
+    def problems(self) -> list[str]:
+        out = []
+        for key, mapping in (("tasks", self.tasks), ("eval_tasks", self.eval_tasks)):
+            unknown = sorted(set(mapping) - set(TASKS))
+            if unknown:
+                out.append(f"data.{key} names unknown tasks {unknown}; the tasks are "
+                           f"{list(TASKS)}")
+        weights = self.task_weights
+        if set(weights) - set(TASKS) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0
+                for w in weights.values()):
+            out.append(f"data.task_weights must map tasks of {list(TASKS)} to positive "
+                       f"numbers, got {weights}")
+        if not self.trained():
+            out.append("no training data: set data.tasks (e.g. \"{'t2i': ('DIR',), 'edit': "
+                       "('DIR',)}\") to folders built by `unialign-data build`")
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +220,23 @@ class RunConfig(JsonConfig):
     # in a row stop the run. Runs with finite losses are unaffected (the release has no
     # guard: one non-finite step spoils its weights for good).
     max_nonfinite_steps: int = 10
+    # Every this many steps (and at the last one; 0: never) the held-out eval loss of
+    # data.eval_tasks is logged as eval/<term>, and the validation prompts are sampled into
+    # WORKDIR/validation/STEP/ — both with the EMA parameters when the run keeps them.
+    eval_every: int = 0
+    eval_batches: int = 4                 # per eval task (fewer when its shards hold fewer)
+    # Rows of one eval batch, for the whole run (all hosts); None: run.batch_size. The eval
+    # loss of given weights depends on it, never on the mesh.
+    eval_batch_size: int | None = None
+    # Prompts / edit inputs sampled at every eval: a .txt file (one prompt a line) or .jsonl
+    # ({"prompt", "image" | "images", "seed"}), as `unialign-sample --prompts-file` reads;
+    # item i's seed is its own or i.
+    validation_prompts: str | None = None
+    validation_steps: int | None = None   # sampler steps; None: the release's per task
+    validation_guidance: float = 7.0
+    # None: the null prompt the run drops instructions to (what its unconditional branch
+    # learns), as a pipeline folder of the run records it.
+    validation_negative_prompt: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +302,9 @@ class TrainConfig(JsonConfig):
                            ("run.ckpt_every", self.run.ckpt_every),
                            ("run.keep_checkpoints", self.run.keep_checkpoints),
                            ("run.max_nonfinite_steps", self.run.max_nonfinite_steps),
+                           ("run.eval_batches", self.run.eval_batches),
+                           ("run.eval_batch_size", self.run.eval_batch_size or 1),
+                           ("run.validation_steps", self.run.validation_steps or 1),
                            ("mesh.heartbeat_timeout_s", self.mesh.heartbeat_timeout_s),
                            ("data.max_length", self.data.max_length),
                            ("data.resolution", self.data.resolution)):
@@ -236,9 +316,6 @@ class TrainConfig(JsonConfig):
         if self.optimizer.ema_decay is not None and not 0.0 <= self.optimizer.ema_decay < 1.0:
             problems.append(f"optimizer.ema_decay must be in [0, 1) or None, got "
                             f"{self.optimizer.ema_decay}")
-        if len(self.data.task_weights) != 2 or min(self.data.task_weights) <= 0:
-            problems.append(f"data.task_weights must be two positive numbers (text-to-image, "
-                            f"editing), got {self.data.task_weights}")
         if self.data.worker_timeout_s < 0:
             problems.append(f"data.worker_timeout_s must be >= 0 (0: no limit), got "
                             f"{self.data.worker_timeout_s}")
@@ -250,9 +327,8 @@ class TrainConfig(JsonConfig):
         if self.optimizer.warmup_steps < 0:
             problems.append(f"optimizer.warmup_steps must be >= 0, got "
                             f"{self.optimizer.warmup_steps}")
-        if not self.data.t2i_shards and not self.data.edit_shards:
-            problems.append("no training data: set data.t2i_shards and/or data.edit_shards to "
-                            "folders built by `unialign-data build`")
+        problems += self.data.problems()
+        problems += self.eval_problems()
         unresolved_base = self.lora.base and self.models.transformer_path is None
         if self.models.tokenizer is None and self.models.pipeline is None \
                 and not unresolved_base:  # a pipeline folder as lora.base may give it
@@ -261,6 +337,20 @@ class TrainConfig(JsonConfig):
         problems += self.lora.problems()
         if problems:
             raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+    def eval_problems(self) -> list[str]:
+        """run.eval_every and what it evaluates: both set, or neither."""
+        asked = [k for k, v in (("data.eval_tasks", self.data.eval_tasks),
+                                ("run.validation_prompts", self.run.validation_prompts)) if v]
+        if self.run.eval_every < 0:
+            return [f"run.eval_every must be >= 0 (0: no eval), got {self.run.eval_every}"]
+        if self.run.eval_every and not asked:
+            return [f"run.eval_every={self.run.eval_every} has nothing to evaluate: set "
+                    "data.eval_tasks (held-out shard folders) and/or run.validation_prompts"]
+        if asked and not self.run.eval_every:
+            return [f"{' and '.join(asked)} set but run.eval_every is 0 (no eval): set it to "
+                    "the steps between evals"]
+        return []
 
     def resolved(self) -> "TrainConfig":
         """A copy with the LoRA base and the pipeline folder expanded into component paths

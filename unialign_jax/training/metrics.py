@@ -3,7 +3,8 @@
 Only the main process writes. On resume, lines past the restored step (written after the
 last checkpoint by the interrupted run) are dropped, so metrics.jsonl always describes one
 uninterrupted history. The work dir may be a local path or a cloud URL (gs://...): files go
-through `etils.epath`, and the JSONL is rewritten whole (object stores cannot append).
+through `etils.epath`, and the JSONL is rewritten whole through `files.write_text`
+(object stores cannot append; each version of the file is written atomically).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import math
 import os
 
 from etils import epath
+
+from unialign_jax import files
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +67,19 @@ class MetricWriter:
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
 
+    def write_images(self, step: int, images: dict) -> None:
+        """TensorBoard images, {tag: (H, W, 3) uint8 array or PIL image} (validation
+        samples); nothing without TensorBoard or off the main process."""
+        if self._tb is None:
+            return
+        import numpy as np
+
+        for tag, image in images.items():
+            self._tb.add_image(tag, np.asarray(image), step, dataformats="HWC")
+        self._tb.flush()
+
     def _flush(self) -> None:
-        tmp = self.path.parent / (self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in self._lines))
-        tmp.replace(self.path)
+        files.write_text(self.path, "".join(line + "\n" for line in self._lines))
 
     def close(self) -> None:
         if self._tb is not None:
@@ -79,7 +91,9 @@ def _fmt(v: float) -> str:
 
 
 def plot_losses(metrics_path: str, png_path: str, keys: tuple[str, ...] | None = None) -> bool:
-    """Loss curves (one panel per loss term) as a PNG; False when matplotlib is missing."""
+    """Loss curves (one panel per loss term, six a row) as a PNG; False when matplotlib is
+    missing. `keys` default: the loss terms of the first training row. A panel draws the
+    rows that hold its key (eval/... terms are logged only every run.eval_every steps)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -90,16 +104,24 @@ def plot_losses(metrics_path: str, png_path: str, keys: tuple[str, ...] | None =
     rows = read_metrics(metrics_path)
     if not rows:
         return False
-    keys = keys or tuple(k for k in rows[0] if k.startswith("loss"))
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
-    steps = [r["step"] for r in rows]
-    for ax, key in zip(axes[0], keys):
-        ax.plot(steps, [r.get(key, float("nan")) for r in rows], lw=1)
+    first = next((r for r in rows if "loss" in r), rows[0])  # not an eval-only row
+    keys = keys or tuple(k for k in first if k.startswith("loss"))
+    cols = min(len(keys), 6)
+    rows_of_panels = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows_of_panels, cols, figsize=(3.2 * cols, 3 * rows_of_panels),
+                             squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, keys):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot([s for s, _ in points], [v for _, v in points], lw=1,
+                marker="o" if len(points) < 30 else None, ms=3)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    # Whole or not at all, on a local disk or in a bucket.
+    files.write_atomic(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return True
 

@@ -1,6 +1,7 @@
 """The UniAlignment objective on one micro-batch: two transformer passes and five losses.
 
-Image pass: the noisy target latent (plus clean source latents for editing) with the
+Image pass: the noisy target latent (plus the clean latent of every source image: one for
+editing, K for composition, as the release's `img_edit` / `img_compose` branches) with the
 instruction's T5 states, some replaced by the null prompt's. Caption pass: a clean latent
 of the target at timestep 0 with the T5 states of the partly masked caption. Then the
 contrastive loss between the two passes and the alignment of their mid-layer projections
@@ -134,7 +135,8 @@ def encode_images(vae: nnx.Module, batch: dict, key: jax.Array
     """(image-pass latents, caption-pass latents, source latents), VAE posterior samples.
 
     As the release: a text-to-image sample's two passes each draw their own posterior
-    sample of the target (one encoder pass, two draws); an edit sample's share one. The
+    sample of the target (one encoder pass, two draws); an edit or composition sample's
+    share one, and each of its sources is encoded with its own draw. The
     whole micro-batch is encoded at once: micro-batches are already sized for memory.
     """
     target = batch["target"]
@@ -154,14 +156,20 @@ def encode_images(vae: nnx.Module, batch: dict, key: jax.Array
     return stop(latents), stop(caption_latents), tuple(stop(c) for c in conditions)
 
 
+def batch_inputs(vae: nnx.Module, batch: dict, key: jax.Array) -> Inputs:
+    """The `Inputs` of a batch of pixels and ids (see `data.batch`): its images encoded by
+    the frozen VAE with posterior draws from `key`."""
+    latents, caption_latents, conditions = encode_images(vae, batch, key)
+    return Inputs(latents=latents, caption_latents=caption_latents, conditions=conditions,
+                  instruction_ids=batch["instruction_ids"], caption_ids=batch["caption_ids"],
+                  **{k: batch.get(k) for k in TEACHER_KEYS})
+
+
 def micro_batch_loss(transformer: nnx.Module, t5: nnx.Module, vae: nnx.Module, batch: dict,
                      null_context: jax.Array, key: jax.Array, cfg: LossConfig, mask_id: int,
                      groups: Groups | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`objective` on a batch of pixels and ids (see `data.batch`), with draws from `key`."""
     k_vae, k_draws = jax.random.split(key)
-    latents, caption_latents, conditions = encode_images(vae, batch, k_vae)
-    inputs = Inputs(latents=latents, caption_latents=caption_latents, conditions=conditions,
-                    instruction_ids=batch["instruction_ids"], caption_ids=batch["caption_ids"],
-                    **{k: batch.get(k) for k in TEACHER_KEYS})
-    draws = Draws.sample(k_draws, latents.shape, batch["caption_ids"].shape[1])
+    inputs = batch_inputs(vae, batch, k_vae)
+    draws = Draws.sample(k_draws, inputs.latents.shape, batch["caption_ids"].shape[1])
     return objective(transformer, t5, inputs, draws, null_context, cfg, mask_id, groups)

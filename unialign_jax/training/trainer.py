@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import signal
 import time
 
 import jax
@@ -18,14 +19,15 @@ from tqdm.auto import tqdm
 
 from unialign_jax import files
 from unialign_jax.checkpoints import training_steps
-from unialign_jax.data.pipeline import DataError, PipelineConfig, next_batch, training_iterator
+from unialign_jax.data.pipeline import (DataError, PipelineConfig, condition_images, next_batch,
+                                        training_iterator)
 from unialign_jax.data.teacher import has_teacher
 from unialign_jax.parallel import make_mesh, maybe_initialize_distributed, replicated
-from unialign_jax.text.tokenizer import load_tokenizer, mask_token_id, tokenize
+from unialign_jax.text.tokenizer import NULL_PROMPT, load_tokenizer, mask_token_id, tokenize
 from unialign_jax.training.checkpointing import Checkpointer, PreemptionSignal
 from unialign_jax.training.config import TrainConfig
 from unialign_jax.training.metrics import MetricWriter, NonFiniteGuard, NonFiniteLoss
-from unialign_jax.training import flops
+from unialign_jax.training import evaluation, flops
 from unialign_jax.training.models import build_models, frozen_configs, transformer_config
 from unialign_jax.training.step import FrozenModels, TrainStep, make_train_step
 
@@ -33,8 +35,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 # Metrics that depend on the wall clock (everything else a run logs is reproducible).
-TIMING_METRICS = ("steps_per_s", "samples_per_s", "model_tflops_per_chip", "mfu")
-NULL_PROMPT = " "
+TIMING_METRICS = ("steps_per_s", "samples_per_s", "model_tflops_per_chip", "mfu",
+                  *evaluation.TIMING_METRICS)
 
 
 class HostFailure(RuntimeError):
@@ -54,37 +56,38 @@ RUN_STOPS = (DataError, NonFiniteLoss, DiskFull, HostFailure)
 @dataclasses.dataclass
 class TrainResult:
     step: int                    # optimizer steps done when the run stopped
-    preempted: bool              # stopped by SIGTERM / a preemption notice, checkpointed
+    preempted: bool              # stopped by a signal / a preemption notice, checkpointed
+    stop_signal: int | None      # the signal that stopped it (None: ran out or a notice)
     last_metrics: dict
     state: object = None         # the final TrainState (for callers in the same process)
     trainer: TrainStep | None = None
     models: dict | None = None   # the SplitModels (graph definitions, frozen weights)
 
 
-def _trained_tasks(cfg: TrainConfig) -> list[tuple[str, tuple[str, ...], float]]:
-    """(task, shard folders, weight) of each task with data, in alternation order:
-    text-to-image first, then editing."""
-    t2i_weight, edit_weight = cfg.data.task_weights
-    return [(task, folders, float(weight)) for task, folders, weight in (
-        ("t2i", cfg.data.t2i_shards, t2i_weight), ("edit", cfg.data.edit_shards, edit_weight))
-        if folders]
-
-
 def corpora(cfg: TrainConfig) -> dict[str, tuple[str, ...]]:
-    """{task: shard folders} in alternation order."""
-    return {task: folders for task, folders, _ in _trained_tasks(cfg)}
+    """{task: shard folders} of the trained tasks, in the mix's order."""
+    return {task: folders for task, folders, _ in cfg.data.trained()}
 
 
 def task_weights(cfg: TrainConfig) -> tuple[float, ...]:
     """`data.task_weights` of the tasks `corpora` trains on, in its order."""
-    return tuple(weight for _, _, weight in _trained_tasks(cfg))
+    return tuple(weight for _, _, weight in cfg.data.trained())
 
 
-def train(cfg: TrainConfig, workdir: str, *, echo=None) -> TrainResult:
-    """Trains until `run.num_steps`, resuming from the latest checkpoint in `workdir`."""
+def train(cfg: TrainConfig, workdir: str, *, echo=None,
+          validation: evaluation.Validation | None = None) -> TrainResult:
+    """Trains until `run.num_steps`, resuming from the latest checkpoint in `workdir`.
+
+    `validation`: what samples `run.validation_prompts` at every eval
+    (`unialign_jax.apps.validation.validation_of(cfg, workdir)`; `unialign-train` passes
+    it: `training/` cannot import the samplers)."""
     maybe_initialize_distributed(cfg.mesh.distributed, cfg.mesh.heartbeat_timeout_s)
     cfg = cfg.resolved()
     cfg.validate()
+    if bool(cfg.run.validation_prompts) != (validation is not None):
+        raise ValueError("run.validation_prompts and the validation sampler go together: "
+                         "pass validation=unialign_jax.apps.validation.validation_of(cfg, "
+                         "workdir) to train() (unialign-train does)")
     main = jax.process_index() == 0
     echo = echo or (lambda s: tqdm.write(s) if main else None)
     root = epath.Path(workdir)
@@ -137,8 +140,9 @@ def train(cfg: TrainConfig, workdir: str, *, echo=None) -> TrainResult:
          + (f" (LoRA rank {cfg.lora.rank}, frozen base: {cfg.lora.base or 'random init'})"
             if cfg.lora.rank else ""))
 
+    evaluator = evaluation.evaluator(cfg, trainer, models, mask_token_id(tokenizer))
     throughput = Throughput.of_run(cfg, len(tokenizer))
-    last, preempted, step = {}, False, start
+    last, preempted, stop_signal, step = {}, False, None, start
     guard, skipped_records = NonFiniteGuard(cfg.run.max_nonfinite_steps), 0
     bar = tqdm(total=cfg.run.num_steps, initial=start, unit="step", dynamic_ncols=True,
                disable=not (cfg.run.progress_bar and main))
@@ -154,6 +158,15 @@ def train(cfg: TrainConfig, workdir: str, *, echo=None) -> TrainResult:
                 guard.push(step, metrics["nonfinite"], _batch_names(host_batch))
                 guard.settle(before=step)  # the previous step's flag: no wait for this one
                 bar.update(1)
+                evaluated = {}
+                if cfg.run.eval_every and (step % cfg.run.eval_every == 0
+                                           or step == cfg.run.num_steps):
+                    evaluated = evaluation.evaluate(step, state, frozen, evaluator, validation,
+                                                    models, mesh, writer)
+                    tick += sum(v for k, v in evaluated.items()  # steps_per_s: training only
+                                if k in evaluation.TIMING_METRICS)
+                    if step % cfg.run.log_every and step != cfg.run.num_steps:
+                        writer.write(step, evaluated)
                 if step % cfg.run.log_every == 0 or step == cfg.run.num_steps:
                     guard.settle()
                     last = {k: float(v) for k, v in jax.device_get(metrics).items()
@@ -164,7 +177,7 @@ def train(cfg: TrainConfig, workdir: str, *, echo=None) -> TrainResult:
                     elapsed = time.perf_counter() - tick
                     last["steps_per_s"] = (step - tick_step) / elapsed
                     last["samples_per_s"] = last["steps_per_s"] * cfg.run.batch_size
-                    last.update(throughput.of(last["samples_per_s"]))
+                    last.update(throughput.of(last["samples_per_s"]), **evaluated)
                     tick, tick_step = time.perf_counter(), step
                     writer.write(step, last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
@@ -172,7 +185,9 @@ def train(cfg: TrainConfig, workdir: str, *, echo=None) -> TrainResult:
                                                 and ckpt.reached_preemption(step))
                 ckpt.save(step, state, iterator, force=stop or step == cfg.run.num_steps)
                 if stop:
-                    echo(f"preempted at step {step}: checkpoint saved; rerun to resume")
+                    stop_signal = preemption.signum
+                    reason = "interrupted" if stop_signal == signal.SIGINT else "preempted"
+                    echo(f"{reason} at step {step}: checkpoint saved; rerun to resume")
                     preempted = True
                     break
             guard.settle()
@@ -201,7 +216,8 @@ def train(cfg: TrainConfig, workdir: str, *, echo=None) -> TrainResult:
         writer.close()
         if hasattr(iterator, "close") and not peer_failed:
             iterator.close()
-    return TrainResult(step=step, preempted=preempted, last_metrics=last, state=state,
+    return TrainResult(step=step, preempted=preempted, stop_signal=stop_signal,
+                       last_metrics=last, state=state,
                        trainer=trainer, models=models)
 
 
@@ -219,8 +235,8 @@ class Throughput:
         t5, vae = frozen_configs(cfg.models)
         transformer = transformer_config(cfg.models, vocab_size)
         per_task = [flops.sample_flops(transformer, t5, vae, flops.StepShape(
-            cfg.data.resolution, cfg.data.max_length, int(task == "edit")))["total"]
-            for task in corpora(cfg)]
+            cfg.data.resolution, cfg.data.max_length, condition_images(task, folders)))["total"]
+            for task, folders in corpora(cfg).items()]
         mean = float(np.average(per_task, weights=task_weights(cfg))) if per_task else 0.0
         return cls(mean, jax.device_count(),
                    jax.devices()[0].device_kind)
