@@ -44,6 +44,7 @@ PIPELINE_DIR = "pipeline"  # WORKDIR/pipeline: the trained model as a pipeline f
 # Shapes (source images) per composition: two, so that each keeps 8-14 px of a 32 px scene.
 COMPOSE_SOURCES = 2
 TASKS = ("t2i", "edit", "compose")
+HELDOUT_FRACTION = 0.1  # of each task's synthetic samples, for evaluation
 OPTIONS = (  # flag, default, meaning
     ("--samples", 3000, "synthetic samples per task, 10%% held out"),
     ("--vae-steps", 400, "VAE fitting steps"),
@@ -114,7 +115,7 @@ def prepare_data(root: str, n: int, resolution: int, teacher_dim: int) -> dict:
     info = read_json_or_none(os.path.join(synth, "synth.json"))
     if info is None or info.get("compose_sources") != COMPOSE_SOURCES:  # none, or before compose
         _log(f"writing {n} synthetic samples per task")
-        generate(synth, n, seed=0, size=resolution, heldout=0.1,
+        generate(synth, n, seed=0, size=resolution, heldout=HELDOUT_FRACTION,
                  compose_sources=COMPOSE_SOURCES, force=True)
     paths["tokenizer"] = os.path.join(root, "tokenizer")
     if not os.path.exists(os.path.join(paths["tokenizer"], "tokenizer_config.json")):
@@ -411,6 +412,10 @@ def main(argv=None) -> int:
                                  eval_tasks={task: (paths[f"{task}_heldout"],)
                                              for task in TASKS if args.eval_every}),
         run=dataclasses.replace(cfg.run, eval_every=args.eval_every,
+                                # a small corpus (--samples) holds fewer held-out records
+                                # than one batch: the eval batch is what there is
+                                eval_batch_size=min(cfg.run.eval_batch_size or cfg.run.batch_size,
+                                                    int(round(args.samples * HELDOUT_FRACTION))),
                                 validation_prompts=paths["validation"] if args.eval_every
                                 else None))
     data_seconds = time.time() - start
