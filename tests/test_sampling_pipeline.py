@@ -94,14 +94,17 @@ def test_edit_accepts_paths_arrays_and_pil_and_uses_the_source(pipe, tmp_path):
     src = picture(0)
     path = tmp_path / "src.png"
     src.save(path)
-    kw = dict(resolution=RES, num_steps=2)
-    from_pil, from_path, from_array = pipe.edit([src, str(path), np.asarray(src)],
-                                                "make the sky blue", seed=[4, 4, 4], **kw)
+    kw = dict(resolution=RES, num_steps=2, seed=4)
+    # One item a call: XLA's result for a row may depend on its batch shape and, on some
+    # CPUs, on its row, by one 8-bit level; the same input at the same shape and row is
+    # bit-identical, whatever form it came in.
+    edit = lambda image: pipe.edit([image], "make the sky blue", **kw)[0]
+    from_pil, from_path, from_array = edit(src), edit(str(path)), edit(np.asarray(src))
     assert from_pil.size == (RES, RES)
     np.testing.assert_array_equal(as_array(from_pil), as_array(from_path))
     np.testing.assert_array_equal(as_array(from_pil), as_array(from_array))
-    perceived, other_source = pipe.perceive([src, picture(1)], "make the sky blue",
-                                            seed=[4, 4], **kw)
+    perceived = pipe.perceive([src], "make the sky blue", **kw)[0]
+    other_source = pipe.perceive([picture(1)], "make the sky blue", **kw)[0]
     np.testing.assert_array_equal(as_array(perceived), as_array(from_pil))
     assert np.abs(as_array(other_source) - as_array(from_pil)).max() > 2
 
