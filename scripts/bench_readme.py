@@ -71,9 +71,10 @@ def _load(path: str):
         return json.load(f)
 
 
-def _side(s: dict, per: float = 1.0, digits: int = 3) -> str:
-    """'median (best) spread' of a side; `per`: items per call for a rate, else seconds."""
-    if per != 1.0:
+def _side(s: dict, per: float | None = None, digits: int = 3) -> str:
+    """'median (best) spread' of a side; `per`: items per call for a rate (also when it is
+    1), None for seconds."""
+    if per is not None:
         return (f"{per / s['median']:.{digits}g} ({per / s['min']:.{digits}g}), "
                 f"spread {s['spread']:.0%}")
     return f"{s['median']:.{digits}g} ({s['min']:.{digits}g}), spread {s['spread']:.0%}"

@@ -145,3 +145,13 @@ def test_our_cpu_time_counts_the_workers():
 
 def _burner_side() -> dict:
     return {"burn": _burn, "device": lambda: "cpu"}
+
+
+def test_readme_rows_give_a_rate_for_one_item_per_call_too():
+    """A micro-batch of 1 is one sample per step: the row is samples/s, not seconds."""
+    import bench_readme
+
+    side = {"median": 0.5, "min": 0.4, "spread": 0.1}
+    assert bench_readme._side(side, 1) == "2 (2.5), spread 10%"
+    assert bench_readme._side(side, 4) == "8 (10), spread 10%"
+    assert bench_readme._side(side) == "0.5 (0.4), spread 10%"

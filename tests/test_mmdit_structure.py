@@ -2,7 +2,7 @@
 rematerialisation and the fixed position table."""
 
 import json
-import time
+import re
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,7 @@ def test_every_parameter_has_logical_axes(variant):
         assert model.text_proj_out.kernel.get_metadata()["out_sharding"] == ("embed", "vocab")
 
 
-def _hlo_and_compile_seconds(num_layers: int):
+def _lowered_and_compiled_hlo(num_layers: int) -> tuple[str, str]:
     config = MMDiTConfig.tiny(num_layers=num_layers)
     model = MMDiT(config, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
@@ -57,20 +57,22 @@ def _hlo_and_compile_seconds(num_layers: int):
 
     args = (state, jnp.ones((1, 8, 8, 16)), jnp.ones((1,)), jnp.ones((1, 4, 32)))
     lowered = forward.lower(*args)
-    start = time.perf_counter()
-    lowered.compile()
-    return lowered.as_text(), time.perf_counter() - start
+    return lowered.as_text(), lowered.compile().as_text()
+
+
+def _dots(compiled_hlo: str) -> int:
+    return len(re.findall(r"= \S+ dot\(", compiled_hlo))
 
 
 def test_layers_are_scanned_so_compile_does_not_grow_with_depth():
-    hlo_4, _ = _hlo_and_compile_seconds(4)
-    hlo_24, _ = _hlo_and_compile_seconds(24)
-    # One block body whatever the depth: the programs differ only in the stacked shapes.
-    assert hlo_24.count("stablehlo.dot_general") == hlo_4.count("stablehlo.dot_general")
-    # Compile-time ratio, best of two to damp noise from a shared machine.
-    t4 = min(_hlo_and_compile_seconds(4)[1] for _ in range(2))
-    t24 = min(_hlo_and_compile_seconds(24)[1] for _ in range(2))
-    assert t24 <= 1.5 * t4, f"compile 24 layers {t24:.2f}s vs 4 layers {t4:.2f}s"
+    lowered_4, compiled_4 = _lowered_and_compiled_hlo(4)
+    lowered_24, compiled_24 = _lowered_and_compiled_hlo(24)
+    # One block body whatever the depth: the programs differ only in the stacked shapes...
+    assert lowered_24.count("stablehlo.dot_general") == lowered_4.count("stablehlo.dot_general")
+    # ...and the compiler keeps the loop (an unrolled scan would hold 6x the matmuls), so
+    # compile time does not grow with depth: counted, not timed.
+    assert _dots(compiled_4) > 0
+    assert _dots(compiled_24) == _dots(compiled_4), (_dots(compiled_24), _dots(compiled_4))
 
 
 def test_remat_policy_gives_same_gradients():
