@@ -19,7 +19,7 @@ from unialign_convert.export import DEFAULT_MAX_SHARD_SIZE, read_folder, write_e
 from unialign_convert.pipeline import LAYOUTS, SCHEDULER_CLASS
 from unialign_convert.safetensors_io import ConversionError, parse_size
 from unialign_jax import files
-from unialign_jax.checkpoints import training_runs
+from unialign_jax.runs import work_dir
 from unialign_jax.checkpoints.pipeline import component_paths, read_index
 
 LAYOUT = LAYOUTS["unialignment"]
@@ -41,7 +41,7 @@ def write_pipeline_export(src: str, out_dir: str, *, dtype: str = "float32",
                           max_shard_size: str = DEFAULT_MAX_SHARD_SIZE) -> dict:
     """Exports the pipeline folder `src` into the existing folder `out_dir`; returns a
     summary per component."""
-    if training_runs.is_training_run(src):
+    if work_dir.is_training_run(src):
         raise ConversionError(f"{src} is a training work dir: make it a pipeline folder first "
                               "with `unialign-convert from-run WORKDIR DIR`")
     index = read_index(src)

@@ -8,7 +8,7 @@
         --resolution 1024 --batch-size 4             # the whole pipeline, bf16, on one chip
 
 The program is the real one: `--program train` lowers the train step the pod scripts run
-(`unialign_jax.training.step.make_train_step` on `training.models.build_models`, config
+(`unialign_jax.training.step.make_train_step` on `runs.models.build_models`, config
 `--config`, default unialignment_512, plus `section.key=value` overrides); the sampling
 programs (`sample-t2i`, `sample-edit`, `caption`) lower the pipeline's jitted calls (T5-XXL
 encode, the Euler loop or the caption loop over the transformer, VAE encode / decode) with
@@ -162,7 +162,7 @@ class Planner:
         from unialign_jax.models import attention
         from unialign_jax.parallel import replicated
         from unialign_jax.training import flops
-        from unialign_jax.training.models import (build_models, frozen_configs,
+        from unialign_jax.runs.models import (build_models, frozen_configs,
                                                   transformer_config)
         from unialign_jax.training.step import FrozenModels, make_train_step
 
@@ -303,8 +303,8 @@ def abstract_pipeline_models(cfg, mesh) -> dict:
     """The pipeline's transformer, T5 and VAE as placed bf16 shapes (weights and compute),
     as `load_pipeline(..., dtype=bfloat16, param_dtype=bfloat16, vae_dtype=bfloat16)` holds
     them on `mesh`."""
-    from unialign_jax.training.config import ComputeConfig
-    from unialign_jax.training.models import build_models
+    from unialign_jax.runs.config import ComputeConfig
+    from unialign_jax.runs.models import build_models
 
     compute = ComputeConfig(dtype="bfloat16", param_dtype="bfloat16",
                             frozen_param_dtype="bfloat16", remat_policy="none",

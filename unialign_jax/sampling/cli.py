@@ -18,10 +18,10 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 
 from unialign_jax import compilation_cache
-from unialign_jax.checkpoints import training_runs
+from unialign_jax.runs import work_dir
 from unialign_jax.checkpoints.io import CheckpointError
 from unialign_jax.checkpoints.pipeline import TrainedWith
-from unialign_jax.checkpoints.training_runs import WEIGHTS
+from unialign_jax.runs.work_dir import WEIGHTS
 from unialign_jax.files import (disk_full_message, is_disk_full, jsonl, read_json_or_none,
                                 remove_stale_partials, save_png, write_json,
                                 write_text_if_changed)
@@ -127,7 +127,7 @@ def trained_with_of(args) -> TrainedWith:
     the negative prompt (each recorded in every sidecar). The release's when --ckpt cannot
     be read, which loading then reports."""
     try:
-        return training_runs.trained_with(args.ckpt)
+        return work_dir.trained_with(args.ckpt)
     except (OSError, CheckpointError, ValueError, KeyError):
         return TrainedWith()
 
@@ -149,13 +149,13 @@ def checkpoint_of(args) -> dict | None:
     """Which weights --ckpt stands for when it is a training work dir ({'run', 'step',
     'weights'}, recorded in every sidecar so that a rerun after more training redoes the
     items); None for a pipeline folder."""
-    if not training_runs.is_training_run(args.ckpt):
+    if not work_dir.is_training_run(args.ckpt):
         if args.step is not None or args.weights is not None:
             raise InputError(f"--step / --weights need a training work dir; {args.ckpt} is "
                              "not one")
         return None
     try:
-        return training_runs.describe(args.ckpt, args.step, args.weights)
+        return work_dir.describe(args.ckpt, args.step, args.weights)
     except (CheckpointError, ValueError) as e:
         raise InputError(str(e)) from None
 

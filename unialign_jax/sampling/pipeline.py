@@ -27,7 +27,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from unialign_jax import files
-from unialign_jax.checkpoints import lora_files, registry, training_runs
+from unialign_jax.checkpoints import lora_files, registry
+from unialign_jax.runs import work_dir
 from unialign_jax.checkpoints.io import CheckpointError
 from unialign_jax.checkpoints.pipeline import (COMPONENT_DIRS, FORMAT, INDEX_FILE, SCHEDULER_FILE,
                                                PipelineComponents, load_components)
@@ -186,14 +187,14 @@ class UniAlignPipeline:
         (default: every device); `pipeline_kwargs` (`batch_size`, `progress`) go to the
         constructor. For a work dir: `step` (default: the latest checkpoint) and `weights`
         ("ema", the default when the run keeps an EMA, or "raw"); the frozen T5 / VAE and
-        the tokenizer are the run's (`checkpoints.training_runs`).
+        the tokenizer are the run's (`runs.work_dir`).
         """
         mesh = mesh if mesh is not None else make_mesh()
         options = dict(vae_dtype=vae_dtype, param_dtype=param_dtype,
                        shardings=module_shardings(mesh), attention=attention,
                        activation_sharding=ActivationSharding(mesh))
-        if training_runs.is_training_run(path):
-            components = training_runs.load_run_components(path, dtype, step=step,
+        if work_dir.is_training_run(path):
+            components = work_dir.load_run_components(path, dtype, step=step,
                                                            weights=weights, **options)
         elif step is not None or weights is not None:
             raise InputError(f"{path} is a pipeline folder, not a training work dir: it has "

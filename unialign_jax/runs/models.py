@@ -25,10 +25,12 @@ from unialign_jax.models.mmdit import MMDiT, MMDiTConfig
 from unialign_jax.models.t5 import T5Encoder
 from unialign_jax.models.vae import AutoencoderKL
 from unialign_jax.parallel import placement, rules
-from unialign_jax.training.config import ComputeConfig, LoraConfig, ModelsConfig
+from unialign_jax.runs.config import ComputeConfig, LoraConfig, ModelsConfig
 
 TRAINED = "transformer"
-LORA_SEED_OFFSET = 3  # added to run.seed for the factors' draw (models: 0, 1, 2)
+# What each random draw of a run adds to run.seed: the three models' initialisations and
+# the LoRA factors'. Every reader that redraws a run's random models looks them up here.
+SEED_OFFSETS = {"transformer": 0, "t5": 1, "vae": 2, "lora": 3}
 
 
 @dataclasses.dataclass
@@ -60,7 +62,7 @@ def add_lora(module: nnx.Module, lora: LoraConfig, param_dtype, mesh: Mesh, seed
     lora_layers.check_train_also(module, lora.train_also)
     draw = functools.partial(lora_layers.new_factors,
                              lora_layers.target_shapes(module, lora.targets), lora.rank,
-                             jax.random.key(seed + LORA_SEED_OFFSET), lora.init, param_dtype)
+                             jax.random.key(seed + SEED_OFFSETS["lora"]), lora.init, param_dtype)
     lora_layers.wrap(module, jax.eval_shape(draw), lora.scale)
     factors = nnx.state(module, lora_layers.LoraParam)
     shardings = nnx.to_pure_dict(rules.state_shardings(factors, mesh))
@@ -97,11 +99,16 @@ def transformer_config(models: ModelsConfig, vocab_size: int | None) -> MMDiTCon
     return config
 
 
+def frozen_config(models: ModelsConfig, kind: str):
+    """The config of the frozen `kind` ('t5' or 'vae'): from its folder when given, else
+    the inline one."""
+    path = getattr(models, f"{kind}_path")
+    return registry.read_config(path, kind)[0] if path else getattr(models, kind)
+
+
 def frozen_configs(models: ModelsConfig):
-    """(T5 config, VAE config): from their folders when given, else the inline ones."""
-    t5 = registry.read_config(models.t5_path, "t5")[0] if models.t5_path else models.t5
-    vae = registry.read_config(models.vae_path, "vae")[0] if models.vae_path else models.vae
-    return t5, vae
+    """(T5 config, VAE config)."""
+    return frozen_config(models, "t5"), frozen_config(models, "vae")
 
 
 def build_models(models: ModelsConfig, compute: ComputeConfig, mesh: Mesh,
@@ -139,10 +146,10 @@ def build_models(models: ModelsConfig, compute: ComputeConfig, mesh: Mesh,
                 models.vae_path),
     }
     out = {}
-    for offset, (name, (cls, config, options, stored, path)) in enumerate(specs.items()):
+    for name, (cls, config, options, stored, path) in specs.items():
         build: Callable[[], nnx.Module] = (
-            lambda cls=cls, config=config, options=options, stored=stored, offset=offset:
-            cls(config, rngs=nnx.Rngs(seed + offset), dtype=dtype, param_dtype=stored,
+            lambda cls=cls, config=config, options=options, stored=stored, name=name:
+            cls(config, rngs=nnx.Rngs(seed + SEED_OFFSETS[name]), dtype=dtype, param_dtype=stored,
                 **options))
         if abstract:
             module = placement.abstract_build(build, mesh)
