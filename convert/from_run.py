@@ -15,13 +15,12 @@ import os
 import shutil
 import sys
 
-import jax.numpy as jnp
-
 from unialign_jax import files
 from unialign_jax.checkpoints import registry
-from unialign_jax.runs import work_dir
 from unialign_jax.checkpoints.pipeline import COMPONENT_DIRS, FORMAT, INDEX_FILE, SCHEDULER_FILE
+from unialign_jax.models.runtime import Runtime
 from unialign_jax.parallel import make_mesh, module_shardings
+from unialign_jax.runs import work_dir
 from unialign_jax.text.tokenizer import mask_token_id
 
 LAYOUT = "training_run"
@@ -42,9 +41,9 @@ def write_run_pipeline(workdir: str, out_dir: str, *, step: int | None = None,
     param_dtype = config.compute.param_dtype
     tcfg = work_dir.model_config(workdir, "transformer", len(tokenizer), config)
     # Placed as load_pipeline places them: the same compiled initialisations serve both.
-    shardings = module_shardings(make_mesh())
+    runtime = Runtime(shardings=module_shardings(make_mesh()))
     transformer = work_dir.transformer_module(workdir, chosen["step"], chosen["weights"],
-                                                   tcfg, shardings=shardings, config=config)
+                                              tcfg, runtime, config=config)
     registry.save_model("transformer", transformer, out["transformer"], param_dtype)
     del transformer
     frozen = {}
@@ -57,8 +56,8 @@ def write_run_pipeline(workdir: str, out_dir: str, *, step: int | None = None,
             shutil.copytree(source["folder"], out[name])
             continue
         module = work_dir.frozen_module(
-            workdir, kind, work_dir.model_config(workdir, kind, len(tokenizer), config),
-            jnp.float32, shardings=shardings, config=config)
+            workdir, kind, work_dir.model_config(workdir, kind, len(tokenizer), config), runtime,
+            config=config)
         registry.save_model(kind, module, out[name], source["param_dtype"])
 
     files.write_json(os.path.join(out_dir, SCHEDULER_FILE), work_dir.scheduler_of(config))

@@ -301,7 +301,7 @@ def _replicated(mesh):
 
 def abstract_pipeline_models(cfg, mesh) -> dict:
     """The pipeline's transformer, T5 and VAE as placed bf16 shapes (weights and compute),
-    as `load_pipeline(..., dtype=bfloat16, param_dtype=bfloat16, vae_dtype=bfloat16)` holds
+    as `load_pipeline(..., Runtime(bfloat16, param_dtype=bfloat16), vae_dtype=bfloat16)` holds
     them on `mesh`."""
     from unialign_jax.runs.config import ComputeConfig
     from unialign_jax.runs.models import build_models

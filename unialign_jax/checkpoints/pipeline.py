@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from unialign_jax import files
 from unialign_jax.checkpoints import io, registry
+from unialign_jax.models.runtime import Runtime
 from unialign_jax.text.tokenizer import MAX_LENGTH, load_tokenizer, mask_token_id
 
 FORMAT = "unialign_jax.pipeline"
@@ -88,16 +89,11 @@ def component_paths(path: str) -> dict[str, str]:
     return {k: os.path.join(path, v) for k, v in read_index(path)["components"].items()}
 
 
-def load_components(path: str, dtype=jnp.float32, *, vae_dtype=jnp.float32, param_dtype=None,
-                    shardings=None, attention: str = "auto",
-                    activation_sharding=None) -> PipelineComponents:
-    """Loads every component of the pipeline folder `path`.
-
-    `dtype` is the compute dtype of the transformer and the text encoder, `vae_dtype` the
-    VAE's. Parameters keep their stored dtypes unless `param_dtype` is given for the
-    transformer and the text encoder (bf16 halves inference memory). `shardings`,
-    `attention` and `activation_sharding` go to each model.
-    """
+def load_components(path: str, runtime: Runtime = Runtime(), *,
+                    vae_dtype=jnp.float32) -> PipelineComponents:
+    """Loads every component of the pipeline folder `path`: the transformer and the text
+    encoder run as `runtime` says (a `param_dtype` there, e.g. bf16, halves inference
+    memory), the VAE too but in `vae_dtype` and with its weights as stored."""
     index = read_index(path)
     where = component_paths(path)
     # Inference keeps the folder's pad token, as the release's pipeline does (training pads
@@ -106,9 +102,7 @@ def load_components(path: str, dtype=jnp.float32, *, vae_dtype=jnp.float32, para
     if mask_token_id(tokenizer) != index["mask_token_id"] or len(tokenizer) != index["vocab_size"]:
         raise io.CheckpointError(f"{where['tokenizer']}: tokenizer differs from the one the "
                                  f"pipeline was converted with ({INDEX_FILE})")
-    common = dict(shardings=shardings, activation_sharding=activation_sharding)
-    transformer = registry.load_transformer(where["transformer"], dtype, param_dtype=param_dtype,
-                                            attention=attention, **common)
+    transformer = registry.load_model("transformer", where["transformer"], runtime)
     if transformer.config.vocab_size != len(tokenizer):
         raise io.CheckpointError(f"{path}: transformer vocabulary {transformer.config.vocab_size}"
                                  f" differs from the tokenizer length {len(tokenizer)}")
@@ -118,8 +112,13 @@ def load_components(path: str, dtype=jnp.float32, *, vae_dtype=jnp.float32, para
         raise io.CheckpointError(str(e)) from None
     return PipelineComponents(
         transformer=transformer,
-        t5=registry.load_t5(where["text_encoder"], dtype, param_dtype=param_dtype,
-                            attention=attention, **common),
-        vae=registry.load_vae(where["vae"], vae_dtype, attention=attention, **common),
+        t5=registry.load_model("t5", where["text_encoder"], runtime),
+        vae=registry.load_model("vae", where["vae"], vae_runtime(runtime, vae_dtype)),
         tokenizer=tokenizer, scheduler=scheduler, mask_token_id=index["mask_token_id"],
         path=os.path.abspath(path), trained_with=TrainedWith.from_index(index))
+
+
+def vae_runtime(runtime: Runtime, vae_dtype) -> Runtime:
+    """The VAE's runtime in a pipeline: the models' own, in `vae_dtype`, weights as stored
+    (SD3 runs its VAE in float32)."""
+    return dataclasses.replace(runtime, dtype=vae_dtype, param_dtype=None)

@@ -18,14 +18,19 @@ import importlib.util
 import os
 from typing import Literal
 
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
 from unialign_jax.configlib import JsonConfig
 from unialign_jax.data.jsonl import KINDS as TASKS
 from unialign_jax.diffusion import masked
 from unialign_jax.diffusion.alignment_losses import CONTRASTIVE_TEMPERATURE
 from unialign_jax.models import lora as lora_layers
 from unialign_jax.models.mmdit_config import MMDiTConfig
+from unialign_jax.models.runtime import Runtime
 from unialign_jax.models.t5 import T5Config
 from unialign_jax.models.vae import VAEConfig
+from unialign_jax.parallel import placed_on
 from unialign_jax.text.tokenizer import MAX_LENGTH
 
 
@@ -59,6 +64,12 @@ class ComputeConfig(JsonConfig):
     remat_policy: str = "nothing_saveable"
     # Attention kernel of the transformer and T5 (unialign_jax.models.attention).
     attention: str = "auto"
+
+    def runtime(self, mesh: Mesh) -> Runtime:
+        """How the run's models run on `mesh`; each model's storage dtype (trained, frozen
+        or a LoRA base) is set where it is built."""
+        return placed_on(mesh, Runtime(jnp.dtype(self.dtype), attention=self.attention,
+                                       remat_policy=self.remat_policy))
 
 
 def _task_alias(task: str):

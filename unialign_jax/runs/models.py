@@ -121,7 +121,7 @@ def build_models(models: ModelsConfig, compute: ComputeConfig, mesh: Mesh,
     `abstract=True` builds ShapeDtypeStructs only (memory planning); converted folders are
     then read for their configs, never for weights.
     """
-    dtype, param_dtype = jnp.dtype(compute.dtype), jnp.dtype(compute.param_dtype)
+    param_dtype = jnp.dtype(compute.param_dtype)
     frozen_dtype = jnp.dtype(compute.frozen_param_dtype)
     tcfg = transformer_config(models, vocab_size)
     t5_cfg, vae_cfg = frozen_configs(models)
@@ -135,26 +135,23 @@ def build_models(models: ModelsConfig, compute: ComputeConfig, mesh: Mesh,
         raise ValueError(f"T5 vocabulary {t5_cfg.vocab_size} is smaller than the tokenizer's "
                          f"{vocab_size}")
 
-    shard = rules.ActivationSharding(mesh)
-    model_options = dict(attention=compute.attention, activation_sharding=shard)
+    runtime = compute.runtime(mesh)
     base_dtype = jnp.dtype(lora.base_dtype or compute.dtype) if lora.rank else param_dtype
-    specs = {  # name: (class, config, constructor options, stored dtype, folder)
-        "transformer": (MMDiT, tcfg, dict(remat_policy=compute.remat_policy, **model_options),
-                        base_dtype, models.transformer_path),
-        "t5": (T5Encoder, t5_cfg, model_options, frozen_dtype, models.t5_path),
-        "vae": (AutoencoderKL, vae_cfg, model_options, frozen_dtype,
-                models.vae_path),
+    specs = {  # name: (class, config, stored dtype, folder)
+        "transformer": (MMDiT, tcfg, base_dtype, models.transformer_path),
+        "t5": (T5Encoder, t5_cfg, frozen_dtype, models.t5_path),
+        "vae": (AutoencoderKL, vae_cfg, frozen_dtype, models.vae_path),
     }
     out = {}
-    for name, (cls, config, options, stored, path) in specs.items():
-        build: Callable[[], nnx.Module] = (
-            lambda cls=cls, config=config, options=options, stored=stored, name=name:
-            cls(config, rngs=nnx.Rngs(seed + SEED_OFFSETS[name]), dtype=dtype, param_dtype=stored,
-                **options))
+    for name, (cls, config, stored, path) in specs.items():
+        stored_as = dataclasses.replace(runtime, param_dtype=stored)
+        build: Callable[[], nnx.Module] = (  # fresh Rngs at each call: the same draws
+            lambda stored_as=stored_as, cls=cls, config=config, name=name:
+            stored_as.build(cls, config, nnx.Rngs(seed + SEED_OFFSETS[name])))
         if abstract:
             module = placement.abstract_build(build, mesh)
         elif path:
-            module = registry.restore_module(path, build, stored, rules.module_shardings(mesh))
+            module = registry.restore_module(path, build, stored, stored_as.shardings)
         else:
             module = placement.sharded_init(build, mesh)
         trained = None if name != TRAINED else (

@@ -24,9 +24,9 @@ trainer's own seed table (`runs.models.SEED_OFFSETS`) and model configs
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +35,12 @@ from flax import nnx
 
 from unialign_jax import files
 from unialign_jax.checkpoints import io, registry, training_steps
-from unialign_jax.checkpoints.pipeline import PipelineComponents, TrainedWith, read_index
+from unialign_jax.checkpoints.pipeline import (PipelineComponents, TrainedWith, read_index,
+                                               vae_runtime)
 from unialign_jax.checkpoints.training_steps import CHECKPOINT_DIR
 from unialign_jax.diffusion import flow
 from unialign_jax.models import lora
+from unialign_jax.models.runtime import Runtime
 from unialign_jax.runs.config import TrainConfig
 from unialign_jax.runs.models import SEED_OFFSETS, frozen_config, transformer_config
 from unialign_jax.text.tokenizer import NULL_PROMPT, load_tokenizer, mask_token_id
@@ -151,17 +153,17 @@ def frozen_source(config: TrainConfig, kind: str) -> dict:
             "param_dtype": config.compute.frozen_param_dtype}
 
 
-def random_module(kind: str, model_config, seed: int, param_dtype, dtype=jnp.float32,
-                  shardings: Callable[[nnx.Module], Any] | None = None,
-                  **options) -> nnx.Module:
-    """The `kind` module initialised from `nnx.Rngs(seed)` inside `jit`, as the trainer
-    initialises it (the same draws, bit for bit); `shardings` places it as computed."""
-    module_class = registry.KINDS[kind].module_class
-    abstract = nnx.eval_shape(lambda: module_class(
-        model_config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=jnp.dtype(param_dtype),
-        **options))
-    state = _initialiser(module_class, model_config, seed, jnp.dtype(param_dtype), nnx.Variable,
-                         _hashable(shardings(abstract) if shardings is not None else None))()
+def random_module(kind: str, model_config, seed: int, param_dtype,
+                  runtime: Runtime = Runtime()) -> nnx.Module:
+    """The `kind` module initialised in `param_dtype` from `nnx.Rngs(seed)` inside `jit`, as
+    the trainer initialises it (the same draws, bit for bit), run as `runtime` says and
+    placed by its shardings as computed."""
+    module_class, param_dtype = registry.KINDS[kind].module_class, jnp.dtype(param_dtype)
+    runtime = dataclasses.replace(runtime, param_dtype=param_dtype)
+    abstract = nnx.eval_shape(lambda: runtime.build(module_class, model_config, nnx.Rngs(seed)))
+    placement = runtime.shardings(abstract) if runtime.shardings is not None else None
+    state = _initialiser(module_class, model_config, seed, param_dtype, nnx.Variable,
+                         _hashable(placement))()
     return nnx.merge(nnx.graphdef(abstract), state)
 
 
@@ -180,17 +182,16 @@ def _initialiser(module_class, model_config, seed: int, param_dtype, which, plac
                    out_shardings=out)
 
 
-def frozen_module(workdir: str, kind: str, model_config, dtype, *, param_dtype=None,
-                  shardings=None, config: TrainConfig | None = None, **options) -> nnx.Module:
+def frozen_module(workdir: str, kind: str, model_config, runtime: Runtime = Runtime(), *,
+                  config: TrainConfig | None = None) -> nnx.Module:
     """The run's frozen T5 or VAE: its folder as stored, or its random initialisation
-    redrawn (then cast to `param_dtype` when given)."""
+    redrawn (then cast to the runtime's `param_dtype` when it sets one)."""
     config = config or read_run_config(workdir)
     source = frozen_source(config, kind)
     if "folder" in source:
-        return registry.load_model(kind, source["folder"], dtype, param_dtype=param_dtype,
-                                   shardings=shardings, **options)
-    module = random_module(kind, model_config, source["seed"], source["param_dtype"], dtype,
-                           shardings, **options)
+        return registry.load_model(kind, source["folder"], runtime)
+    module = random_module(kind, model_config, source["seed"], source["param_dtype"], runtime)
+    param_dtype = runtime.param_dtype
     if param_dtype is not None:
         state = nnx.state(module)
         nnx.update(module, jax.tree.map(lambda x: x.astype(param_dtype)
@@ -230,20 +231,21 @@ def lora_tree(workdir: str, step: int, weights: str, model_config,
     return trained_params(workdir, step, weights, io.abstract_like(target, param_dtype))
 
 
-def _lora_transformer(workdir: str, step: int, weights: str, model_config, dtype, *,
-                      param_dtype, shardings, config: TrainConfig, **options) -> nnx.Module:
-    """A LoRA run's transformer: its base as trained over, then cast to `param_dtype`, with
-    the `train_also` tensors set and scale·A·B merged into the adapted kernels."""
-    section = config.lora
+def _lora_transformer(workdir: str, step: int, weights: str, model_config, runtime: Runtime,
+                      config: TrainConfig) -> nnx.Module:
+    """A LoRA run's transformer: its base as trained over, then cast to the runtime's
+    `param_dtype`, with the `train_also` tensors set and scale·A·B merged into the adapted
+    kernels."""
+    section, param_dtype = config.lora, runtime.param_dtype
     base_dtype = jnp.dtype(section.base_dtype or config.compute.dtype)
     folder = _path(config, "transformer_path", workdir)
     if folder:
-        module = registry.load_model("transformer", folder, dtype, param_dtype=base_dtype,
-                                     shardings=shardings, **options)
+        module = registry.load_model("transformer", folder,
+                                     dataclasses.replace(runtime, param_dtype=base_dtype))
     else:
         module = random_module("transformer", model_config,
-                               config.run.seed + SEED_OFFSETS["transformer"],
-                               base_dtype, dtype, shardings, **options)
+                               config.run.seed + SEED_OFFSETS["transformer"], base_dtype,
+                               runtime)
     nnx.update(module, jax.tree.map(lambda x: x.astype(param_dtype), nnx.state(module)))
     tree = lora_tree(workdir, step, weights, model_config, config)
     full = lora.split_tree(tree)[1]
@@ -257,24 +259,21 @@ def _lora_transformer(workdir: str, step: int, weights: str, model_config, dtype
     return module
 
 
-def transformer_module(workdir: str, step: int, weights: str, model_config, dtype=jnp.float32,
-                       *, param_dtype=None, shardings=None, config: TrainConfig | None = None,
-                       **options) -> nnx.Module:
-    """The run's transformer: its trained parameters of `step` (EMA or raw) in
-    `param_dtype` (default: as trained), its fixed buffers (the position table) recomputed
-    from its config, placed by `shardings(abstract module)` as they are read. A LoRA run's:
-    its base with the trained factors merged in."""
+def transformer_module(workdir: str, step: int, weights: str, model_config,
+                       runtime: Runtime = Runtime(), *,
+                       config: TrainConfig | None = None) -> nnx.Module:
+    """The run's transformer: its trained parameters of `step` (EMA or raw) in the
+    runtime's `param_dtype` (default: as trained), its fixed buffers (the position table)
+    recomputed from its config, placed by the runtime's shardings as they are read. A LoRA
+    run's: its base with the trained factors merged in."""
     config = config or read_run_config(workdir)
-    param_dtype = jnp.dtype(param_dtype or config.compute.param_dtype)
+    runtime = runtime.storing(config.compute.param_dtype)
     if config.lora.rank:
-        return _lora_transformer(workdir, step, weights, model_config, dtype,
-                                 param_dtype=param_dtype, shardings=shardings, config=config,
-                                 **options)
-    module_class = registry.KINDS["transformer"].module_class
-    abstract = nnx.eval_shape(lambda: module_class(
-        model_config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, **options))
+        return _lora_transformer(workdir, step, weights, model_config, runtime, config)
+    module_class, param_dtype = registry.KINDS["transformer"].module_class, runtime.param_dtype
+    abstract = nnx.eval_shape(lambda: runtime.build(module_class, model_config, nnx.Rngs(0)))
     graphdef, params, _ = nnx.split(abstract, nnx.Param, ...)
-    place = shardings(abstract) if shardings is not None else None
+    place = runtime.shardings(abstract) if runtime.shardings is not None else None
     trained = trained_params(workdir, step, weights, io.abstract_like(
         nnx.to_pure_dict(params), None,
         nnx.to_pure_dict(nnx.filter_state(place, nnx.Param)) if place is not None else None))
@@ -324,9 +323,8 @@ def describe(workdir: str, step: int | None = None, weights: str | None = None) 
             "weights": resolve_weights(workdir, step, weights)}
 
 
-def load_run_components(workdir: str, dtype=jnp.float32, *, vae_dtype=jnp.float32,
-                        param_dtype=None, shardings=None, attention: str = "auto",
-                        activation_sharding=None, step: int | None = None,
+def load_run_components(workdir: str, runtime: Runtime = Runtime(), *, vae_dtype=jnp.float32,
+                        step: int | None = None,
                         weights: str | None = None) -> PipelineComponents:
     """`PipelineComponents` of a training work dir: the transformer of `step` (default: the
     latest) with its EMA weights (default when kept) or raw ones, and the run's frozen T5,
@@ -336,14 +334,12 @@ def load_run_components(workdir: str, dtype=jnp.float32, *, vae_dtype=jnp.float3
     tokenizer = run_tokenizer(workdir, config)
     vocab = len(tokenizer)
     tcfg = model_config(workdir, "transformer", vocab, config)
-    common = dict(shardings=shardings, activation_sharding=activation_sharding)
-    transformer = transformer_module(workdir, chosen["step"], chosen["weights"], tcfg, dtype,
-                                     param_dtype=param_dtype, config=config,
-                                     attention=attention, **common)
-    t5 = frozen_module(workdir, "t5", model_config(workdir, "t5", vocab, config), dtype,
-                       param_dtype=param_dtype, config=config, attention=attention, **common)
+    transformer = transformer_module(workdir, chosen["step"], chosen["weights"], tcfg, runtime,
+                                     config=config)
+    t5 = frozen_module(workdir, "t5", model_config(workdir, "t5", vocab, config), runtime,
+                       config=config)
     vae = frozen_module(workdir, "vae", model_config(workdir, "vae", vocab, config),
-                        vae_dtype, config=config, attention=attention, **common)
+                        vae_runtime(runtime, vae_dtype), config=config)
     return PipelineComponents(
         transformer=transformer, t5=t5, vae=vae, tokenizer=tokenizer,
         scheduler=scheduler_of(config), mask_token_id=mask_token_id(tokenizer),

@@ -94,16 +94,18 @@ def load_pipeline_from_args(args):
     """The pipeline of --ckpt, weights placed on all local devices as they are read."""
     import jax.numpy as jnp
 
+    from unialign_jax.models.runtime import Runtime
     from unialign_jax.sampling.pipeline import UniAlignPipeline
 
     if not os.path.isdir(args.ckpt):
         raise InputError(f"checkpoint folder not found: {args.ckpt}")
     compilation_cache.setup_from_args(args)
     # Weights are stored in the compute dtype too: bf16 inference needs half the memory.
+    dtype = jnp.dtype(args.dtype)
     pipe = UniAlignPipeline.from_pretrained(
-        args.ckpt, jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.dtype),
-        attention=args.attention, batch_size=args.batch_size, progress=not args.no_progress,
-        step=args.step, weights=args.weights)
+        args.ckpt, Runtime(dtype, param_dtype=dtype, attention=args.attention),
+        batch_size=args.batch_size, progress=not args.no_progress, step=args.step,
+        weights=args.weights)
     if args.lora:
         pipe.load_lora(args.lora, scale=args.lora_scale)
     return pipe
