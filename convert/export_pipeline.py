@@ -20,7 +20,7 @@ from unialign_convert.pipeline import LAYOUTS, SCHEDULER_CLASS
 from unialign_convert.safetensors_io import ConversionError, parse_size
 from unialign_jax import files
 from unialign_jax.runs import work_dir
-from unialign_jax.checkpoints.pipeline import component_paths, read_index
+from unialign_jax.checkpoints.pipeline import PipelineIndex, read_scheduler
 
 LAYOUT = LAYOUTS["unialignment"]
 # Which module kind each pipeline component is, and the class names the release's
@@ -44,8 +44,8 @@ def write_pipeline_export(src: str, out_dir: str, *, dtype: str = "float32",
     if work_dir.is_training_run(src):
         raise ConversionError(f"{src} is a training work dir: make it a pipeline folder first "
                               "with `unialign-convert from-run WORKDIR DIR`")
-    index = read_index(src)
-    where = component_paths(src)
+    index = PipelineIndex.read(src)
+    where = index.paths(src)
     parse_size(max_shard_size)
     summary = {}
     for number, (component, kind) in enumerate(_KINDS.items(), 1):
@@ -61,7 +61,7 @@ def write_pipeline_export(src: str, out_dir: str, *, dtype: str = "float32",
                                           max_shard_size=max_shard_size)
         del tree
     shutil.copytree(where["tokenizer"], os.path.join(out_dir, LAYOUT["tokenizer"]))
-    scheduler = files.read_json(os.path.join(src, index["scheduler"]))
+    scheduler = read_scheduler(src, index)
     files.write_json(os.path.join(out_dir, LAYOUT["scheduler"], "scheduler_config.json"),
                      {"_class_name": SCHEDULER_CLASS, "shift": scheduler["shift"],
                       "num_train_timesteps": scheduler["num_train_timesteps"]})

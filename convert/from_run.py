@@ -17,7 +17,7 @@ import sys
 
 from unialign_jax import files
 from unialign_jax.checkpoints import registry
-from unialign_jax.checkpoints.pipeline import COMPONENT_DIRS, FORMAT, INDEX_FILE, SCHEDULER_FILE
+from unialign_jax.checkpoints.pipeline import COMPONENT_DIRS, PipelineIndex, write_scheduler
 from unialign_jax.models.runtime import Runtime
 from unialign_jax.parallel import make_mesh, module_shardings
 from unialign_jax.runs import work_dir
@@ -28,7 +28,7 @@ _FROZEN_DIRS = {"t5": "text_encoder", "vae": "vae"}
 
 
 def write_run_pipeline(workdir: str, out_dir: str, *, step: int | None = None,
-                       weights: str | None = None) -> dict:
+                       weights: str | None = None) -> PipelineIndex:
     """Writes the pipeline of `workdir` into the existing folder `out_dir`; returns its index."""
     config = work_dir.read_run_config(workdir)
     chosen = work_dir.describe(workdir, step, weights)
@@ -60,15 +60,13 @@ def write_run_pipeline(workdir: str, out_dir: str, *, step: int | None = None,
             config=config)
         registry.save_model(kind, module, out[name], source["param_dtype"])
 
-    files.write_json(os.path.join(out_dir, SCHEDULER_FILE), work_dir.scheduler_of(config))
-    index = {"format": FORMAT, "source": os.path.abspath(workdir), "layout": LAYOUT,
-             "training_run": chosen, "frozen": frozen, "components": COMPONENT_DIRS,
-             "scheduler": SCHEDULER_FILE, "vocab_size": len(tokenizer),
-             **work_dir.run_trained_with(config).as_index(),
-             "mask_token_id": mask_token_id(tokenizer), "mask_embedding": None,
-             "dtype": param_dtype, "vae_dtype": registry.read_config(out["vae"], "vae")[1],
-             "transformer_initialised": []}
-    files.write_json(os.path.join(out_dir, INDEX_FILE), index)
+    write_scheduler(out_dir, work_dir.scheduler_of(config))
+    index = PipelineIndex(
+        source=os.path.abspath(workdir), layout=LAYOUT, training_run=chosen, frozen=frozen,
+        vocab_size=len(tokenizer), trained_with=work_dir.run_trained_with(config),
+        mask_token_id=mask_token_id(tokenizer), dtype=param_dtype,
+        vae_dtype=registry.read_config(out["vae"], "vae")[1])
+    index.write(out_dir)
     return index
 
 
@@ -78,6 +76,6 @@ convert_run = files.into_new_folder(write_run_pipeline)
 def run(args) -> None:
     index = convert_run(args.src, args.dst, step=args.step, weights=args.weights,
                         force=args.force)
-    chosen = index["training_run"]
+    chosen = index.training_run
     print(f"wrote the pipeline of {args.src} (step {chosen['step']}, {chosen['weights']} "
           f"weights) into {args.dst} (load it with unialign_jax.load_pipeline)")

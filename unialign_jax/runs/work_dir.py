@@ -35,8 +35,8 @@ from flax import nnx
 
 from unialign_jax import files
 from unialign_jax.checkpoints import io, registry, training_steps
-from unialign_jax.checkpoints.pipeline import (PipelineComponents, TrainedWith, read_index,
-                                               vae_runtime)
+from unialign_jax.checkpoints.pipeline import (PipelineComponents, PipelineIndex, TrainedWith,
+                                               read_scheduler, vae_runtime)
 from unialign_jax.checkpoints.training_steps import CHECKPOINT_DIR
 from unialign_jax.diffusion import flow
 from unialign_jax.models import lora
@@ -296,7 +296,7 @@ def scheduler_of(config: TrainConfig) -> dict:
     SD3's (shift 3, 1000 training timesteps)."""
     pipeline = config.models.pipeline
     if pipeline:
-        return files.read_json(os.path.join(pipeline, read_index(pipeline)["scheduler"]))
+        return read_scheduler(pipeline)
     return {"shift": flow.INFERENCE_SHIFT, "num_train_timesteps": flow.NUM_TRAIN_TIMESTEPS}
 
 
@@ -312,7 +312,7 @@ def trained_with(path: str) -> TrainedWith:
     with, read without loading anything."""
     if is_training_run(path):
         return run_trained_with(read_run_config(path))
-    return TrainedWith.from_index(read_index(path))
+    return PipelineIndex.read(path).trained_with
 
 
 def describe(workdir: str, step: int | None = None, weights: str | None = None) -> dict:

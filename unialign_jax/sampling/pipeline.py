@@ -30,8 +30,8 @@ from unialign_jax import files
 from unialign_jax.checkpoints import lora_files, registry
 from unialign_jax.runs import work_dir
 from unialign_jax.checkpoints.io import CheckpointError
-from unialign_jax.checkpoints.pipeline import (COMPONENT_DIRS, FORMAT, INDEX_FILE, SCHEDULER_FILE,
-                                               PipelineComponents, load_components)
+from unialign_jax.checkpoints.pipeline import (COMPONENT_DIRS, PipelineComponents, PipelineIndex,
+                                               load_components, write_scheduler)
 from unialign_jax.models.runtime import Runtime
 from unialign_jax.parallel import batch_ways, make_mesh, placed_on
 from unialign_jax.parallel.placement import place_module, put
@@ -217,14 +217,10 @@ class UniAlignPipeline:
                 dtypes[name] = str(jax.tree.leaves(nnx.state(module, nnx.Param))[0].dtype)
                 registry.save_model(kind, module, where[name], dtypes[name])
             c.tokenizer.save_pretrained(where["tokenizer"])
-            files.write_json(os.path.join(tmp, SCHEDULER_FILE), dict(c.scheduler))
-            files.write_json(os.path.join(tmp, INDEX_FILE), {
-                "format": FORMAT, "source": c.path, "layout": "saved", "components":
-                COMPONENT_DIRS, "scheduler": SCHEDULER_FILE, "vocab_size": len(c.tokenizer),
-                **c.trained_with.as_index(),
-                "mask_token_id": c.mask_token_id, "mask_embedding": None,
-                "dtype": dtypes["transformer"], "vae_dtype": dtypes["vae"],
-                "transformer_initialised": []})
+            write_scheduler(tmp, c.scheduler)
+            PipelineIndex(source=c.path, layout="saved", vocab_size=len(c.tokenizer),
+                          trained_with=c.trained_with, mask_token_id=c.mask_token_id,
+                          dtype=dtypes["transformer"], vae_dtype=dtypes["vae"]).write(tmp)
 
     # -- LoRA ---------------------------------------------------------------------------
     def load_lora(self, path: str, scale: float = 1.0, merge: bool = True) -> dict:
