@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 
 from unialign_jax import files
-from unialign_jax.sampling.cli import read_prompts_file
+from unialign_jax.sampling.jobs import read_prompts_file
 from unialign_jax.sampling.pipeline import DEFAULT_STEPS, MAX_CONDITION_IMAGES, UniAlignPipeline
 from unialign_jax.sampling.preprocess import InputError, check_input_size, load_image
 
