@@ -16,11 +16,11 @@ import shutil
 import sys
 
 from unialign_convert.export import DEFAULT_MAX_SHARD_SIZE, read_folder, write_export
-from unialign_convert.pipeline import LAYOUTS, SCHEDULER_CLASS
+from unialign_convert.diffusers_pipeline import LAYOUTS, SCHEDULER_CLASS
 from unialign_convert.safetensors_io import ConversionError, parse_size
 from unialign_jax import files
 from unialign_jax.runs import work_dir
-from unialign_jax.checkpoints.pipeline import PipelineIndex, read_scheduler
+from unialign_jax.checkpoints.pipeline_folder import PipelineIndex, read_scheduler
 
 LAYOUT = LAYOUTS["unialignment"]
 # Which module kind each pipeline component is, and the class names the release's

@@ -17,7 +17,7 @@ import sys
 
 from unialign_jax import files
 from unialign_jax.checkpoints import registry
-from unialign_jax.checkpoints.pipeline import COMPONENT_DIRS, PipelineIndex, write_scheduler
+from unialign_jax.checkpoints.pipeline_folder import COMPONENT_DIRS, PipelineIndex, write_scheduler
 from unialign_jax.models.runtime import Runtime
 from unialign_jax.parallel import make_mesh, module_shardings
 from unialign_jax.runs import work_dir

@@ -25,7 +25,7 @@ from conftest import shared_fixture  # noqa: E402
 from unialign_convert import cli  # noqa: E402
 from test_t5 import random_t5  # noqa: E402
 from test_vae import random_vae  # noqa: E402
-from unialign_jax.checkpoints.pipeline import load_components  # noqa: E402
+from unialign_jax.checkpoints.pipeline_folder import load_components  # noqa: E402
 from unialign_jax.models.runtime import Runtime  # noqa: E402
 from unialign_jax.text.tokenizer import train_tiny_tokenizer  # noqa: E402
 
@@ -151,7 +151,7 @@ def test_unialignment_layout(tmp_path):
     assert index["layout"] == "unialignment" and not index["transformer_initialised"]
 
     pipe = unialign_jax.load_pipeline(str(tmp_path / "dst"))
-    from unialign_jax.sampling.pipeline import UniAlignPipeline
+    from unialign_jax.sampling.unialign_pipeline import UniAlignPipeline
 
     assert isinstance(pipe, UniAlignPipeline) and pipe.shift == 3.0
     components = pipe.components

@@ -17,7 +17,7 @@ from unialign_jax.models import lora
 from unialign_jax.models.mmdit import MMDiT, MMDiTConfig
 from unialign_jax.parallel import make_mesh, placement
 from unialign_jax.runs.config import LoraConfig, TrainConfig
-from unialign_jax.runs.models import add_lora
+from unialign_jax.runs.builder import add_lora
 from unialign_jax.runs.resolve import resolve
 
 RTOL = 1e-5  # float32: merged vs unmerged, wrapped layer vs numpy
@@ -169,7 +169,7 @@ def test_targets_and_train_also_resolve_against_the_model_or_fail_clearly():
 
 
 def test_trainer_trains_only_factors_and_chosen_tensors_over_a_frozen_base():
-    """`runs.models.add_lora` on a bf16 base (as build_models stores it for
+    """`runs.builder.add_lora` on a bf16 base (as build_models stores it for
     lora.base_dtype=bfloat16), placed and abstract alike."""
     cfg = LoraConfig(rank=4, alpha=8.0, train_also=("text_proj_out.*",))
     mesh = make_mesh()
@@ -224,7 +224,7 @@ def test_lora_config_section_overrides_and_validation():
 
 def test_lora_base_becomes_the_runs_transformer_and_is_recorded(tmp_path):
     from unialign_jax import files
-    from unialign_jax.checkpoints.pipeline import COMPONENT_DIRS, FORMAT, INDEX_FILE
+    from unialign_jax.checkpoints.pipeline_folder import COMPONENT_DIRS, FORMAT, INDEX_FILE
     from unialign_jax.runs.config import ModelsConfig
 
     pipe = tmp_path / "pipe"

@@ -25,7 +25,7 @@ from unialign_jax.models import lora
 from unialign_jax.parallel import make_mesh
 from unialign_jax.text.tokenizer import load_tokenizer
 from unialign_jax.runs.config import TrainConfig
-from unialign_jax.runs.models import build_models
+from unialign_jax.runs.builder import build_models
 
 STEPS = 60
 LORA = ("lora.rank=4", "lora.alpha=8", "lora.base_dtype=bfloat16", "optimizer.lr=1e-2",

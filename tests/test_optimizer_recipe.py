@@ -168,7 +168,7 @@ def tiny_models():
     from unialign_jax.models.t5 import T5Encoder
     from unialign_jax.models.vae import AutoencoderKL
     from unialign_jax.parallel import make_mesh, replicated
-    from unialign_jax.runs.models import SplitModel
+    from unialign_jax.runs.builder import SplitModel
     from unialign_jax.training.step import FrozenModels
 
     cfg = configlib.apply_overrides(load("tiny"), ["models.transformer.vocab_size=64"])

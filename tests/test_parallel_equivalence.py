@@ -50,7 +50,7 @@ def edit_batch(seed=0):
 def run(mesh_shape, devices, *overrides):
     import jax
     from unialign_jax.parallel import make_mesh, replicated
-    from unialign_jax.runs.models import build_models
+    from unialign_jax.runs.builder import build_models
     from unialign_jax.training.step import FrozenModels, make_train_step
 
     mesh = make_mesh(*mesh_shape, devices=devices)

@@ -23,7 +23,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from unialign_jax.checkpoints.pipeline import RELEASE_NEGATIVE_PROMPT
+from unialign_jax.checkpoints.pipeline_folder import RELEASE_NEGATIVE_PROMPT
 from unialign_jax.files import (dumps, jsonl, read_json_or_none, remove_stale_partials,
                                 save_png, write_text_if_changed)
 from unialign_jax.sampling.jobs import (Item, add_model_args, at_run_shape,

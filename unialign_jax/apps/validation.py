@@ -22,7 +22,7 @@ import os
 
 from unialign_jax import files
 from unialign_jax.sampling.jobs import read_prompts_file
-from unialign_jax.sampling.pipeline import DEFAULT_STEPS, MAX_CONDITION_IMAGES, UniAlignPipeline
+from unialign_jax.sampling.unialign_pipeline import DEFAULT_STEPS, MAX_CONDITION_IMAGES, UniAlignPipeline
 from unialign_jax.sampling.preprocess import InputError, check_input_size, load_image
 
 VALIDATION_DIR = "validation"
@@ -36,7 +36,7 @@ def pipeline_of(models: dict, params: dict, tokenizer, cfg, **pipeline_kwargs
     (EMA or raw, as the state holds them), its frozen T5 and VAE and `tokenizer`, sampled
     with what it trains with (prompt length, resolution, null prompt as the negative one);
     `cfg` is the run's (resolved) `TrainConfig`."""
-    from unialign_jax.checkpoints.pipeline import PipelineComponents
+    from unialign_jax.checkpoints.pipeline_folder import PipelineComponents
     from unialign_jax.runs.work_dir import run_trained_with, scheduler_of
     from unialign_jax.text.tokenizer import mask_token_id
 

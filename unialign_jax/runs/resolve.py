@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from unialign_jax.checkpoints.pipeline import INDEX_FILE, component_paths
+from unialign_jax.checkpoints.pipeline_folder import INDEX_FILE, component_paths
 from unialign_jax.runs.config import TrainConfig
 from unialign_jax.runs.work_dir import is_training_run
 

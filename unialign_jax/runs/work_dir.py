@@ -7,8 +7,9 @@ the intact ones (`training_steps.valid_steps`) and the arrays read are checked a
 fingerprint saved with them. The frozen T5 and VAE come from the folders the run named
 (`models.t5_path`, `models.vae_path`), or — when the run initialised them at random (the
 quickstart, tests) — are redrawn exactly: the trainer draws them inside `jit` from
-`nnx.Rngs(run.seed + SEED_OFFSETS[kind])` (`runs/models.py` `build_models`) in `compute.frozen_param_dtype`, and the same draw is repeated here
-(tests/test_from_run.py checks it against the trainer's own builder). Decision: the trainer
+`nnx.Rngs(run.seed + SEED_OFFSETS[kind])` (`runs/builder.py` `build_models`) in
+`compute.frozen_param_dtype`, and the same draw is repeated here (tests/test_from_run.py
+checks it against the trainer's own builder). Decision: the trainer
 does not store its frozen models — a random one is cheaper to redraw than to write at every
 run start, and real runs name converted folders. The tokenizer is the run's, padding with
 `</s>` as training does.
@@ -19,8 +20,9 @@ random initialisation of `run.seed`), in the dtype it trained over (`lora.base_d
 with the trained tensors set and the factors merged in.
 
 The run config is read as the trainer wrote it, a `TrainConfig`; the random draws use the
-trainer's own seed table (`runs.models.SEED_OFFSETS`) and model configs
-(`runs.models.transformer_config`, `frozen_config`)."""
+trainer's own seed table (`runs.builder.SEED_OFFSETS`) and model configs
+(`runs.builder.transformer_config`, `frozen_config`): the trainer's knowledge of a run,
+not a copy of it."""
 
 from __future__ import annotations
 
@@ -35,14 +37,14 @@ from flax import nnx
 
 from unialign_jax import files
 from unialign_jax.checkpoints import io, registry, training_steps
-from unialign_jax.checkpoints.pipeline import (PipelineComponents, PipelineIndex, TrainedWith,
+from unialign_jax.checkpoints.pipeline_folder import (PipelineComponents, PipelineIndex, TrainedWith,
                                                read_scheduler, vae_runtime)
 from unialign_jax.checkpoints.training_steps import CHECKPOINT_DIR
 from unialign_jax.diffusion import flow
 from unialign_jax.models import lora
 from unialign_jax.models.runtime import Runtime
 from unialign_jax.runs.config import TrainConfig
-from unialign_jax.runs.models import SEED_OFFSETS, frozen_config, transformer_config
+from unialign_jax.runs.builder import SEED_OFFSETS, frozen_config, transformer_config
 from unialign_jax.text.tokenizer import NULL_PROMPT, load_tokenizer, mask_token_id
 
 RUN_CONFIG_FILE = "config.json"
@@ -328,7 +330,7 @@ def load_run_components(workdir: str, runtime: Runtime = Runtime(), *, vae_dtype
                         weights: str | None = None) -> PipelineComponents:
     """`PipelineComponents` of a training work dir: the transformer of `step` (default: the
     latest) with its EMA weights (default when kept) or raw ones, and the run's frozen T5,
-    VAE and tokenizer. Arguments as `checkpoints.pipeline.load_components`."""
+    VAE and tokenizer. Arguments as `checkpoints.pipeline_folder.load_components`."""
     config = read_run_config(workdir)
     chosen = describe(workdir, step, weights)
     tokenizer = run_tokenizer(workdir, config)

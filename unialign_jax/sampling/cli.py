@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 
 from unialign_jax.checkpoints.io import CheckpointError
-from unialign_jax.checkpoints.pipeline import TrainedWith
+from unialign_jax.checkpoints.pipeline_folder import TrainedWith
 from unialign_jax.files import (jsonl, read_json_or_none, remove_stale_partials, save_png,
                                 write_json, write_text_if_changed)
 from unialign_jax.images import RESIZE_MODES
@@ -26,7 +26,7 @@ from unialign_jax.runs import work_dir
 from unialign_jax.sampling.jobs import (Item, add_model_args, at_run_shape,
                                         load_pipeline_from_args, read_prompts_file,
                                         run_until_disk_full)
-from unialign_jax.sampling.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_CONDITION_IMAGES
+from unialign_jax.sampling.unialign_pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_CONDITION_IMAGES
 from unialign_jax.sampling.preprocess import InputError, check_resolution, load_image
 
 TASKS = {

@@ -20,7 +20,7 @@ from unialign_jax.files import disk_full_message, is_disk_full
 from unialign_jax.models.attention import IMPLEMENTATIONS
 from unialign_jax.parallel import batch_ways
 from unialign_jax.runs.work_dir import WEIGHTS
-from unialign_jax.sampling.pipeline import chunk_size
+from unialign_jax.sampling.unialign_pipeline import chunk_size
 from unialign_jax.sampling.preprocess import InputError
 
 
@@ -79,7 +79,7 @@ def load_pipeline_from_args(args):
     import jax.numpy as jnp
 
     from unialign_jax.models.runtime import Runtime
-    from unialign_jax.sampling.pipeline import UniAlignPipeline
+    from unialign_jax.sampling.unialign_pipeline import UniAlignPipeline
 
     if not os.path.isdir(args.ckpt):
         raise InputError(f"checkpoint folder not found: {args.ckpt}")

@@ -47,7 +47,7 @@ from unialign_jax.parallel import batch_ways, replicated
 from unialign_jax.training import objective
 from unialign_jax.runs.config import LossConfig, TrainConfig
 from unialign_jax.training.metrics import MetricWriter
-from unialign_jax.runs.models import SplitModel
+from unialign_jax.runs.builder import SplitModel
 from unialign_jax.training.step import FrozenModels, TrainStep
 
 EVAL_TIMESTEPS = 8      # image timesteps of the grid; every batch of ≥ 8 rows sees them all

@@ -21,10 +21,10 @@ from unialign_jax import files
 from unialign_jax.checkpoints import training_steps
 from unialign_jax.data.pipeline import (DataError, PipelineConfig, condition_images, next_batch,
                                         training_iterator)
-from unialign_jax.data.teacher import has_teacher
+from unialign_jax.data.teacher import is_precomputed
 from unialign_jax.parallel import make_mesh, maybe_initialize_distributed, replicated
 from unialign_jax.runs.config import TrainConfig
-from unialign_jax.runs.models import build_models, frozen_configs, transformer_config
+from unialign_jax.runs.builder import build_models, frozen_configs, transformer_config
 from unialign_jax.runs.resolve import resolve
 from unialign_jax.runs.work_dir import write_run_config
 from unialign_jax.text.tokenizer import NULL_PROMPT, load_tokenizer, mask_token_id, tokenize
@@ -115,7 +115,8 @@ def train(cfg: TrainConfig, workdir: str, *, echo=None,
         max_length=cfg.data.max_length, seed=cfg.data.seed, num_workers=cfg.data.workers,
         resolution=cfg.data.resolution, skip_corrupt=cfg.data.skip_corrupt,
         task_weights=task_weights(cfg)))
-    if cfg.loss.align_weight and not all(has_teacher(folder) for folders in corpora(cfg).values()
+    if cfg.loss.align_weight and not all(is_precomputed(folder)
+                                         for folders in corpora(cfg).values()
                                          for folder in folders):
         if not cfg.loss.allow_missing_teacher:
             raise ValueError("the training data has no teacher features, so the alignment "

@@ -20,7 +20,7 @@ from unialign_convert.transformer import write_transformer
 from unialign_convert.vae import config_from_diffusers, write_vae
 from unialign_jax import files
 from unialign_jax.diffusion.flow import NUM_TRAIN_TIMESTEPS
-from unialign_jax.checkpoints.pipeline import COMPONENT_DIRS, PipelineIndex, write_scheduler
+from unialign_jax.checkpoints.pipeline_folder import COMPONENT_DIRS, PipelineIndex, write_scheduler
 from unialign_jax.text.tokenizer import load_tokenizer, mask_token_id
 
 # Source sub-folder of each component, per layout.

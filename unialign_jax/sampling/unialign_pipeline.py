@@ -30,13 +30,13 @@ from unialign_jax import files
 from unialign_jax.checkpoints import lora_files, registry
 from unialign_jax.runs import work_dir
 from unialign_jax.checkpoints.io import CheckpointError
-from unialign_jax.checkpoints.pipeline import (COMPONENT_DIRS, PipelineComponents, PipelineIndex,
+from unialign_jax.checkpoints.pipeline_folder import (COMPONENT_DIRS, PipelineComponents, PipelineIndex,
                                                load_components, write_scheduler)
 from unialign_jax.models.runtime import Runtime
 from unialign_jax.parallel import batch_ways, make_mesh, placed_on
 from unialign_jax.parallel.placement import place_module, put
 from unialign_jax.sampling.caption import ModelDenoiser, sample_caption
-from unialign_jax.sampling.flow import sample_images
+from unialign_jax.sampling.image_sampler import sample_images
 from unialign_jax.diffusion import flow
 from unialign_jax.images import RESIZE_MODES, bucket_size
 from unialign_jax.models import lora
