@@ -289,3 +289,31 @@ def test_pyproject_lists_every_package():
                  .replace(" ", "").strip(",").split(","))
     packages = {m for m, p in modules().items() if p.endswith("__init__.py")}
     assert listed == packages, (sorted(listed - packages), sorted(packages - listed))
+
+
+def readme_layout() -> list[tuple[str, set[str]]]:
+    """(floor, the packages it names) of each row of the README's "Layout" table, top first;
+    `unialign_jax/{a,b}.py` names two modules, `convert/` the package installed from it."""
+    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| floor ")]
+    folders = {folder + "/": root for root, folder in ROOTS.items()}
+    out = []
+    for row in rows:
+        floor, named = row.split("|")[1].strip(), row.split("|")[2]
+        packages = set()
+        for path in re.findall(r"`([\w/{},.]+)`", named):
+            if path in folders:
+                packages.add(folders[path])
+            elif path.startswith("unialign_jax/"):
+                stem = path.removesuffix("/").removesuffix(".py").replace("/", ".")
+                head, _, names = stem.partition("{")
+                packages |= ({head + n for n in names.rstrip("}").split(",")} if names
+                             else {stem})
+        out.append((floor, packages))
+    return out
+
+
+def test_the_readme_layout_table_lists_the_floors_and_their_packages():
+    assert readme_layout() == [(name, set(packages)) for name, packages in reversed(LAYERS)]
