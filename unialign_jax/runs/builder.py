@@ -111,6 +111,15 @@ def frozen_configs(models: ModelsConfig):
     return frozen_config(models, "t5"), frozen_config(models, "vae")
 
 
+def stored_dtype(compute: ComputeConfig, lora: LoraConfig, kind: str):
+    """The dtype a run keeps its `kind` model in as it builds it: the trained transformer in
+    compute.param_dtype, a LoRA run's frozen base in lora.base_dtype (default: the compute
+    dtype), the frozen T5 and VAE in compute.frozen_param_dtype."""
+    if kind != TRAINED:
+        return jnp.dtype(compute.frozen_param_dtype)
+    return jnp.dtype((lora.base_dtype or compute.dtype) if lora.rank else compute.param_dtype)
+
+
 def build_models(models: ModelsConfig, compute: ComputeConfig, mesh: Mesh,
                  vocab_size: int | None, *, seed: int = 0, abstract: bool = False,
                  lora: LoraConfig = LoraConfig()) -> dict[str, SplitModel]:
@@ -121,8 +130,6 @@ def build_models(models: ModelsConfig, compute: ComputeConfig, mesh: Mesh,
     `abstract=True` builds ShapeDtypeStructs only (memory planning); converted folders are
     then read for their configs, never for weights.
     """
-    param_dtype = jnp.dtype(compute.param_dtype)
-    frozen_dtype = jnp.dtype(compute.frozen_param_dtype)
     tcfg = transformer_config(models, vocab_size)
     t5_cfg, vae_cfg = frozen_configs(models)
     if t5_cfg.d_model != tcfg.joint_attention_dim:
@@ -136,14 +143,14 @@ def build_models(models: ModelsConfig, compute: ComputeConfig, mesh: Mesh,
                          f"{vocab_size}")
 
     runtime = compute.runtime(mesh)
-    base_dtype = jnp.dtype(lora.base_dtype or compute.dtype) if lora.rank else param_dtype
-    specs = {  # name: (class, config, stored dtype, folder)
-        "transformer": (MMDiT, tcfg, base_dtype, models.transformer_path),
-        "t5": (T5Encoder, t5_cfg, frozen_dtype, models.t5_path),
-        "vae": (AutoencoderKL, vae_cfg, frozen_dtype, models.vae_path),
+    specs = {  # name: (class, config, folder)
+        "transformer": (MMDiT, tcfg, models.transformer_path),
+        "t5": (T5Encoder, t5_cfg, models.t5_path),
+        "vae": (AutoencoderKL, vae_cfg, models.vae_path),
     }
     out = {}
-    for name, (cls, config, stored, path) in specs.items():
+    for name, (cls, config, path) in specs.items():
+        stored = stored_dtype(compute, lora, name)
         stored_as = dataclasses.replace(runtime, param_dtype=stored)
         build: Callable[[], nnx.Module] = (  # fresh Rngs at each call: the same draws
             lambda stored_as=stored_as, cls=cls, config=config, name=name:
@@ -155,7 +162,7 @@ def build_models(models: ModelsConfig, compute: ComputeConfig, mesh: Mesh,
         else:
             module = placement.sharded_init(build, mesh)
         trained = None if name != TRAINED else (
-            add_lora(module, lora, param_dtype, mesh, seed, abstract) if lora.rank
-            else nnx.Param)
+            add_lora(module, lora, jnp.dtype(compute.param_dtype), mesh, seed, abstract)
+            if lora.rank else nnx.Param)
         out[name] = _split(module, trained)
     return out

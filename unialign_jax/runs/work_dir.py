@@ -44,7 +44,8 @@ from unialign_jax.diffusion import flow
 from unialign_jax.models import lora
 from unialign_jax.models.runtime import Runtime
 from unialign_jax.runs.config import TrainConfig
-from unialign_jax.runs.builder import SEED_OFFSETS, frozen_config, transformer_config
+from unialign_jax.runs.builder import (SEED_OFFSETS, frozen_config, stored_dtype,
+                                       transformer_config)
 from unialign_jax.text.tokenizer import NULL_PROMPT, load_tokenizer, mask_token_id
 
 RUN_CONFIG_FILE = "config.json"
@@ -152,7 +153,7 @@ def frozen_source(config: TrainConfig, kind: str) -> dict:
     if path:
         return {"folder": os.path.abspath(path)}
     return {"seed": config.run.seed + SEED_OFFSETS[kind],
-            "param_dtype": config.compute.frozen_param_dtype}
+            "param_dtype": str(stored_dtype(config.compute, config.lora, kind))}
 
 
 def random_module(kind: str, model_config, seed: int, param_dtype,
@@ -239,7 +240,7 @@ def _lora_transformer(workdir: str, step: int, weights: str, model_config, runti
     `param_dtype`, with the `train_also` tensors set and scale·A·B merged into the adapted
     kernels."""
     section, param_dtype = config.lora, runtime.param_dtype
-    base_dtype = jnp.dtype(section.base_dtype or config.compute.dtype)
+    base_dtype = stored_dtype(config.compute, section, "transformer")
     folder = _path(config, "transformer_path", workdir)
     if folder:
         module = registry.load_model("transformer", folder,
