@@ -55,15 +55,22 @@ def _split(module: nnx.Module, trained=None) -> SplitModel:
     return SplitModel(graphdef, {}, nnx.to_pure_dict(state))
 
 
+def wrap_factors(module: nnx.Module, lora: LoraConfig, param_dtype, seed: int = 0):
+    """Wraps `module`'s `lora.targets` layers with factors of the run's shapes, abstract
+    (shapes and dtypes only); returns the draw that fills them from run `seed`'s LoRA key."""
+    draw = functools.partial(lora_layers.new_factors,
+                             lora_layers.target_shapes(module, lora.targets), lora.rank,
+                             jax.random.key(seed + SEED_OFFSETS["lora"]), lora.init, param_dtype)
+    lora_layers.wrap(module, jax.eval_shape(draw), lora.scale)
+    return draw
+
+
 def add_lora(module: nnx.Module, lora: LoraConfig, param_dtype, mesh: Mesh, seed: int,
              abstract: bool = False):
     """Wraps `module`'s targeted layers with fresh factors drawn in place (from `seed`),
     casts its `train_also` tensors to `param_dtype`; returns the trained filter."""
     lora_layers.check_train_also(module, lora.train_also)
-    draw = functools.partial(lora_layers.new_factors,
-                             lora_layers.target_shapes(module, lora.targets), lora.rank,
-                             jax.random.key(seed + SEED_OFFSETS["lora"]), lora.init, param_dtype)
-    lora_layers.wrap(module, jax.eval_shape(draw), lora.scale)
+    draw = wrap_factors(module, lora, param_dtype, seed)
     factors = nnx.state(module, lora_layers.LoraParam)
     shardings = nnx.to_pure_dict(rules.state_shardings(factors, mesh))
     if abstract:

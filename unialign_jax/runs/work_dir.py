@@ -45,7 +45,7 @@ from unialign_jax.models import lora
 from unialign_jax.models.runtime import Runtime
 from unialign_jax.runs.config import TrainConfig
 from unialign_jax.runs.builder import (SEED_OFFSETS, frozen_config, stored_dtype,
-                                       transformer_config)
+                                       transformer_config, wrap_factors)
 from unialign_jax.text.tokenizer import NULL_PROMPT, load_tokenizer, mask_token_id
 
 RUN_CONFIG_FILE = "config.json"
@@ -227,9 +227,7 @@ def lora_tree(workdir: str, step: int, weights: str, model_config,
         raise io.CheckpointError(f"{workdir} is not a LoRA run (lora.rank is 0)")
     module_class = registry.KINDS["transformer"].module_class
     abstract = nnx.eval_shape(lambda: module_class(model_config, rngs=nnx.Rngs(0)))
-    shapes = lora.target_shapes(abstract, section.targets)
-    lora.wrap(abstract, jax.eval_shape(lambda: lora.new_factors(
-        shapes, section.rank, jax.random.key(0), section.init)), 1.0)
+    wrap_factors(abstract, section, param_dtype)
     target = nnx.to_pure_dict(nnx.state(abstract, lora.trained_filter(section.train_also)))
     return trained_params(workdir, step, weights, io.abstract_like(target, param_dtype))
 
