@@ -20,6 +20,7 @@ from unialign_convert.transformer import write_transformer
 from unialign_convert.vae import config_from_diffusers, write_vae
 from unialign_jax import files
 from unialign_jax.diffusion.flow import NUM_TRAIN_TIMESTEPS
+from unialign_jax.checkpoints import registry
 from unialign_jax.checkpoints.pipeline_folder import COMPONENT_DIRS, PipelineIndex, write_scheduler
 from unialign_jax.text.tokenizer import load_tokenizer, mask_token_id
 
@@ -152,7 +153,7 @@ def run(args) -> None:
           f"(load it with unialign_jax.load_pipeline)")
     if index.transformer_initialised:
         print(f"  transformer tensors initialised fresh: {len(index.transformer_initialised)} "
-              f"(listed in {args.dst}/transformer/conversion.json)")
+              f"(listed in {args.dst}/transformer/{registry.CONVERSION_FILE})")
     if not index.mask_embedding:
         print(f"  note: no --mask-embedding; row {index.mask_token_id} keeps T5's own "
               "<extra_id_0> embedding", file=sys.stderr)

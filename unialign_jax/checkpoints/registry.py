@@ -24,6 +24,9 @@ from unialign_jax.models.t5 import T5Config, T5Encoder
 from unialign_jax.models.vae import AutoencoderKL, VAEConfig
 
 CONFIG_FILE = "config.json"
+# What a folder was converted from (`unialign-convert`): source, dtype and what each kind
+# adds (initialised and dropped keys, the mask embedding, a release step).
+CONVERSION_FILE = "conversion.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,10 @@ def write_config(folder: str, kind: str, config, param_dtype: str) -> None:
     files.write_json(os.path.join(folder, CONFIG_FILE),
                      {"format": KINDS[kind].format, "param_dtype": str(param_dtype),
                       "config": config.to_dict()})
+
+
+def write_conversion(folder: str, report: dict) -> None:
+    files.write_json(os.path.join(folder, CONVERSION_FILE), report)
 
 
 def read_config(folder: str, kind: str) -> tuple[Any, str]:
