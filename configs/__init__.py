@@ -18,7 +18,7 @@ def names() -> list[str]:
 
 def load(name_or_path: str):
     """The `TrainConfig` of a shipped config's name, or of a `.py` file."""
-    from unialign_jax.training.config import config_of, load_config
+    from unialign_jax.runs.config import config_of, load_config
 
     if name_or_path.endswith(".py"):
         return load_config(name_or_path)

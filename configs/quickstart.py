@@ -11,7 +11,7 @@ it by hand:
 from unialign_jax.models.mmdit_config import MMDiTConfig
 from unialign_jax.models.t5 import T5Config
 from unialign_jax.models.vae import VAEConfig
-from unialign_jax.training.config import (ComputeConfig, DataConfig, LossConfig, ModelsConfig,
+from unialign_jax.runs.config import (ComputeConfig, DataConfig, LossConfig, ModelsConfig,
                                           OptimizerConfig, RunConfig, TrainConfig)
 
 def get_config() -> TrainConfig:

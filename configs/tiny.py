@@ -6,7 +6,7 @@ transformer's vocabulary is the tokenizer's length (T5's table must be at least 
 from unialign_jax.models.mmdit_config import MMDiTConfig
 from unialign_jax.models.t5 import T5Config
 from unialign_jax.models.vae import VAEConfig
-from unialign_jax.training.config import (ComputeConfig, DataConfig, LossConfig, ModelsConfig,
+from unialign_jax.runs.config import (ComputeConfig, DataConfig, LossConfig, ModelsConfig,
                                           OptimizerConfig, RunConfig, TrainConfig)
 
 

@@ -22,7 +22,7 @@ With 384 = 4 × chips × accumulation, use a chip count that divides 96 (8, 16, 
 change run.micro_batch_per_device (e.g. 1 or 2 on 64 or 128 chips; 6 on 64 chips).
 """
 
-from unialign_jax.training.config import (ComputeConfig, DataConfig, LossConfig, MeshConfig,
+from unialign_jax.runs.config import (ComputeConfig, DataConfig, LossConfig, MeshConfig,
                                           OptimizerConfig, RunConfig, TrainConfig)
 
 # Gradient accumulation as the release does it: 8 GPUs × local batch 48 = 384, so each

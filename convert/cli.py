@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import sys
-from typing import Any
+from typing import Any, Callable
 
-from unialign_convert import reruns
+from unialign_convert import (diffusers_pipeline, export, export_lora, export_pipeline, from_run,
+                              reruns, t5, transformer, vae)
 from unialign_convert.export import DEFAULT_MAX_SHARD_SIZE
 from unialign_convert.mask_embedding import DEFAULT_MASK_TOKEN_ID
 from unialign_convert.param_mapping import DTYPE_NAMES
@@ -34,7 +34,7 @@ def option(*flags: str, **kwargs) -> Option:
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    module: str          # unialign_convert.<module>.run(args) does the work
+    run: Callable[[argparse.Namespace], None]   # does the work
     help: str
     description: str
     src: str             # what SRC is
@@ -67,7 +67,7 @@ RUN_OPTIONS = (  # choosing the weights of a training work dir
 
 COMMANDS = {
     "transformer": Command(
-        "transformer", "an SD3Transformer2DModel or SD3JointModelFlexible folder",
+        transformer.run, "an SD3Transformer2DModel or SD3JointModelFlexible folder",
         "Convert a diffusers transformer folder (config.json + safetensors, sharded or not), "
         "or with --config a training checkpoint of the release's train.py, into an Orbax "
         "checkpoint folder loadable by unialign_jax.load_transformer.",
@@ -93,7 +93,7 @@ COMMANDS = {
                      "the alignment adapters (default: the release's 2048 3584; the output "
                      "width must equal the teacher's feature size)"))),
     "t5": Command(
-        "t5", "T5 v1.1 text encoder (transformers T5EncoderModel folder)",
+        t5.run, "T5 v1.1 text encoder (transformers T5EncoderModel folder)",
         "Convert a transformers T5EncoderModel folder (config.json + model.safetensors, or "
         "sharded with model.safetensors.index.json) into a unialign_jax T5 checkpoint "
         "loadable with unialign_jax.load_t5.",
@@ -102,13 +102,13 @@ COMMANDS = {
          option("--mask-token-id", type=int, default=DEFAULT_MASK_TOKEN_ID,
                 help="row replaced by --mask-embedding (default: %(default)s, <extra_id_0>)"))),
     "vae": Command(
-        "vae", "SD3 VAE (diffusers AutoencoderKL folder)",
+        vae.run, "SD3 VAE (diffusers AutoencoderKL folder)",
         "Convert a diffusers AutoencoderKL folder (config.json + "
         "diffusion_pytorch_model.safetensors) with 16 latent channels and no quant convs into "
         "a unialign_jax VAE checkpoint loadable with unialign_jax.load_vae.",
         "diffusers AutoencoderKL folder", (DTYPE,)),
     "pipeline": Command(
-        "pipeline", "a whole diffusers folder (SD3-medium or UniAlignment layout)",
+        diffusers_pipeline.run, "a whole diffusers folder (SD3-medium or UniAlignment layout)",
         "Convert a diffusers pipeline folder into one unialign_jax folder loadable with "
         "unialign_jax.load_pipeline. SD3-medium layout: transformer/, vae/, text_encoder_3/, "
         "tokenizer_3/, scheduler/ (CLIP encoders ignored; the transformer is ported to the "
@@ -117,7 +117,7 @@ COMMANDS = {
         "diffusers pipeline folder",
         (*PIPELINE_DTYPES, MASK_EMBEDDING)),
     "from-run": Command(
-        "from_run", "a training work dir → a pipeline folder",
+        from_run.run, "a training work dir → a pipeline folder",
         "Turn a unialign-train work dir into a pipeline folder loadable with "
         "unialign_jax.load_pipeline and unialign-sample: the trained transformer of one "
         "checkpoint step with the run's frozen T5, VAE and tokenizer (random frozen models "
@@ -126,7 +126,7 @@ COMMANDS = {
         "training work dir (unialign-train --workdir)",
         RUN_OPTIONS),
     "export": Command(
-        "export", "our transformer → a diffusers folder (PyTorch)",
+        export.run, "our transformer → a diffusers folder (PyTorch)",
         "Export a converted transformer folder, or a training work dir's transformer (EMA "
         "weights by default when kept), as a diffusers folder: config.json + "
         "diffusion_pytorch_model.safetensors, sharded with its index file above "
@@ -137,14 +137,14 @@ COMMANDS = {
         "converted transformer folder or training work dir",
         (DTYPE, MAX_SHARD_SIZE, *RUN_OPTIONS)),
     "export-pipeline": Command(
-        "export_pipeline", "a pipeline folder → the release's diffusers layout",
+        export_pipeline.run, "a pipeline folder → the release's diffusers layout",
         "Export a pipeline folder (unialign-convert pipeline / from-run) in the release's "
         "layout: transformer/, text_encoder/ (T5EncoderModel), vae/, tokenizer/, scheduler/ "
         "and model_index.json; `unialign-convert pipeline` reads it back unchanged.",
         "pipeline folder",
         (*PIPELINE_DTYPES, MAX_SHARD_SIZE)),
     "export-lora": Command(
-        "export_lora", "a LoRA run's factors → a diffusers / PEFT LoRA file",
+        export_lora.run, "a LoRA run's factors → a diffusers / PEFT LoRA file",
         "Export the LoRA factors of a training work dir trained with lora.rank > 0 (EMA "
         "weights by default when kept) as one safetensors file in the diffusers / PEFT "
         "naming (transformer.<module>.lora_A.weight (r, in), .lora_B.weight (out, r)), the "
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     compilation_cache.setup_from_args(args)
-    run = importlib.import_module(f"unialign_convert.{COMMANDS[args.command].module}").run
+    run = COMMANDS[args.command].run
     wanted = reruns.request(args, COMMANDS[args.command].options)
     try:
         if reruns.already_done(args.dst, wanted, args.force):

@@ -26,7 +26,8 @@ from unialign_convert.param_mapping import TensorMove
 from unialign_convert.safetensors_io import (ConversionError, TensorOut, parse_size,
                                              write_weights)
 from unialign_jax import files
-from unialign_jax.checkpoints import io, registry, training_runs
+from unialign_jax.checkpoints import io, registry
+from unialign_jax.runs import work_dir
 from unialign_jax.models.mmdit_config import MMDiTConfig
 from unialign_jax.models.t5 import T5Config
 from unialign_jax.models.vae import VAEConfig
@@ -122,21 +123,21 @@ def read_run(workdir: str, step: int | None, weights: str | None) -> tuple[MMDiT
                                                                             dict]:
     """(config, variables as host numpy arrays, which weights) of a training run's
     transformer: the trained parameters of the chosen step plus the position table."""
-    chosen = training_runs.describe(workdir, step, weights)
-    run_config = training_runs.read_run_config(workdir)
-    vocab = len(training_runs.run_tokenizer(workdir, run_config))
-    config = training_runs.model_config(workdir, "transformer", vocab, run_config)
-    dtype = run_config["compute"]["param_dtype"]
-    if training_runs.lora_of(run_config):  # its base with the factors merged in
-        module = training_runs.transformer_module(workdir, chosen["step"], chosen["weights"],
+    chosen = work_dir.describe(workdir, step, weights)
+    run_config = work_dir.read_run_config(workdir)
+    vocab = len(work_dir.run_tokenizer(workdir, run_config))
+    config = work_dir.model_config(workdir, "transformer", vocab, run_config)
+    dtype = run_config.compute.param_dtype
+    if run_config.lora.rank:  # its base with the factors merged in
+        module = work_dir.transformer_module(workdir, chosen["step"], chosen["weights"],
                                                   config, config=run_config)
         return config, jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(module))), chosen
     module_class = registry.KINDS["transformer"].module_class
     abstract = nnx.eval_shape(lambda: module_class(config, rngs=nnx.Rngs(0), param_dtype=dtype))
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
-    tree = training_runs.trained_params(workdir, chosen["step"], chosen["weights"], params)
-    buffers = training_runs.fixed_buffers(config, dtype)
+    tree = work_dir.trained_params(workdir, chosen["step"], chosen["weights"], params)
+    buffers = work_dir.fixed_buffers(config, dtype)
     tree.update(jax.tree.map(np.asarray, nnx.to_pure_dict(buffers)))
     return config, tree, chosen
 
@@ -177,7 +178,7 @@ def export_transformer(src: str, dst: str, *, dtype: str = "float32",
                        weights: str | None = None, force: bool = False) -> dict:
     """A converted transformer folder or a training work dir → a diffusers folder `dst`,
     written atomically."""
-    if training_runs.is_training_run(src):
+    if work_dir.is_training_run(src):
         config, tree, chosen = read_run(src, step, weights)
     elif step is not None or weights is not None:
         raise ConversionError(f"{src} is not a training work dir: --step / --ema / --raw "

@@ -18,8 +18,8 @@ import os
 
 from unialign_convert.param_mapping import output_dtype
 from unialign_convert.safetensors_io import ConversionError
-from unialign_jax.checkpoints import lora_files, training_runs
-from unialign_jax.models import lora
+from unialign_jax.checkpoints import lora_files
+from unialign_jax.runs import work_dir
 
 
 def export_lora(src: str, dst: str, *, dtype: str = "float32", step: int | None = None,
@@ -28,23 +28,23 @@ def export_lora(src: str, dst: str, *, dtype: str = "float32", step: int | None 
     if os.path.isdir(dst) or (os.path.exists(dst) and not force):
         raise FileExistsError(f"{dst} exists; pass --force to overwrite it"
                               if not os.path.isdir(dst) else f"{dst} is a folder, not a file")
-    config = training_runs.read_run_config(src)
-    section = training_runs.lora_of(config)
-    if section is None:
+    config = work_dir.read_run_config(src)
+    section = config.lora
+    if not section.rank:
         raise ConversionError(f"{src} is not a LoRA run (lora.rank is 0): export its "
                               "transformer with `unialign-convert export`")
-    if section["train_also"]:
+    if section.train_also:
         raise ConversionError(
-            f"{src} also trained full tensors (lora.train_also = {section['train_also']}), "
+            f"{src} also trained full tensors (lora.train_also = {list(section.train_also)}), "
             "which a LoRA file cannot hold: export the merged transformer with "
             "`unialign-convert export` instead")
-    chosen = training_runs.describe(src, step, weights)
-    vocab = len(training_runs.run_tokenizer(src, config))
-    model_config = training_runs.model_config(src, "transformer", vocab, config)
-    tree = training_runs.lora_tree(src, chosen["step"], chosen["weights"], model_config, config)
-    scale = lora.scale(section["rank"], section.get("alpha"))
-    about = {"training_run": chosen, "rank": section["rank"], "alpha": section.get("alpha"),
-             "targets": section["targets"], "scale_in_lora_B": scale}
+    chosen = work_dir.describe(src, step, weights)
+    vocab = len(work_dir.run_tokenizer(src, config))
+    model_config = work_dir.model_config(src, "transformer", vocab, config)
+    tree = work_dir.lora_tree(src, chosen["step"], chosen["weights"], model_config, config)
+    scale = section.scale
+    about = {"training_run": chosen, "rank": section.rank, "alpha": section.alpha,
+             "targets": list(section.targets), "scale_in_lora_B": scale}
     report = lora_files.write_lora(dst, model_config, tree, scale, output_dtype(dtype), about)
     return {**report, "training_run": chosen, "dtype": dtype}
 

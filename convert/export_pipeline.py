@@ -16,11 +16,11 @@ import shutil
 import sys
 
 from unialign_convert.export import DEFAULT_MAX_SHARD_SIZE, read_folder, write_export
-from unialign_convert.pipeline import LAYOUTS, SCHEDULER_CLASS
+from unialign_convert.diffusers_pipeline import LAYOUTS, SCHEDULER_CLASS
 from unialign_convert.safetensors_io import ConversionError, parse_size
 from unialign_jax import files
-from unialign_jax.checkpoints import training_runs
-from unialign_jax.checkpoints.pipeline import component_paths, read_index
+from unialign_jax.runs import work_dir
+from unialign_jax.checkpoints.pipeline_folder import PipelineIndex, read_scheduler
 
 LAYOUT = LAYOUTS["unialignment"]
 # Which module kind each pipeline component is, and the class names the release's
@@ -41,11 +41,11 @@ def write_pipeline_export(src: str, out_dir: str, *, dtype: str = "float32",
                           max_shard_size: str = DEFAULT_MAX_SHARD_SIZE) -> dict:
     """Exports the pipeline folder `src` into the existing folder `out_dir`; returns a
     summary per component."""
-    if training_runs.is_training_run(src):
+    if work_dir.is_training_run(src):
         raise ConversionError(f"{src} is a training work dir: make it a pipeline folder first "
                               "with `unialign-convert from-run WORKDIR DIR`")
-    index = read_index(src)
-    where = component_paths(src)
+    index = PipelineIndex.read(src)
+    where = index.paths(src)
     parse_size(max_shard_size)
     summary = {}
     for number, (component, kind) in enumerate(_KINDS.items(), 1):
@@ -61,7 +61,7 @@ def write_pipeline_export(src: str, out_dir: str, *, dtype: str = "float32",
                                           max_shard_size=max_shard_size)
         del tree
     shutil.copytree(where["tokenizer"], os.path.join(out_dir, LAYOUT["tokenizer"]))
-    scheduler = files.read_json(os.path.join(src, index["scheduler"]))
+    scheduler = read_scheduler(src, index)
     files.write_json(os.path.join(out_dir, LAYOUT["scheduler"], "scheduler_config.json"),
                      {"_class_name": SCHEDULER_CLASS, "shift": scheduler["shift"],
                       "num_train_timesteps": scheduler["num_train_timesteps"]})

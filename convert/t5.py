@@ -73,7 +73,7 @@ def write_t5(src: str, out_dir: str, *, dtype: str = "float32", mask_embedding: 
     if vector is not None:
         apply_mask_embedding(params["embedding"], vector, mask_token_id)
     registry.write_config(out_dir, "t5", cfg, dtype)
-    files.write_json(os.path.join(out_dir, "conversion.json"), {
+    registry.write_conversion(out_dir, {
         "source": os.path.abspath(src), "dtype": dtype,
         "mask_embedding": None if vector is None else {
             "file": os.path.abspath(mask_embedding), "token_id": mask_token_id}})

@@ -132,7 +132,7 @@ def write_transformer(src: str, out_dir: str, *, dtype: str = "float32",
               "variant": config.variant, "dtype": dtype, "num_tensors": len(moves),
               "initialised": initialised, "dropped": dropped, **found}
     registry.write_config(out_dir, "transformer", config, dtype)
-    files.write_json(os.path.join(out_dir, "conversion.json"), report)
+    registry.write_conversion(out_dir, report)
     return report
 
 
@@ -151,4 +151,5 @@ def run(args) -> None:
         print(f"  release checkpoint of step {report['step']}: {report['checkpoint']}")
     if report["initialised"] or report["dropped"]:
         print(f"  initialised fresh: {len(report['initialised'])} tensors; dropped from the "
-              f"source: {len(report['dropped'])} (lists in {args.dst}/conversion.json)")
+              f"source: {len(report['dropped'])} "
+              f"(lists in {args.dst}/{registry.CONVERSION_FILE})")

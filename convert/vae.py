@@ -67,8 +67,7 @@ def write_vae(src: str, out_dir: str, *, dtype: str = "float32") -> VAEConfig:
     params = param_mapping.assemble(source, tensor_moves(shapes), shapes,
                                     param_mapping.output_dtype(dtype), desc="VAE tensors")
     registry.write_config(out_dir, "vae", cfg, dtype)
-    files.write_json(os.path.join(out_dir, "conversion.json"),
-                  {"source": os.path.abspath(src), "dtype": dtype})
+    registry.write_conversion(out_dir, {"source": os.path.abspath(src), "dtype": dtype})
     io.save_params(out_dir, params)
     return cfg
 

@@ -101,7 +101,7 @@ def jax_side(args) -> dict:
                 return jnp.einsum("bhqk,bhkd->bhqd", p, v).transpose(0, 2, 1, 3)
         else:
             def attend(q, k, v, b):
-                return attention.dot_product_attention(q, k, v, implementation=impl, bias=b,
+                return attention.dot_product_attention(q, k, v, attention=impl, bias=b,
                                                        scale=scale)
 
         q, k, v, w = (jnp.asarray(a, args.dtype) for a in arrays)

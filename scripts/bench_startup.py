@@ -31,11 +31,12 @@ def sample_command(workdir: str, out: str) -> list[str]:
 
 def train_command(workdir: str, out: str) -> list[str]:
     """The quickstart's training on its own data, 2 steps, into a fresh folder."""
-    with open(os.path.join(workdir, "train", "config.json")) as f:
-        run = json.load(f)
-    overrides = [f"models.tokenizer={run['models']['tokenizer']}",
-                 f"models.vae_path={run['models']['vae_path']}",
-                 f"data.tasks={run['data']['tasks']!r}",
+    from unialign_jax.runs.work_dir import read_run_config
+
+    run = read_run_config(os.path.join(workdir, "train"))
+    overrides = [f"models.tokenizer={run.models.tokenizer}",
+                 f"models.vae_path={run.models.vae_path}",
+                 f"data.tasks={run.data.tasks!r}",
                  "run.num_steps=2", "run.progress_bar=False", "run.tensorboard=False"]
     shutil.rmtree(out, ignore_errors=True)
     return [sys.executable, "-m", "unialign_jax.training.cli", "--config", "quickstart",

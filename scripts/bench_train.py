@@ -68,7 +68,7 @@ def parse_args(argv=None):
 def configs(args):
     """(TrainConfig, vocab size) of the preset, all sizes from the preset table."""
     from unialign_jax import configlib
-    from unialign_jax.training.config import TrainConfig
+    from unialign_jax.runs.config import TrainConfig
 
     (layers, heads, head_dim), (t5_layers, d_model, t5_heads, d_ff), channels = \
         PRESETS[args.preset]
@@ -104,7 +104,7 @@ def jax_side(args) -> dict:
 
     from unialign_jax.data import batch as batch_spec
     from unialign_jax.parallel import batch_ways, make_mesh, replicated
-    from unialign_jax.training.models import build_models
+    from unialign_jax.runs.builder import build_models
     from unialign_jax.training.step import FrozenModels, make_train_step
 
     current = {}

@@ -8,7 +8,7 @@
         --resolution 1024 --batch-size 4             # the whole pipeline, bf16, on one chip
 
 The program is the real one: `--program train` lowers the train step the pod scripts run
-(`unialign_jax.training.step.make_train_step` on `training.models.build_models`, config
+(`unialign_jax.training.step.make_train_step` on `runs.builder.build_models`, config
 `--config`, default unialignment_512, plus `section.key=value` overrides); the sampling
 programs (`sample-t2i`, `sample-edit`, `caption`) lower the pipeline's jitted calls (T5-XXL
 encode, the Euler loop or the caption loop over the transformer, VAE encode / decode) with
@@ -162,7 +162,7 @@ class Planner:
         from unialign_jax.models import attention
         from unialign_jax.parallel import replicated
         from unialign_jax.training import flops
-        from unialign_jax.training.models import (build_models, frozen_configs,
+        from unialign_jax.runs.builder import (build_models, frozen_configs,
                                                   transformer_config)
         from unialign_jax.training.step import FrozenModels, make_train_step
 
@@ -204,9 +204,9 @@ class Planner:
         import numpy as np
         from flax import nnx
 
-        from unialign_jax.diffusion import flow as flow_schedule
+        from unialign_jax.diffusion import flow
         from unialign_jax.models import attention
-        from unialign_jax.sampling import caption, flow, pipeline
+        from unialign_jax.sampling import caption, image_sampler, unialign_pipeline
 
         a = self.args
         mesh = self.mesh
@@ -230,14 +230,14 @@ class Planner:
         def add(name, lowered, weights):
             programs.append((name, lowered, weights))
 
-        add("t5_encode", pipeline._call.lower(defs["t5"][0], "__call__", defs["t5"][1], ids),
-            "t5")
+        add("t5_encode", unialign_pipeline._call.lower(
+            defs["t5"][0], "__call__", defs["t5"][1], ids), "t5")
         keys = jax.ShapeDtypeStruct((rows,), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                                     sharding=split)
         pixels = jax.ShapeDtypeStruct((rows, res, res, 3), jnp.float32, sharding=split)
         if program in ("sample-edit", "caption"):
-            add("vae_encode", pipeline._encode_each.lower(defs["vae"][0], defs["vae"][1],
-                                                          pixels, keys), "vae")
+            add("vae_encode", unialign_pipeline._encode_each.lower(
+                defs["vae"][0], defs["vae"][1], pixels, keys), "vae")
         if program == "caption":
             add("caption_loop", caption._caption_loop.lower(
                 caption.ModelDenoiser(defs["t5"][0], defs["transformer"][0]),
@@ -249,13 +249,13 @@ class Planner:
             context = jax.ShapeDtypeStruct((rows, length, width), jnp.bfloat16, sharding=split)
             negative = context  # `sample_images` broadcasts the negative prompt's states
             conditions = (latents,) if program == "sample-edit" else ()
-            add("euler_loop", flow._euler_loop.lower(
+            add("euler_loop", image_sampler._euler_loop.lower(
                 defs["transformer"][0], defs["transformer"][1], latents, context, negative,
                 conditions, jax.ShapeDtypeStruct((a.steps + 1,), jnp.float32, sharding=whole),
-                jnp.float32(7.0), num_train_timesteps=flow_schedule.NUM_TRAIN_TIMESTEPS),
+                jnp.float32(7.0), num_train_timesteps=flow.NUM_TRAIN_TIMESTEPS),
                 "transformer")
-            add("vae_decode", pipeline._call.lower(defs["vae"][0], "decode", defs["vae"][1],
-                                                   latents), "vae")
+            add("vae_decode", unialign_pipeline._call.lower(
+                defs["vae"][0], "decode", defs["vae"][1], latents), "vae")
         weights = {k: per_chip_bytes(d[1]) for k, d in defs.items()}
         resident = sum(weights.values())
         compiled, parts, compile_s = [], {}, 0.0
@@ -301,10 +301,10 @@ def _replicated(mesh):
 
 def abstract_pipeline_models(cfg, mesh) -> dict:
     """The pipeline's transformer, T5 and VAE as placed bf16 shapes (weights and compute),
-    as `load_pipeline(..., dtype=bfloat16, param_dtype=bfloat16, vae_dtype=bfloat16)` holds
+    as `load_pipeline(..., Runtime(bfloat16, param_dtype=bfloat16), vae_dtype=bfloat16)` holds
     them on `mesh`."""
-    from unialign_jax.training.config import ComputeConfig
-    from unialign_jax.training.models import build_models
+    from unialign_jax.runs.config import ComputeConfig
+    from unialign_jax.runs.builder import build_models
 
     compute = ComputeConfig(dtype="bfloat16", param_dtype="bfloat16",
                             frozen_param_dtype="bfloat16", remat_policy="none",

@@ -148,9 +148,9 @@ def test_kernel_is_chosen_for_the_mesh_devices_not_the_host():
 def test_dispatch_checks_the_backend():
     (q, k, v), _, _ = inputs(SHAPES[2], False, jnp.float32)
     with pytest.raises(ValueError, match="needs a TPU backend"):
-        attention.dot_product_attention(q, k, v, implementation="splash")
+        attention.dot_product_attention(q, k, v, attention="splash")
     np.testing.assert_array_equal(
-        attention.dot_product_attention(q, k, v, implementation="xla"), reference(q, k, v, None))
+        attention.dot_product_attention(q, k, v, attention="xla"), reference(q, k, v, None))
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from conftest import shared_fixture  # noqa: E402
 from unialign_convert import cli  # noqa: E402
 from test_t5 import random_t5  # noqa: E402
 from test_vae import random_vae  # noqa: E402
-from unialign_jax.checkpoints.pipeline import load_components  # noqa: E402
+from unialign_jax.checkpoints.pipeline_folder import load_components  # noqa: E402
+from unialign_jax.models.runtime import Runtime  # noqa: E402
 from unialign_jax.text.tokenizer import train_tiny_tokenizer  # noqa: E402
 
 TEXTS = ["a red cube on a table", "a photo of a cat", "what color is the cube",
@@ -150,7 +151,7 @@ def test_unialignment_layout(tmp_path):
     assert index["layout"] == "unialignment" and not index["transformer_initialised"]
 
     pipe = unialign_jax.load_pipeline(str(tmp_path / "dst"))
-    from unialign_jax.sampling.pipeline import UniAlignPipeline
+    from unialign_jax.sampling.unialign_pipeline import UniAlignPipeline
 
     assert isinstance(pipe, UniAlignPipeline) and pipe.shift == 3.0
     components = pipe.components
@@ -166,7 +167,8 @@ def test_unialignment_layout(tmp_path):
     check_vae(components, torch_parts["vae"], "posterior_mean")
 
     # bf16 inference: transformer and T5 weights stored in bf16, the VAE kept in float32
-    light = load_components(str(tmp_path / "dst"), jnp.bfloat16, param_dtype=jnp.bfloat16)
+    light = load_components(str(tmp_path / "dst"),
+                            Runtime(jnp.bfloat16, param_dtype=jnp.bfloat16))
     assert light.transformer.context_embedder.kernel[...].dtype == jnp.bfloat16
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(nnx.state(light.t5)))
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(light.vae)))

@@ -17,11 +17,10 @@ from PIL import Image
 from unialign_jax.data import cli, shards
 from unialign_jax.data.faults import TooManySkipped
 from unialign_jax.data.fetch import FetchOptions
-from unialign_jax.data.images import decode_stored
+from unialign_jax.data.stored_images import decode_stored
 from unialign_jax.data.jsonl import LineRules
-from unialign_jax.data.records import decode_record
+from unialign_jax.data.records import decode_record, read_summary, record_files
 from unialign_jax.data.shards import BuildOptions, build
-from unialign_jax.data.source import read_summary, record_files
 
 FAST_FETCH = FetchOptions(timeout=0.3, retries=1, backoff=0.0)
 # Ours, not the release's: a t2i line with two images and a blank caption are faults here.

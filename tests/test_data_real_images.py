@@ -23,9 +23,8 @@ from PIL import Image
 from image_files import (BG, UPRIGHT, cmyk_reference, composite, exif, gif_frames, grey3, png,
                          save, u16)
 from unialign_jax.data import cli
-from unialign_jax.data.images import decode_stored
-from unialign_jax.data.records import decode_record
-from unialign_jax.data.source import read_summary, record_files
+from unialign_jax.data.stored_images import decode_stored
+from unialign_jax.data.records import decode_record, read_summary, record_files
 from unialign_jax.sampling.preprocess import InputError, load_image, preprocess
 
 R = 8
@@ -238,7 +237,7 @@ def test_size_filters_skip_and_count_exactly_the_files_that_break_them(tmp_path,
 def pipe(tmp_path_factory):
     from test_sampling_pipeline import tiny_components
 
-    from unialign_jax.sampling.pipeline import UniAlignPipeline
+    from unialign_jax.sampling.unialign_pipeline import UniAlignPipeline
 
     return UniAlignPipeline(tiny_components(tmp_path_factory.mktemp("tok")), batch_size=1,
                             progress=False)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from unialign_jax.data import synth
-from unialign_jax.data.images import decode_stored
+from unialign_jax.data.stored_images import decode_stored
 from unialign_jax.data.pipeline import PipelineConfig, training_iterator
 from unialign_jax.data.records import decode_record
 from unialign_jax.data.shards import BuildOptions, build

@@ -19,7 +19,7 @@ from test_convert_pipeline import build_unialignment_folder  # noqa: E402
 from test_export_transformer import load_torch  # noqa: E402
 from unialign_convert import cli  # noqa: E402
 from unialign_convert.torch_unialignment import SD3JointModelFlexible  # noqa: E402
-from unialign_jax.checkpoints.pipeline import load_components  # noqa: E402
+from unialign_jax.checkpoints.pipeline_folder import load_components  # noqa: E402
 from unialign_jax.files import PRODUCED_BY  # noqa: E402
 
 

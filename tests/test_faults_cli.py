@@ -21,7 +21,7 @@ from PIL import Image
 import fault_harness as fh
 from fault_harness import small_disk, small_disks  # noqa: F401 — fixtures
 from unialign_jax.checkpoints import registry
-from unialign_jax.checkpoints.pipeline import COMPONENT_DIRS, FORMAT, INDEX_FILE, SCHEDULER_FILE
+from unialign_jax.checkpoints.pipeline_folder import COMPONENT_DIRS, FORMAT, INDEX_FILE, SCHEDULER_FILE
 from unialign_jax.files import write_json
 
 RES = 64

@@ -22,7 +22,8 @@ from unialign_jax.data import synth
 from unialign_jax.data.pipeline import (DataError, PipelineConfig, next_batch,
                                         training_iterator)
 from unialign_jax.data.shards import BuildOptions, build
-from unialign_jax.data.source import CorruptRecord, read_summary, record_files
+from unialign_jax.data.records import read_summary, record_files
+from unialign_jax.data.source import CorruptRecord
 from unialign_jax.data.teacher import ProjectionTeacher, precompute
 from unialign_jax.text.tokenizer import load_tokenizer, train_tiny_tokenizer
 

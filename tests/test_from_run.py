@@ -31,8 +31,8 @@ def run(corpus, tmp_path_factory):  # noqa: F811
     the reference for the random frozen T5 / VAE)."""
     from unialign_jax.parallel import make_mesh
     from unialign_jax.text.tokenizer import load_tokenizer
-    from unialign_jax.training.config import TrainConfig
-    from unialign_jax.training.models import build_models
+    from unialign_jax.runs.config import TrainConfig
+    from unialign_jax.runs.builder import build_models
 
     workdir = tmp_path_factory.mktemp("run") / "train"
     train(shared_cache(corpus, tmp_path_factory), workdir, "run.num_steps=4", "run.ckpt_every=2")

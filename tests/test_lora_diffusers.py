@@ -28,7 +28,7 @@ from unialign_jax.checkpoints import lora_files  # noqa: E402
 from unialign_jax.checkpoints.io import CheckpointError  # noqa: E402
 from unialign_jax.models import lora  # noqa: E402
 from unialign_jax.sampling import cli as sample_cli  # noqa: E402
-from unialign_jax.sampling.pipeline import UniAlignPipeline  # noqa: E402
+from unialign_jax.sampling.unialign_pipeline import UniAlignPipeline  # noqa: E402
 from unialign_jax.sampling.preprocess import InputError  # noqa: E402
 
 RTOL = 1e-4  # max |ours - torch| / max |torch|, float32

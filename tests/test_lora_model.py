@@ -16,8 +16,9 @@ from unialign_jax import configlib
 from unialign_jax.models import lora
 from unialign_jax.models.mmdit import MMDiT, MMDiTConfig
 from unialign_jax.parallel import make_mesh, placement
-from unialign_jax.training.config import LoraConfig, TrainConfig
-from unialign_jax.training.models import add_lora
+from unialign_jax.runs.config import LoraConfig, TrainConfig
+from unialign_jax.runs.builder import add_lora
+from unialign_jax.runs.resolve import resolve
 
 RTOL = 1e-5  # float32: merged vs unmerged, wrapped layer vs numpy
 CONFIG = MMDiTConfig.tiny(vocab_size=20)
@@ -168,7 +169,7 @@ def test_targets_and_train_also_resolve_against_the_model_or_fail_clearly():
 
 
 def test_trainer_trains_only_factors_and_chosen_tensors_over_a_frozen_base():
-    """`training.models.add_lora` on a bf16 base (as build_models stores it for
+    """`runs.builder.add_lora` on a bf16 base (as build_models stores it for
     lora.base_dtype=bfloat16), placed and abstract alike."""
     cfg = LoraConfig(rank=4, alpha=8.0, train_also=("text_proj_out.*",))
     mesh = make_mesh()
@@ -223,31 +224,31 @@ def test_lora_config_section_overrides_and_validation():
 
 def test_lora_base_becomes_the_runs_transformer_and_is_recorded(tmp_path):
     from unialign_jax import files
-    from unialign_jax.checkpoints.pipeline import COMPONENT_DIRS, FORMAT, INDEX_FILE
-    from unialign_jax.training.config import ModelsConfig
+    from unialign_jax.checkpoints.pipeline_folder import COMPONENT_DIRS, FORMAT, INDEX_FILE
+    from unialign_jax.runs.config import ModelsConfig
 
     pipe = tmp_path / "pipe"
     files.write_json(pipe / INDEX_FILE, {"format": FORMAT, "components": COMPONENT_DIRS})
     cfg = dataclasses.replace(TrainConfig(), lora=LoraConfig(rank=4, base=str(pipe)))
     assert not any("models.tokenizer" in p for p in _problems(cfg))  # the base may give it
-    resolved = cfg.resolved()
+    resolved = resolve(cfg)
     m = resolved.models
     assert (m.pipeline, m.transformer_path, m.tokenizer, m.vae_path) == (
         str(pipe), str(pipe / "transformer"), str(pipe / "tokenizer"), str(pipe / "vae"))
-    assert resolved.lora.base == str(pipe) and resolved.resolved() == resolved
+    assert resolved.lora.base == str(pipe) and resolve(resolved) == resolved
     # Without lora.base, the resolved run records the transformer it adapts.
-    plain = dataclasses.replace(TrainConfig(), models=ModelsConfig(pipeline=str(pipe)),
-                                lora=LoraConfig(rank=2)).resolved()
+    plain = resolve(dataclasses.replace(TrainConfig(), models=ModelsConfig(pipeline=str(pipe)),
+                                        lora=LoraConfig(rank=2)))
     assert plain.lora.base == str(pipe / "transformer")
-    assert dataclasses.replace(TrainConfig(), lora=LoraConfig(rank=2)).resolved().lora.base \
+    assert resolve(dataclasses.replace(TrainConfig(), lora=LoraConfig(rank=2))).lora.base \
         is None  # a random base: run.seed's initialisation
     with pytest.raises(ValueError, match="name different transformers"):
-        dataclasses.replace(cfg, models=ModelsConfig(transformer_path="/elsewhere")).resolved()
+        resolve(dataclasses.replace(cfg, models=ModelsConfig(transformer_path="/elsewhere")))
     run = tmp_path / "run"
     files.write_json(run / "config.json", TrainConfig().to_dict())
     (run / "checkpoints").mkdir()
     with pytest.raises(ValueError, match="is a training work dir: .*from-run"):
-        dataclasses.replace(cfg, lora=LoraConfig(rank=4, base=str(run))).resolved()
+        resolve(dataclasses.replace(cfg, lora=LoraConfig(rank=4, base=str(run))))
 
 
 def _problems(cfg):

@@ -20,12 +20,12 @@ from test_train_resume import _metrics
 from test_train_resume import _train as train
 from test_train_resume import corpus  # noqa: F401  (module fixture: shards + tokenizer)
 from unialign_convert import cli as convert_cli
-from unialign_jax.checkpoints import training_runs
+from unialign_jax.runs import work_dir as training_runs
 from unialign_jax.models import lora
 from unialign_jax.parallel import make_mesh
 from unialign_jax.text.tokenizer import load_tokenizer
-from unialign_jax.training.config import TrainConfig
-from unialign_jax.training.models import build_models
+from unialign_jax.runs.config import TrainConfig
+from unialign_jax.runs.builder import build_models
 
 STEPS = 60
 LORA = ("lora.rank=4", "lora.alpha=8", "lora.base_dtype=bfloat16", "optimizer.lr=1e-2",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import unialign_jax.sampling.pipeline as pipeline_module
+import unialign_jax.sampling.unialign_pipeline as pipeline_module
 from test_sampling_pipeline import pipe  # noqa: F401  (module fixture: tiny random pipeline)
 from unialign_jax.images import bucket_size
 

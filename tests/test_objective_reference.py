@@ -66,7 +66,7 @@ def replay(fixture, case):
     """(terms, gradients by diffusers name, global norm) of our objective on the case."""
     from unialign_convert.transformer_keys import tensor_moves
     from unialign_jax.training import objective
-    from unialign_jax.training.config import LossConfig
+    from unialign_jax.runs.config import LossConfig
 
     meta, t = fixture["meta"], fixture["tensors"]
     weights = meta["weights"]

@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from unialign_jax.training import objective
-from unialign_jax.training.config import OptimizerConfig
+from unialign_jax.runs.config import OptimizerConfig
 from unialign_jax.training.state import learning_rate, make_optimizer, update_ema
 
 torch = pytest.importorskip("torch")
@@ -168,7 +168,7 @@ def tiny_models():
     from unialign_jax.models.t5 import T5Encoder
     from unialign_jax.models.vae import AutoencoderKL
     from unialign_jax.parallel import make_mesh, replicated
-    from unialign_jax.training.models import SplitModel
+    from unialign_jax.runs.builder import SplitModel
     from unialign_jax.training.step import FrozenModels
 
     cfg = configlib.apply_overrides(load("tiny"), ["models.transformer.vocab_size=64"])

@@ -50,7 +50,7 @@ def edit_batch(seed=0):
 def run(mesh_shape, devices, *overrides):
     import jax
     from unialign_jax.parallel import make_mesh, replicated
-    from unialign_jax.training.models import build_models
+    from unialign_jax.runs.builder import build_models
     from unialign_jax.training.step import FrozenModels, make_train_step
 
     mesh = make_mesh(*mesh_shape, devices=devices)
@@ -77,7 +77,7 @@ def contrastive_scopes() -> dict:
     from unialign_jax.models.mmdit import MMDiT, MMDiTConfig
     from unialign_jax.parallel import ActivationSharding, batch_sharding, batch_ways, make_mesh
     from unialign_jax.training import objective
-    from unialign_jax.training.config import LossConfig
+    from unialign_jax.runs.config import LossConfig
 
     mesh = make_mesh(2, 4, 1)
     groups = objective.Groups.for_mesh(LossConfig(), batch_ways(mesh))

@@ -10,9 +10,9 @@ from PIL import Image
 
 from test_sampling_pipeline import tiny_components
 from unialign_jax.sampling import cli
-from unialign_jax.sampling import pipeline as cli_pipeline
-from unialign_jax.checkpoints.pipeline import RELEASE_NEGATIVE_PROMPT
-from unialign_jax.sampling.pipeline import UniAlignPipeline
+from unialign_jax.sampling import unialign_pipeline as cli_pipeline
+from unialign_jax.checkpoints.pipeline_folder import RELEASE_NEGATIVE_PROMPT
+from unialign_jax.sampling.unialign_pipeline import UniAlignPipeline
 
 FAST = ["--steps", "2", "--batch-size", "2", "--no-progress"]
 

@@ -9,7 +9,7 @@ from flax import nnx
 from conftest import shared_fixture
 from test_sampling_pipeline import random_module
 from unialign_jax.models.mmdit import MMDiT, MMDiTConfig
-from unialign_jax.sampling import flow, sample_images
+from unialign_jax.sampling import image_sampler as flow, sample_images
 
 
 def nhwc(a):

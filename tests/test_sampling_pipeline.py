@@ -11,11 +11,11 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from unialign_jax.checkpoints.pipeline import PipelineComponents
+from unialign_jax.checkpoints.pipeline_folder import PipelineComponents
 from unialign_jax.models.mmdit import MMDiT, MMDiTConfig
 from unialign_jax.models.t5 import T5Config, T5Encoder
 from unialign_jax.models.vae import AutoencoderKL, VAEConfig
-from unialign_jax.sampling.pipeline import UniAlignPipeline
+from unialign_jax.sampling.unialign_pipeline import UniAlignPipeline
 from unialign_jax.sampling.preprocess import InputError
 from unialign_jax.text.tokenizer import mask_token_id, train_tiny_tokenizer
 
@@ -176,7 +176,7 @@ def test_two_devices_shard_the_batch_and_give_the_same_images(pipe, tmp_path):
         import sys, numpy as np, jax
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_sampling_pipeline import tiny_components
-        from unialign_jax.sampling.pipeline import UniAlignPipeline
+        from unialign_jax.sampling.unialign_pipeline import UniAlignPipeline
         assert jax.device_count() == 2
         pipe = UniAlignPipeline(tiny_components({str(tmp_path / "tok")!r}), batch_size=2,
                                 progress=False)

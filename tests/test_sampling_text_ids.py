@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from test_sampling_pipeline import RES, picture, tiny_components
-from unialign_jax.checkpoints.pipeline import TrainedWith
-from unialign_jax.sampling import pipeline as pipeline_module
-from unialign_jax.sampling.pipeline import UniAlignPipeline
+from unialign_jax.checkpoints.pipeline_folder import TrainedWith
+from unialign_jax.sampling import unialign_pipeline as pipeline_module
+from unialign_jax.sampling.unialign_pipeline import UniAlignPipeline
 
 FOLDER_PAD = "<extra_id_7>"   # neither </s> (1) nor <pad> (0): a loader ignoring it shows
 QUESTION = "what color is the cube"

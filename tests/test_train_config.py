@@ -10,7 +10,8 @@ from unialign_jax import configlib
 from unialign_jax.models.mmdit_config import MMDiTConfig
 from unialign_jax.training import cli
 from unialign_configs import load as load_config, names as shipped_configs
-from unialign_jax.training.config import TrainConfig
+from unialign_jax.runs.config import TrainConfig
+from unialign_jax.runs.resolve import resolve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,10 +138,10 @@ def test_cosine_end_minus_one_is_the_runs_last_step():
     cfg = dataclasses.replace(
         base, optimizer=dataclasses.replace(base.optimizer, warmup_steps=10, cosine_end_step=-1),
         run=dataclasses.replace(base.run, num_steps=1234))
-    assert cfg.resolved().optimizer.cosine_end_step == 1234
+    assert resolve(cfg).optimizer.cosine_end_step == 1234
     # a run that ends within the warmup (a smoke run) has nothing left to decay
     short = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, num_steps=10))
-    assert short.resolved().optimizer.cosine_end_step == 0
+    assert resolve(short).optimizer.cosine_end_step == 0
 
 
 def test_cli_errors_and_help(capsys, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from unialign_jax.training import losses
+from unialign_jax.diffusion import alignment_losses as losses
 
 RNG = np.random.default_rng(0)
 
@@ -54,7 +54,7 @@ def test_contrastive_loss_in_groups_is_the_mean_of_each_groups_loss():
 
 
 def test_loss_config_defaults_follow_the_spec():
-    from unialign_jax.training.config import LossConfig
+    from unialign_jax.runs.config import LossConfig
 
     w = LossConfig()
     assert (w.image_weight, w.caption_weight, w.contrastive_weight, w.align_weight) == \
@@ -76,7 +76,7 @@ def test_null_prompt_dropout_and_which_pass_feeds_which_loss(drop_all):
     from unialign_jax.diffusion import flow, masked
     from unialign_jax.models.mmdit import MMDiT, MMDiTConfig
     from unialign_jax.training import objective
-    from unialign_jax.training.config import LossConfig
+    from unialign_jax.runs.config import LossConfig
 
     model = MMDiT(MMDiTConfig.tiny(), rngs=nnx.Rngs(0))
     calls = []

@@ -162,7 +162,7 @@ def eval_on_mesh(root: str, mesh_shape, devices) -> dict:
     from unialign_jax.parallel import make_mesh, replicated
     from unialign_jax.text.tokenizer import load_tokenizer, mask_token_id, tokenize
     from unialign_jax.training import evaluation
-    from unialign_jax.training.models import build_models
+    from unialign_jax.runs.builder import build_models
     from unialign_jax.training.step import FrozenModels, make_train_step
 
     cfg = configlib.apply_overrides(load("tiny"), [

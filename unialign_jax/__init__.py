@@ -47,7 +47,7 @@ _LOADERS = {
     "load_transformer": "unialign_jax.checkpoints.registry",
     "load_t5": "unialign_jax.checkpoints.registry",
     "load_vae": "unialign_jax.checkpoints.registry",
-    "load_pipeline": "unialign_jax.sampling.pipeline",
+    "load_pipeline": "unialign_jax.sampling.unialign_pipeline",
 }
 
 __all__ = list(_LOADERS)

@@ -107,7 +107,7 @@ def prepare_data(root: str, n: int, resolution: int, teacher_dim: int) -> dict:
     from unialign_jax.data.jsonl import LineRules
     from unialign_jax.data.shards import BuildOptions, build
     from unialign_jax.data.synth import generate
-    from unialign_jax.data.teacher import ProjectionTeacher, has_teacher, precompute
+    from unialign_jax.data.teacher import ProjectionTeacher, is_precomputed, precompute
     from unialign_jax.files import read_json_or_none
     from unialign_jax.text.tokenizer import load_tokenizer
 
@@ -130,7 +130,7 @@ def prepare_data(root: str, n: int, resolution: int, teacher_dim: int) -> dict:
                   BuildOptions(kind=kind, resolution=resolution, image_format="raw",
                                records_per_shard=2000, threads=2,
                                lines=LineRules(compose_sources=COMPOSE_SOURCES)), force=True)
-        if not has_teacher(out):
+        if not is_precomputed(out):
             precompute(out, teacher)
     paths["synth"] = synth
     paths["validation"] = write_validation_prompts(synth, os.path.join(root, "validation.jsonl"))

@@ -23,11 +23,11 @@ from typing import Sequence
 
 from PIL import Image
 
-from unialign_jax.checkpoints.pipeline import RELEASE_NEGATIVE_PROMPT
+from unialign_jax.checkpoints.pipeline_folder import RELEASE_NEGATIVE_PROMPT
 from unialign_jax.files import (dumps, jsonl, read_json_or_none, remove_stale_partials,
                                 save_png, write_text_if_changed)
-from unialign_jax.sampling.cli import (add_model_args, at_run_shape,
-                                       load_pipeline_from_args, run_until_disk_full)
+from unialign_jax.sampling.jobs import (Item, add_model_args, at_run_shape,
+                                        load_pipeline_from_args, run_until_disk_full)
 from unialign_jax.sampling.preprocess import InputError, check_resolution, load_image
 
 BENCH_FILE = "semgen_bench.jsonl"
@@ -142,8 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     remove_stale_partials(fullset)  # PNGs a killed run was writing
 
-    work = {task: pending_items(task, rows, args, fullset, report) for task in args.tasks}
-    written = []
+    written: list[str] = []
+    work = {task: pending_items(task, rows, args, fullset, report, written)
+            for task in args.tasks}
     if any(work.values()):
         try:
             pipe = load_pipeline_from_args(args)
@@ -153,12 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for task, items in work.items():
             if not items:  # the pipeline refuses an empty batch
                 continue
-            for item in items:
-                item["write"] = writer(item, written)
             if not run_until_disk_full(
                     lambda chunk, task=task: run_chunk(
                         pipe, task, at_run_shape(pipe, chunk, len(rows)), args), items,
-                    lambda it, why, task=task: report(f"line {it['index']}", why, task),
+                    lambda it, why, task=task: report(f"line {it.index}", why, task),
                     fullset, written, "images"):
                 return 2
     write_text_if_changed(os.path.join(fullset, "failures.jsonl"), jsonl(failures))
@@ -180,8 +179,10 @@ def settings_problem(path: str, settings: dict) -> str | None:
     return None
 
 
-def pending_items(task: str, rows: list[dict], args, fullset: str, report) -> list[dict]:
-    """Rows of `task` whose output is missing, with their squashed source (edits)."""
+def pending_items(task: str, rows: list[dict], args, fullset: str, report,
+                  written: list) -> list[Item]:
+    """Rows of `task` whose output is missing, with their squashed source (edits); each
+    writes its outputs and adds them to `written`."""
     items = []
     for row in rows:
         index = row["index"]
@@ -193,7 +194,7 @@ def pending_items(task: str, rows: list[dict], args, fullset: str, report) -> li
         if not isinstance(prompt, str) or not prompt.strip():
             report(f"line {index}", f"no {task} prompt", task)
             continue
-        item = {"index": index, "prompt": prompt, "seed": args.seed + index, "out": out}
+        sources = ()
         if task in EDIT_TASKS:
             try:
                 if not isinstance(row.get("image_path"), str):
@@ -203,32 +204,33 @@ def pending_items(task: str, rows: list[dict], args, fullset: str, report) -> li
             except InputError as e:
                 report(f"line {index}", str(e), task)
                 continue
-            item.update(source=squash(source, args.resolution), source_out=source_out)
-        items.append(item)
+            sources = (squash(source, args.resolution),)
+        items.append(Item(index, prompt, args.seed + index, sources,
+                          writer(out, written, sources, source_out)))
     return items
 
 
-def run_chunk(pipe, task: str, items: list[dict], args) -> None:
+def run_chunk(pipe, task: str, items: list[Item], args) -> None:
     edit = task in EDIT_TASKS
     common = dict(negative_prompt=args.negative_prompt, num_steps=args.steps,
                   guidance_scale=args.edit_guidance if edit else args.t2i_guidance,
-                  seed=[it["seed"] for it in items],
-                  on_result=lambda i, image: items[i]["write"](image))
-    prompts = [it["prompt"] for it in items]
+                  seed=[it.seed for it in items],
+                  on_result=lambda i, image: items[i].write(image))
+    prompts = [it.prompt for it in items]
     if edit:
-        pipe.edit([it["source"] for it in items], prompts, resolution=args.resolution,
+        pipe.edit([it.images[0] for it in items], prompts, resolution=args.resolution,
                   **common)
     else:
         pipe.generate(prompts, height=args.resolution, width=args.resolution, **common)
 
 
-def writer(item: dict, written: list):
+def writer(out: str, written: list, sources: tuple, source_out: str):
     """Source image first (edits), then the output, whose existence marks the row done."""
     def write(image):
-        if "source" in item:
-            save_png(item["source"], item["source_out"])
-        save_png(image, item["out"])
-        written.append(item["out"])
+        for source in sources:
+            save_png(source, source_out)
+        save_png(image, out)
+        written.append(out)
 
     return write
 

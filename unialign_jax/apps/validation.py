@@ -21,8 +21,8 @@ from __future__ import annotations
 import os
 
 from unialign_jax import files
-from unialign_jax.sampling.cli import read_prompts_file
-from unialign_jax.sampling.pipeline import DEFAULT_STEPS, MAX_CONDITION_IMAGES, UniAlignPipeline
+from unialign_jax.sampling.jobs import read_prompts_file
+from unialign_jax.sampling.unialign_pipeline import DEFAULT_STEPS, MAX_CONDITION_IMAGES, UniAlignPipeline
 from unialign_jax.sampling.preprocess import InputError, check_input_size, load_image
 
 VALIDATION_DIR = "validation"
@@ -36,16 +36,15 @@ def pipeline_of(models: dict, params: dict, tokenizer, cfg, **pipeline_kwargs
     (EMA or raw, as the state holds them), its frozen T5 and VAE and `tokenizer`, sampled
     with what it trains with (prompt length, resolution, null prompt as the negative one);
     `cfg` is the run's (resolved) `TrainConfig`."""
-    from unialign_jax.checkpoints.pipeline import PipelineComponents
-    from unialign_jax.checkpoints.training_runs import run_trained_with, scheduler_of
+    from unialign_jax.checkpoints.pipeline_folder import PipelineComponents
+    from unialign_jax.runs.work_dir import run_trained_with, scheduler_of
     from unialign_jax.text.tokenizer import mask_token_id
 
-    config = cfg.to_dict()
     components = PipelineComponents(
         transformer=models["transformer"].module(params), t5=models["t5"].module(),
-        vae=models["vae"].module(), tokenizer=tokenizer, scheduler=scheduler_of(config),
+        vae=models["vae"].module(), tokenizer=tokenizer, scheduler=scheduler_of(cfg),
         mask_token_id=mask_token_id(tokenizer), path="<training run>",
-        trained_with=run_trained_with(config))
+        trained_with=run_trained_with(cfg))
     return UniAlignPipeline(components, **pipeline_kwargs)
 
 
@@ -77,10 +76,11 @@ class PromptValidation:
     """The trainer's validation hook (`training.evaluation.Validation`) for one run."""
 
     def __init__(self, cfg, workdir: str):
-        from unialign_jax.checkpoints.training_runs import run_trained_with
+        from unialign_jax.runs.resolve import resolve
+        from unialign_jax.runs.work_dir import run_trained_with
         from unialign_jax.text.tokenizer import load_tokenizer
 
-        self.cfg = cfg.resolved()
+        self.cfg = resolve(cfg)
         self.workdir = workdir
         self.items = read_items(cfg.run.validation_prompts, self.cfg.data.resolution)
         self.tokenizer = load_tokenizer(self.cfg.models.tokenizer)
@@ -89,7 +89,7 @@ class PromptValidation:
             "prompts_file": os.path.abspath(run.validation_prompts),
             "weights": "raw" if self.cfg.optimizer.ema_decay is None else "ema",
             "guidance": run.validation_guidance,
-            "negative_prompt": (run_trained_with(self.cfg.to_dict()).negative_prompt
+            "negative_prompt": (run_trained_with(self.cfg).negative_prompt
                                 if run.validation_negative_prompt is None
                                 else run.validation_negative_prompt),
             "resolution": self.cfg.data.resolution}

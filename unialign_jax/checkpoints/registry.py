@@ -19,10 +19,14 @@ from flax import nnx
 from unialign_jax import files
 from unialign_jax.checkpoints import io
 from unialign_jax.models.mmdit import MMDiT, MMDiTConfig
+from unialign_jax.models.runtime import Runtime
 from unialign_jax.models.t5 import T5Config, T5Encoder
 from unialign_jax.models.vae import AutoencoderKL, VAEConfig
 
 CONFIG_FILE = "config.json"
+# What a folder was converted from (`unialign-convert`): source, dtype and what each kind
+# adds (initialised and dropped keys, the mask embedding, a release step).
+CONVERSION_FILE = "conversion.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +51,10 @@ def write_config(folder: str, kind: str, config, param_dtype: str) -> None:
     files.write_json(os.path.join(folder, CONFIG_FILE),
                      {"format": KINDS[kind].format, "param_dtype": str(param_dtype),
                       "config": config.to_dict()})
+
+
+def write_conversion(folder: str, report: dict) -> None:
+    files.write_json(os.path.join(folder, CONVERSION_FILE), report)
 
 
 def read_config(folder: str, kind: str) -> tuple[Any, str]:
@@ -86,21 +94,14 @@ def restore_module(folder: str, build: Callable[[], nnx.Module], param_dtype,
     return nnx.merge(graphdef, state)
 
 
-def load_model(kind: str, path: str, dtype=jnp.float32, *, param_dtype=None, shardings=None,
-               **options) -> nnx.Module:
-    """The model of a converted folder, built from its config and filled from its weights.
-
-    `dtype` is the compute dtype; parameters keep their stored dtype unless `param_dtype` is
-    given; `options` go to the module's constructor (`remat_policy`, `attention`,
-    `activation_sharding`, ...).
-    """
+def load_model(kind: str, path: str, runtime: Runtime = Runtime()) -> nnx.Module:
+    """The model of a converted folder, built from its config and filled from its weights,
+    run as `runtime` says (its weights keep their stored dtype unless it sets one)."""
     config, stored_dtype = read_config(path, kind)
-    param_dtype = jnp.dtype(param_dtype or stored_dtype)
-    module_class = KINDS[kind].module_class
+    runtime = runtime.storing(stored_dtype)
     return restore_module(
-        path, lambda: module_class(config, rngs=nnx.Rngs(0), dtype=dtype,
-                                   param_dtype=param_dtype, **options),
-        param_dtype, shardings)
+        path, lambda: runtime.build(KINDS[kind].module_class, config, nnx.Rngs(0)),
+        runtime.param_dtype, runtime.shardings)
 
 
 def save_model(kind: str, module: nnx.Module, folder: str, param_dtype: str = "float32", *,
@@ -114,28 +115,21 @@ def save_model(kind: str, module: nnx.Module, folder: str, param_dtype: str = "f
         write_config(tmp, kind, module.config, param_dtype)
 
 
-def load_transformer(path: str, dtype=jnp.float32, *, param_dtype=None, remat_policy=None,
-                     attention: str = "auto", shardings=None,
-                     activation_sharding=None) -> MMDiT:
-    """The MMDiT of a converted transformer folder (`unialign-convert transformer`).
+def load_transformer(path: str, dtype=jnp.float32, **runtime) -> MMDiT:
+    """The MMDiT of a converted transformer folder (`unialign-convert transformer`);
+    `runtime`: the other `Runtime` fields (`param_dtype`, `attention`, ...).
 
     `model(latents, timestep, context, ...)`; see `MMDiT` for the options.
     """
-    return load_model("transformer", path, dtype, param_dtype=param_dtype, shardings=shardings,
-                      remat_policy=remat_policy, attention=attention,
-                      activation_sharding=activation_sharding)
+    return load_model("transformer", path, Runtime(dtype, **runtime))
 
 
-def load_t5(path: str, dtype=jnp.float32, *, param_dtype=None, attention: str = "auto",
-            shardings=None, activation_sharding=None) -> T5Encoder:
+def load_t5(path: str, dtype=jnp.float32, **runtime) -> T5Encoder:
     """The T5 encoder of a converted folder (`unialign-convert t5`): `t5(ids)` → (B, L, D)."""
-    return load_model("t5", path, dtype, param_dtype=param_dtype, shardings=shardings,
-                      attention=attention, activation_sharding=activation_sharding)
+    return load_model("t5", path, Runtime(dtype, **runtime))
 
 
-def load_vae(path: str, dtype=jnp.float32, *, param_dtype=None, attention: str = "auto",
-             shardings=None, activation_sharding=None) -> AutoencoderKL:
+def load_vae(path: str, dtype=jnp.float32, **runtime) -> AutoencoderKL:
     """The VAE of a converted folder (`unialign-convert vae`): `encode(images, key)`,
     `decode(latents)`, channels-last, images in [-1, 1]."""
-    return load_model("vae", path, dtype, param_dtype=param_dtype, shardings=shardings,
-                      attention=attention, activation_sharding=activation_sharding)
+    return load_model("vae", path, Runtime(dtype, **runtime))

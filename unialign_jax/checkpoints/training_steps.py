@@ -6,7 +6,7 @@ a temporary `STEP.orbax-checkpoint-tmp` folder and committed by writing
 `STEP/` itself and commits by the commit file alone). A SIGKILL during a save therefore
 leaves only a temporary folder (on GCS: a step folder without the commit file), which is
 never a step. What Orbax cannot see is damage after the commit — a copy that lost files,
-a truncated file, flipped bits — so the trainer and the readers of runs (`training_runs`,
+a truncated file, flipped bits — so the trainer and the readers of runs (`runs.work_dir`,
 `unialign-convert from-run`) ask here before trusting a step:
 
     valid_steps(workdir)         [2, 4, 6]: committed steps whose files are all there

@@ -51,10 +51,6 @@ def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     return {f.name: batch[f.name] for f in FIELDS if f.model_input and f.name in batch}
 
 
-def has_teacher(batch: Mapping[str, Any]) -> bool:
-    return all(k in batch for k in TEACHER_KEYS)
-
-
 def shapes(*, batch_size: int, resolution: int, max_length: int, num_sources: int = 0,
            teacher_dim: int | None = None, model_only: bool = True
            ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

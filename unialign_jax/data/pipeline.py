@@ -43,7 +43,7 @@ from typing import Mapping, Sequence
 import grain
 import numpy as np
 
-from unialign_jax.data import images as image_ops
+from unialign_jax.data import stored_images
 from unialign_jax.images import to_model_range
 from unialign_jax.data.jsonl import KINDS
 from unialign_jax.data.records import decode_record
@@ -123,7 +123,7 @@ class ToTrainingExample(grain.transforms.Map):
     def _example(self, item: dict) -> dict:
         try:
             fields, blobs = decode_record(item["record"])
-            pixels = [to_model_range(image_ops.decode_stored(b, self.image_format,
+            pixels = [to_model_range(stored_images.decode_stored(b, self.image_format,
                                                              self.resolution))
                       for b in blobs]
             texts = [fields["caption"], fields["instruction"]]

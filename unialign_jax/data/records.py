@@ -1,4 +1,6 @@
-"""Layout of one ArrayRecord entry: a JSON header followed by the stored images.
+"""The on-disk format of a built shard folder, for its builder and its readers alike: the
+summary that marks the folder finished and names its record files, and the layout of one
+ArrayRecord entry, a JSON header followed by the stored images.
 
     uint32 little-endian header length | UTF-8 JSON header | image 0 | image 1 | ...
 
@@ -10,8 +12,10 @@ base64 or pickle and lets a reader slice them out without copying.
 from __future__ import annotations
 
 import json
+import os
 import struct
 
+SUMMARY = "summary.json"  # written last by the builder
 _LENGTH = struct.Struct("<I")
 
 
@@ -33,3 +37,17 @@ def decode_record(data: bytes) -> tuple[dict, list[memoryview]]:
     if offset != len(view):
         raise ValueError(f"corrupt record: {len(view)} bytes, header describes {offset}")
     return fields, images
+
+
+def read_summary(folder: str) -> dict:
+    path = os.path.join(folder, SUMMARY)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{folder} is not a finished shard folder (no {SUMMARY}); "
+                                "build it with `unialign-data build`")
+    with open(path) as f:
+        return json.load(f)
+
+
+def record_files(folder: str, summary: dict) -> list[str]:
+    """The folder's ArrayRecord files that hold records, in record order."""
+    return [os.path.join(folder, shard["file"]) for shard in summary["shards"] if shard["records"]]

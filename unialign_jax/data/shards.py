@@ -25,18 +25,17 @@ import shutil
 from tqdm import tqdm
 
 from unialign_jax import images
-from unialign_jax.data import images as image_ops
+from unialign_jax.data import stored_images
 from unialign_jax.data.faults import (DEFAULT_MAX_SKIP_FRACTION, FaultLogger, SkipLog, SkipSample,
                                       check_skipped_fraction)
 from unialign_jax.data.fetch import FetchOptions, read_image_bytes
 from unialign_jax.data.jsonl import LineRules, Sample, expected_images, read_jsonl
-from unialign_jax.data.records import encode_record
+from unialign_jax.data.records import SUMMARY, encode_record
 from unialign_jax.files import read_json_or_none, remove_stale_partials, write_json
 from unialign_jax.images import DecodeOptions
 
 log = logging.getLogger(__name__)
 
-SUMMARY = "summary.json"
 PLAN = "plan.json"
 RECORD_SUFFIX = ".array_record"
 STATS_SUFFIX = ".stats.json"
@@ -65,8 +64,8 @@ class BuildOptions:
 
     def __post_init__(self):
         expected_images(self.kind, self.lines.compose_sources)  # validates kind
-        if self.image_format not in image_ops.FORMATS:
-            raise ValueError(f"image format must be one of {image_ops.FORMATS}")
+        if self.image_format not in stored_images.FORMATS:
+            raise ValueError(f"image format must be one of {stored_images.FORMATS}")
         if self.resolution < 8 or self.records_per_shard < 1 or self.workers < 1 or self.threads < 1:
             raise ValueError("need resolution >= 8 and records_per_shard, workers, threads >= 1")
         if (self.max_aspect is not None and self.max_aspect < 1) or (
@@ -101,7 +100,7 @@ def preprocess_sample(sample: Sample, opts: BuildOptions) -> bytes:
         images.check_size(img.size, min_side=opts.min_side or 1,
                           max_aspect=opts.max_aspect or float("inf"), name=location)
         img = images.resize_and_center_crop(img, opts.resolution)
-        stored.append(image_ops.encode(img, opts.image_format))
+        stored.append(stored_images.encode(img, opts.image_format))
     return encode_record({"caption": sample.caption, "instruction": sample.instruction,
                           "where": sample.where}, stored)
 

@@ -15,14 +15,13 @@ for the pipeline to skip.
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import os
 
 import grain
 
-from unialign_jax.data.shards import SUMMARY
-from unialign_jax.data.teacher import TeacherFeatures, has_teacher
+from unialign_jax.data.records import read_summary, record_files
+from unialign_jax.data.teacher import TeacherFeatures, is_precomputed
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +32,6 @@ REBUILD = ("rebuild the folder with `unialign-data build --force`, or set "
 
 class CorruptRecord(ValueError):
     """A record (or a whole shard) that cannot be read or decoded."""
-
-
-def read_summary(folder: str) -> dict:
-    path = os.path.join(folder, SUMMARY)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{folder} is not a finished shard folder (no {SUMMARY}); "
-                                "build it with `unialign-data build`")
-    with open(path) as f:
-        return json.load(f)
-
-
-def record_files(folder: str, summary: dict) -> list[str]:
-    """The folder's ArrayRecord files that hold records, in record order."""
-    return [os.path.join(folder, shard["file"]) for shard in summary["shards"] if shard["records"]]
 
 
 def open_shard(path: str, records: int):
@@ -76,7 +61,7 @@ class ShardSource:
                 raise ValueError(f"{folder} differs from {folders[0]} in one of {_SHARED}")
         self.kind, self.resolution, self.image_format, self.num_sources = (
             summaries[0][k] for k in _SHARED)
-        with_teacher = [has_teacher(f) for f in folders]
+        with_teacher = [is_precomputed(f) for f in folders]
         if any(with_teacher) and not all(with_teacher):
             raise ValueError("teacher features exist for only some of "
                              f"{folders}: compute them for all or remove them")

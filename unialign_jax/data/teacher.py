@@ -171,7 +171,8 @@ class TeacherFeatures:
         return {f"teacher_{k}": self._arrays[k][index].astype(np.float32) for k in KEYS}
 
 
-def has_teacher(shard_dir: str) -> bool:
+def is_precomputed(shard_dir: str) -> bool:
+    """Whether `precompute` finished the teacher features of `shard_dir`."""
     return os.path.exists(os.path.join(teacher_dir(shard_dir), META))
 
 
@@ -182,9 +183,8 @@ def precompute(shard_dir: str, teacher: Teacher, batch_size: int = RELEASE_TEXT_
     pads together)."""
     import grain
 
-    from unialign_jax.data import images as image_ops
-    from unialign_jax.data.records import decode_record
-    from unialign_jax.data.source import read_summary, record_files
+    from unialign_jax.data import stored_images
+    from unialign_jax.data.records import decode_record, read_summary, record_files
 
     summary = read_summary(shard_dir)
     writer = TeacherWriter(shard_dir, summary["shards"], teacher.dim, teacher.name, force)
@@ -195,7 +195,7 @@ def precompute(shard_dir: str, teacher: Teacher, batch_size: int = RELEASE_TEXT_
             targets, captions = [], []
             for i in batch:
                 fields, blobs = decode_record(records[i])
-                targets.append(image_ops.decode_stored(blobs[-1], summary["image_format"],
+                targets.append(stored_images.decode_stored(blobs[-1], summary["image_format"],
                                                        summary["resolution"]))
                 captions.append(fields["caption"])
             writer.append(teacher.image_features(targets), teacher.text_features(captions))

@@ -43,37 +43,37 @@ log = logging.getLogger(__name__)
 CUDNN_MAX_HEAD_DIM = 128
 
 
-def resolve_implementation(implementation: str = "auto", backend: str | None = None, *,
+def resolve_implementation(attention: str = "auto", backend: str | None = None, *,
                            bias: bool = False, dtype=None, head_dim: int | None = None) -> str:
-    """The concrete kernel for `implementation` on `backend` (default: JAX's default backend).
+    """The concrete kernel for `attention` on `backend` (default: JAX's default backend).
 
     "auto" -> "cudnn" on an NVIDIA GPU (fp16/bf16 inputs and head_dim ≤ 128, else "xla"),
     "splash" on TPU ("xla" when there is a `bias`), "blockwise" on CPU (measured fastest:
     scripts/bench_attention.py), "xla" elsewhere. Explicit names are checked against the backend so that a config asking for
     a kernel the machine lacks fails at once instead of deep inside tracing.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; "
+    if attention not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {attention!r}; "
                          f"choose one of {IMPLEMENTATIONS}")
     backend = (backend or jax.default_backend()).lower()
-    if implementation == "auto":
+    if attention == "auto":
         if backend in _NVIDIA:
             fits = head_dim is None or head_dim <= CUDNN_MAX_HEAD_DIM
             return "cudnn" if fits and (dtype is None or jnp.dtype(dtype) in _HALF) else "xla"
         if backend == "tpu":
             return "xla" if bias else "splash"
         return "blockwise" if backend == "cpu" else "xla"
-    if implementation == "cudnn" and backend not in _NVIDIA:
+    if attention == "cudnn" and backend not in _NVIDIA:
         raise ValueError(f"attention implementation 'cudnn' needs an NVIDIA GPU backend "
                          f"('gpu'), not {backend!r}; use 'auto'")
-    if implementation == "splash":
+    if attention == "splash":
         if backend != "tpu":
             raise ValueError(f"attention implementation 'splash' needs a TPU backend, not "
                              f"{backend!r}; use 'auto'")
         if bias:
             raise ValueError("attention implementation 'splash' takes no additive bias; "
                              "use 'xla' (or 'auto') for biased attention such as T5's")
-    return implementation
+    return attention
 
 
 def platform(shard: layers.Shard = layers.unsharded) -> str:
@@ -85,7 +85,7 @@ def platform(shard: layers.Shard = layers.unsharded) -> str:
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                          implementation: str = "auto", bias: jax.Array | None = None,
+                          attention: str = "auto", bias: jax.Array | None = None,
                           scale: float | None = None,
                           shard: layers.Shard = layers.unsharded) -> jax.Array:
     """softmax(q kᵀ · scale + bias) v for `(B, L, H, D)` inputs; returns `(B, Lq, H, D)`.
@@ -94,7 +94,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     `shard`: the caller's activation sharding; its mesh picks the kernel's platform and
     splits the splash kernel. No masks: the models attend over every token.
     """
-    impl = resolve_implementation(implementation, platform(shard), bias=bias is not None,
+    impl = resolve_implementation(attention, platform(shard), bias=bias is not None,
                                   dtype=q.dtype, head_dim=q.shape[-1])
     if impl in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale,

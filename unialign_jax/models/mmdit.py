@@ -98,14 +98,14 @@ class MMDiT(nnx.Module):
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def stacked_blocks(rngs):
             return JointBlock(w, cfg.num_heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                              attention_impl=attention)
+                              attention=attention)
 
         self.blocks = stacked_blocks(rngs)
 
         if cfg.is_sd3:
             self.pooled_embed = embeddings.MLPEmbedder(cfg.pooled_projection_dim, w, None, **kw)
             self.final_block = JointBlock(w, cfg.num_heads, context_pre_only=True,
-                                          attention_impl=attention, **kw)
+                                          attention=attention, **kw)
             self.norm_out = AdaNormOut(w, **kw)
             self.proj_out = layers.dense(w, cfg.patch_size ** 2 * cfg.out_channels,
                                          ("embed", None), **kw)

@@ -35,13 +35,13 @@ class JointAttention(nnx.Module):
     """Joint attention over [image tokens, text tokens]; no masks (the reference uses none).
 
     `context_pre_only` (SD3's last block) drops the text stream's output projection.
-    `implementation` is an `attention.IMPLEMENTATIONS` name ("auto": fastest for the platform
+    `attention` is an `attention.IMPLEMENTATIONS` name ("auto": fastest for the platform
     of the mesh that `shard` places on).
     """
 
     def __init__(self, width: int, num_heads: int, *, context_pre_only: bool, rngs: nnx.Rngs,
-                 dtype, param_dtype, implementation: str = "auto"):
-        self.num_heads, self.implementation = num_heads, implementation
+                 dtype, param_dtype, attention: str = "auto"):
+        self.num_heads, self.attention = num_heads, attention
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         qkv = lambda: layers.dense(width, width, ("embed", "heads"), **kw)  # noqa: E731
         self.to_q, self.to_k, self.to_v = qkv(), qkv(), qkv()
@@ -62,7 +62,7 @@ class JointAttention(nnx.Module):
         q = joint(self.to_q, self.add_q_proj, "query")
         k = joint(self.to_k, self.add_k_proj, "key")
         v = joint(self.to_v, self.add_v_proj, "value")
-        out = attention.dot_product_attention(q, k, v, implementation=self.implementation,
+        out = attention.dot_product_attention(q, k, v, attention=self.attention,
                                               shard=shard)
         out = checkpoint_name(shard(out, layers.HEADS), "attention").reshape(b, q.shape[1], -1)
         img_out, txt_out = out[:, :n_img], out[:, n_img:]
@@ -75,14 +75,14 @@ class JointBlock(nnx.Module):
 
     def __init__(self, width: int, num_heads: int, *, context_pre_only: bool = False,
                  rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 attention_impl: str = "auto"):
+                 attention: str = "auto"):
         self.context_pre_only = context_pre_only
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm1 = layers.dense(width, 6 * width, ("embed", "mlp"), **kw)
         self.norm1_context = layers.dense(width, (2 if context_pre_only else 6) * width,
                                           ("embed", "mlp"), **kw)
         self.attn = JointAttention(width, num_heads, context_pre_only=context_pre_only,
-                                   implementation=attention_impl, **kw)
+                                   attention=attention, **kw)
         self.ff = FeedForward(width, **kw)
         self.ff_context = None if context_pre_only else FeedForward(width, **kw)
 

@@ -61,8 +61,8 @@ class T5Attention(nnx.Module):
     """Multi-head self-attention, unscaled logits plus the shared position bias."""
 
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs, dtype, param_dtype,
-                 implementation: str = "auto"):
-        self.num_heads, self.implementation = cfg.num_heads, implementation
+                 attention: str = "auto"):
+        self.num_heads, self.attention = cfg.num_heads, attention
         inner = cfg.num_heads * cfg.head_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=False)
         self.q = layers.dense(cfg.d_model, inner, ("embed", "heads"), **kw)
@@ -79,7 +79,7 @@ class T5Attention(nnx.Module):
 
         out = attention.dot_product_attention(heads(self.q(x)), heads(self.k(x)),
                                               heads(self.v(x)), bias=position_bias, scale=1.0,
-                                              implementation=self.implementation, shard=shard)
+                                              attention=self.attention, shard=shard)
         return self.o(out.reshape(b, n, -1))
 
 
@@ -100,12 +100,12 @@ class T5Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs, dtype, param_dtype,
-                 attention_impl: str = "auto"):
+                 attention: str = "auto"):
         self.eps = cfg.layer_norm_epsilon
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         ones = nnx.initializers.ones_init()
         self.attention_norm = layers.param(rngs, ones, (cfg.d_model,), ("embed",), param_dtype)
-        self.attention = T5Attention(cfg, implementation=attention_impl, **kw)
+        self.attention = T5Attention(cfg, attention=attention, **kw)
         self.ffn_norm = layers.param(rngs, ones, (cfg.d_model,), ("embed",), param_dtype)
         self.ffn = T5GatedFeedForward(cfg, **kw)
 
@@ -138,7 +138,7 @@ class T5Encoder(nnx.Module):
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs):
             return T5Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                           attention_impl=attention)
+                           attention=attention)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = layers.param(rngs, nnx.initializers.ones_init(), (cfg.d_model,),

@@ -101,7 +101,7 @@ class Attention(nnx.Module):
 
     def __init__(self, channels: int, groups: int, *, rngs, dtype, param_dtype,
                  attention: str = "auto"):
-        self.implementation = attention
+        self.attention = attention
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.group_norm = GroupNorm(channels, groups, rngs=rngs, param_dtype=param_dtype)
         self.to_q = layers.dense(channels, channels, ("conv_in", "conv_out"), **kw)
@@ -114,7 +114,7 @@ class Attention(nnx.Module):
         tokens = self.group_norm(x).reshape(b, h * w, 1, c)
         out = attention.dot_product_attention(self.to_q(tokens), self.to_k(tokens),
                                               self.to_v(tokens),
-                                              implementation=self.implementation, shard=shard)
+                                              attention=self.attention, shard=shard)
         return x + self.to_out(out.reshape(b, h, w, c))
 
 

@@ -18,6 +18,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from unialign_jax.models.runtime import Runtime
+
 from unialign_jax.parallel.mesh import BATCH_AXES
 
 LOGICAL_AXIS_RULES: Mapping[str, str | tuple[str, ...] | None] = {
@@ -135,3 +137,9 @@ class ActivationSharding:
     def spec(self, names: Sequence[str | None], shape: tuple[int, ...]) -> P:
         """The mesh PartitionSpec of an activation of `shape` named `names`."""
         return logical_to_mesh(names, shape, self.mesh)
+
+
+def placed_on(mesh: Mesh, runtime: Runtime = Runtime()) -> Runtime:
+    """`runtime` with its models' variables and activations placed on `mesh` by the rules."""
+    return dataclasses.replace(runtime, activation_sharding=ActivationSharding(mesh),
+                               shardings=module_shardings(mesh))

@@ -6,6 +6,6 @@
 """
 
 from unialign_jax.sampling.caption import CaptionSample, sample_caption
-from unialign_jax.sampling.flow import sample_images
+from unialign_jax.sampling.image_sampler import sample_images
 
 __all__ = ["CaptionSample", "sample_caption", "sample_images"]

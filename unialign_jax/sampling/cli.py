@@ -10,26 +10,23 @@ too many condition images, ...) is reported and skipped; the others are still wr
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import sys
 from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from unialign_jax import compilation_cache
-from unialign_jax.checkpoints import training_runs
 from unialign_jax.checkpoints.io import CheckpointError
-from unialign_jax.checkpoints.pipeline import TrainedWith
-from unialign_jax.checkpoints.training_runs import WEIGHTS
-from unialign_jax.files import (disk_full_message, is_disk_full, jsonl, read_json_or_none,
-                                remove_stale_partials, save_png, write_json,
-                                write_text_if_changed)
+from unialign_jax.checkpoints.pipeline_folder import TrainedWith
+from unialign_jax.files import (jsonl, read_json_or_none, remove_stale_partials, save_png,
+                                write_json, write_text_if_changed)
 from unialign_jax.images import RESIZE_MODES
-from unialign_jax.models.attention import IMPLEMENTATIONS
-from unialign_jax.parallel import batch_ways
-from unialign_jax.sampling.pipeline import (DEFAULT_GUIDANCE, DEFAULT_STEPS,
-                                            MAX_CONDITION_IMAGES, chunk_size)
+from unialign_jax.runs import work_dir
+from unialign_jax.sampling.jobs import (Item, add_model_args, at_run_shape,
+                                        load_pipeline_from_args, read_prompts_file,
+                                        run_until_disk_full)
+from unialign_jax.sampling.unialign_pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_CONDITION_IMAGES
 from unialign_jax.sampling.preprocess import InputError, check_resolution, load_image
 
 TASKS = {
@@ -58,58 +55,7 @@ many images with one prompt, or as many of each (in order).
 """
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Options shared with `unialign-semgen`: the checkpoint and how to run it."""
-    parser.add_argument("--ckpt", required=True,
-                        help="converted pipeline folder (unialign-convert pipeline), or a "
-                             "training work dir (unialign-train --workdir)")
-    parser.add_argument("--step", type=int, default=None,
-                        help="with a training work dir: the checkpoint step (default: the "
-                             "latest)")
-    parser.add_argument("--weights", choices=WEIGHTS, default=None,
-                        help="with a training work dir: its EMA or raw transformer weights "
-                             "(default: EMA when the run keeps one)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="compute dtype of the transformer and T5; the VAE stays float32 "
-                             "(default %(default)s)")
-    parser.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS,
-                        help="attention kernel; auto: the fastest for this backend "
-                             "(default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=4,
-                        help="items per compiled call, split over the devices "
-                             "(default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="base seed: item i uses seed + i (default %(default)s)")
-    parser.add_argument("--lora", metavar="FILE", default=None,
-                        help="a LoRA .safetensors file to apply: ours (unialign-convert "
-                             "export-lora) or a diffusers / PEFT SD3 LoRA; merged into the "
-                             "weights")
-    parser.add_argument("--lora-scale", type=float, default=1.0,
-                        help="multiplier of the LoRA's update (default %(default)s)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    compilation_cache.add_arguments(parser)
-
-
-def load_pipeline_from_args(args):
-    """The pipeline of --ckpt, weights placed on all local devices as they are read."""
-    import jax.numpy as jnp
-
-    from unialign_jax.sampling.pipeline import UniAlignPipeline
-
-    if not os.path.isdir(args.ckpt):
-        raise InputError(f"checkpoint folder not found: {args.ckpt}")
-    compilation_cache.setup_from_args(args)
-    # Weights are stored in the compute dtype too: bf16 inference needs half the memory.
-    pipe = UniAlignPipeline.from_pretrained(
-        args.ckpt, jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.dtype),
-        attention=args.attention, batch_size=args.batch_size, progress=not args.no_progress,
-        step=args.step, weights=args.weights)
-    if args.lora:
-        pipe.load_lora(args.lora, scale=args.lora_scale)
-    return pipe
-
-
-def lora_of(args) -> dict | None:
+def lora_record(args) -> dict | None:
     """The LoRA a sidecar records ({'path', 'scale', 'file': [bytes, mtime_ns]}), so that
     another LoRA, scale or a rewritten file redoes the items; None without --lora."""
     if not args.lora:
@@ -127,35 +73,44 @@ def trained_with_of(args) -> TrainedWith:
     the negative prompt (each recorded in every sidecar). The release's when --ckpt cannot
     be read, which loading then reports."""
     try:
-        return training_runs.trained_with(args.ckpt)
+        return work_dir.trained_with(args.ckpt)
     except (OSError, CheckpointError, ValueError, KeyError):
         return TrainedWith()
 
 
-def fill_recorded_defaults(args) -> None:
-    """Options left unset take what the model was trained with."""
-    trained = trained_with_of(args)
-    args.text_length = trained.text_length
-    for name in ("height", "width", "resolution"):
-        if getattr(args, name, False) is None:
-            setattr(args, name, trained.resolution)
-    if getattr(args, "negative_prompt", False) is None:
-        args.negative_prompt = trained.negative_prompt
-    if args.task == "caption" and args.length is None:
-        args.length = args.text_length
+def _or(value, default):
+    return default if value is None else value
+
+
+def job_settings(args, trained: TrainedWith) -> dict:
+    """Everything of the command line that determines every output (each sidecar holds it),
+    an option left unset taking what the model was trained with."""
+    s = {"task": args.task, "steps": args.steps, "checkpoint": os.path.abspath(args.ckpt),
+         "dtype": args.dtype, "attention": args.attention, "text_length": trained.text_length}
+    if args.task == "t2i":
+        s.update(height=_or(args.height, trained.resolution),
+                 width=_or(args.width, trained.resolution))
+    else:
+        s.update(resolution=_or(args.resolution, trained.resolution), resize=args.resize)
+    if args.task == "caption":
+        s.update(length=_or(args.length, trained.text_length))
+    else:
+        s.update(guidance=args.guidance,
+                 negative_prompt=_or(args.negative_prompt, trained.negative_prompt))
+    return s
 
 
 def checkpoint_of(args) -> dict | None:
     """Which weights --ckpt stands for when it is a training work dir ({'run', 'step',
     'weights'}, recorded in every sidecar so that a rerun after more training redoes the
     items); None for a pipeline folder."""
-    if not training_runs.is_training_run(args.ckpt):
+    if not work_dir.is_training_run(args.ckpt):
         if args.step is not None or args.weights is not None:
             raise InputError(f"--step / --weights need a training work dir; {args.ckpt} is "
                              "not one")
         return None
     try:
-        return training_runs.describe(args.ckpt, args.step, args.weights)
+        return work_dir.describe(args.ckpt, args.step, args.weights)
     except (CheckpointError, ValueError) as e:
         raise InputError(str(e)) from None
 
@@ -216,39 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(path: str, base: str) -> str:
-    """`path` as given if it exists, else relative to `base` (the .jsonl's folder)."""
-    return path if os.path.exists(path) or os.path.isabs(path) else os.path.join(base, path)
-
-
-def read_prompts_file(path: str) -> tuple[list[str], list[dict]]:
-    """(prompts, items): text lines, or .jsonl objects with their image paths resolved."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f]
-    except OSError as e:
-        raise InputError(f"cannot read prompts file {path}: {e.strerror or e}") from None
-    if not path.endswith(".jsonl"):
-        return [line for line in lines if line.strip()], []
-    base = os.path.dirname(os.path.abspath(path))
-    items = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise InputError(f"{path}:{n}: expected a JSON object")
-        images = rec.get("images", [rec["image"]] if "image" in rec else [])
-        items.append({"prompt": rec.get("prompt"), "seed": rec.get("seed"),
-                      "images": [_resolve(str(p), base) for p in images]})
-    return [], items
-
-
 def collect_items(args) -> list[dict]:
-    """One dict per output (prompt, images, seed), from the flags and the prompts file."""
+    """One dict per output (prompt, image paths, seed), from the flags and the prompts file."""
     prompts, file_items = list(args.prompt), []
     if args.prompts_file:
         more, file_items = read_prompts_file(args.prompts_file)
@@ -271,10 +195,8 @@ def collect_items(args) -> list[dict]:
         raise InputError(f"the prompts file {args.prompts_file} holds no prompts")
     if not items:
         raise InputError("nothing to do: give --prompt/--image or --prompts-file")
-    for i, item in enumerate(items):
-        if item.get("seed") is None:
-            item["seed"] = args.seed + i
-    return items
+    return [{**item, "seed": args.seed + i if item.get("seed") is None else item["seed"]}
+            for i, item in enumerate(items)]
 
 
 def _pair(images: Sequence[str], prompts: Sequence[str]) -> list[tuple[str, str]]:
@@ -291,34 +213,13 @@ def _pair(images: Sequence[str], prompts: Sequence[str]) -> list[tuple[str, str]
     return list(zip(images, prompts))
 
 
-def settings_of(args, item: dict, index: int) -> dict:
-    """Everything that determines an output; its sidecar holds exactly these (+ results)."""
-    s = {"task": args.task, "index": index, "prompt": item["prompt"], "seed": item["seed"],
-         "images": [os.path.abspath(p) for p in item["images"]], "steps": args.steps,
-         "checkpoint": os.path.abspath(args.ckpt), "dtype": args.dtype,
-         "attention": args.attention, "text_length": args.text_length}
-    if args.training_run is not None:
-        s["training_run"] = args.training_run
-    if args.lora_record is not None:
-        s["lora"] = args.lora_record
-    if args.task == "t2i":
-        s.update(height=args.height, width=args.width)
-    else:
-        s.update(resolution=args.resolution, resize=args.resize)
-    if args.task == "caption":
-        s.update(length=args.length)
-    else:
-        s.update(guidance=args.guidance, negative_prompt=args.negative_prompt)
-    return s
-
-
-def item_problem(args, item: dict) -> str | None:
+def item_problem(task: str, item: dict) -> str | None:
     """Why an item cannot run, found without the model (None when it looks fine)."""
-    if args.task != "caption" and not isinstance(item["prompt"], str):
+    if task != "caption" and not isinstance(item["prompt"], str):
         return "no prompt"
-    if args.task != "t2i" and not item["images"]:
+    if task != "t2i" and not item["images"]:
         return "no image"
-    if args.task in ("edit", "perceive", "caption") and len(item["images"]) != 1:
+    if task in ("edit", "perceive", "caption") and len(item["images"]) != 1:
         return f"{len(item['images'])} images; this task takes one"
     if len(item["images"]) > MAX_CONDITION_IMAGES:
         return (f"{len(item['images'])} condition images; the model takes at most "
@@ -326,91 +227,40 @@ def item_problem(args, item: dict) -> str | None:
     return None
 
 
-def run_task(pipe, args, items: list[dict]) -> None:
+def run_task(pipe, settings: dict, items: list[Item]) -> None:
     """Runs `items` in one pipeline call; each result goes to its item's writer at once."""
-    seeds = [it["seed"] for it in items]
-    common = dict(num_steps=args.steps, seed=seeds,
-                  on_result=lambda i, result: items[i]["write"](result))
-    if args.task == "t2i":
-        pipe.generate([it["prompt"] for it in items], negative_prompt=args.negative_prompt,
-                      height=args.height, width=args.width, guidance_scale=args.guidance,
+    s = settings
+    common = dict(num_steps=s["steps"], seed=[it.seed for it in items],
+                  on_result=lambda i, result: items[i].write(result))
+    if s["task"] == "t2i":
+        pipe.generate([it.prompt for it in items], negative_prompt=s["negative_prompt"],
+                      height=s["height"], width=s["width"], guidance_scale=s["guidance"],
                       **common)
-    elif args.task == "caption":
-        pipe.caption([it["loaded"][0] for it in items],
-                     prompt=[it["prompt"] or "" for it in items], resolution=args.resolution,
-                     resize=args.resize, length=args.length, **common)
+    elif s["task"] == "caption":
+        pipe.caption([it.images[0] for it in items], prompt=[it.prompt or "" for it in items],
+                     resolution=s["resolution"], resize=s["resize"], length=s["length"],
+                     **common)
     else:
-        pipe.compose([it["loaded"] for it in items], [it["prompt"] for it in items],
-                      negative_prompt=args.negative_prompt, resolution=args.resolution,
-                      resize=args.resize,
-                      guidance_scale=args.guidance, **common)
-
-
-def at_run_shape(pipe, items: list[dict], total: int) -> list[dict]:
-    """`items` laid out as a run of all `total` items batches them: XLA's results depend on
-    the batch shape and, on some CPUs, on an item's row in the batch, so the items a resumed
-    run redoes come out byte-identical to an uninterrupted run's only at its shape and row.
-    Items that carry their `position` in the uninterrupted run are put back at its row of
-    its chunk; every other slot, and the padding of a short chunk, holds a copy of an item
-    of the chunk that writes nothing."""
-    size = chunk_size(total, pipe.batch_size, batch_ways(pipe.mesh))
-    if any("position" not in item for item in items):
-        return items + [{**items[-1], "write": lambda result: None}] * (size - len(items))
-    chunks: dict[int, list] = {}
-    for item in items:
-        row, slot = divmod(item["position"], size)
-        chunks.setdefault(row, [None] * size)[slot] = item
-    laid_out = []
-    for chunk in chunks.values():
-        filler = {**next(it for it in chunk if it is not None), "write": lambda result: None}
-        laid_out += [filler if it is None else it for it in chunk]
-    return laid_out
-
-
-def run_skipping_bad_items(run: Callable[[list[dict]], None], items: list[dict],
-                           report: Callable[[dict, str], None]) -> None:
-    """`run(items)`; if the pipeline rejects the batch (it checks everything before
-    compiling), the items are retried one by one so that only the bad ones are skipped."""
-    try:
-        run(items)
-    except InputError as e:
-        if len(items) == 1:
-            report(items[0], str(e))
-            return
-        for item in items:
-            run_skipping_bad_items(run, [item], report)
-
-
-def run_until_disk_full(run: Callable[[list[dict]], None], items: list[dict],
-                        report: Callable[[dict, str], None], folder: str, written: list,
-                        what: str = "items") -> bool:
-    """`run_skipping_bad_items`; a full disk is reported instead of raised (what was written
-    stays whole, a rerun after freeing space goes on) and gives False: exit code 2."""
-    try:
-        run_skipping_bad_items(run, items, report)
-    except (OSError, RuntimeError, ValueError) as e:
-        if not is_disk_full(e):
-            raise
-        print(f"error: {disk_full_message(folder)} ({len(written)} {what} were written "
-              "whole)", file=sys.stderr)
-        return False
-    return True
+        pipe.compose([list(it.images) for it in items], [it.prompt for it in items],
+                     negative_prompt=s["negative_prompt"], resolution=s["resolution"],
+                     resize=s["resize"], guidance_scale=s["guidance"], **common)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        fill_recorded_defaults(args)
+        settings = job_settings(args, trained_with_of(args))
         if args.task == "t2i":
-            check_resolution(args.height, args.width)
+            check_resolution(settings["height"], settings["width"])
         else:
-            check_resolution(args.resolution, args.resolution)
+            check_resolution(settings["resolution"], settings["resolution"])
         if args.steps < 1:
             raise InputError(f"--steps must be at least 1, got {args.steps}")
-        items = collect_items(args)
-        args.training_run = checkpoint_of(args) if os.path.isdir(args.ckpt) else None
-        args.lora_record = lora_of(args)
+        requests = collect_items(args)
+        recorded = {"training_run": checkpoint_of(args) if os.path.isdir(args.ckpt) else None,
+                    "lora": lora_record(args)}
+        settings.update({k: v for k, v in recorded.items() if v is not None})
     except InputError as e:
         parser.error(str(e))
 
@@ -419,31 +269,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     written, failed, todo = [], [], []
     already_done = 0
 
-    def report(item, message):
-        failed.append(item["settings"]["index"])
-        print(f"skipping item {item['settings']['index']}: {message}", file=sys.stderr)
+    def report(item: Item, message: str) -> None:
+        failed.append(item.index)
+        print(f"skipping item {item.index}: {message}", file=sys.stderr)
 
     position = 0  # in the batches of a run that does every good item
-    for index, item in enumerate(items):
-        item["settings"] = settings_of(args, item, index)
+    for index, request in enumerate(requests):
+        item_settings = {**settings, "index": index, "prompt": request["prompt"],
+                         "seed": request["seed"],
+                         "images": [os.path.abspath(p) for p in request["images"]]}
         stem = os.path.join(args.out, f"{index:05d}")
-        item["sidecar"] = stem + ".json"
-        if not args.overwrite and _is_done(args, item, stem):
+        if not args.overwrite and _is_done(item_settings, stem):
             already_done += 1
             position += 1
             continue
-        problem = item_problem(args, item)
+        item = Item(index, request["prompt"], request["seed"])
+        problem, loaded = item_problem(args.task, request), ()
         if problem is None:
             try:
-                item["loaded"] = [load_image(p) for p in item["images"]]
+                loaded = tuple(load_image(p) for p in request["images"])
             except InputError as e:
                 problem = str(e)
         if problem is not None:
             report(item, problem)
             continue
-        item["write"] = _writer(args, item, stem, written)
-        item["position"], position = position, position + 1
-        todo.append(item)
+        todo.append(dataclasses.replace(item, images=loaded, position=position,
+                                        write=_writer(item_settings, stem, written)))
+        position += 1
 
     if todo:
         try:
@@ -452,44 +304,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: cannot load {args.ckpt}: {e}", file=sys.stderr)
             return 1
         if not run_until_disk_full(
-                lambda chunk: run_task(pipe, args, at_run_shape(pipe, chunk, len(items))),
+                lambda chunk: run_task(pipe, settings, at_run_shape(pipe, chunk,
+                                                                    len(requests))),
                 todo, report, args.out, written):
             return 2
     if args.task == "caption":
-        _gather_captions(args.out, items)
+        _gather_captions(args.out, len(requests))
     print(f"{len(written)} written, {already_done} already done, {len(failed)} skipped as "
           f"bad -> {args.out}")
     return 1 if failed else 0
 
 
-def _is_done(args, item: dict, stem: str) -> bool:
+def _is_done(settings: dict, stem: str) -> bool:
     """A sidecar with the same settings exists (written last, so the PNG is complete)."""
-    old = read_json_or_none(item["sidecar"])
-    same = old is not None and all(old.get(k) == v for k, v in item["settings"].items())
-    return same and (args.task == "caption" or os.path.exists(stem + ".png"))
+    old = read_json_or_none(stem + ".json")
+    same = old is not None and all(old.get(k) == v for k, v in settings.items())
+    return same and (settings["task"] == "caption" or os.path.exists(stem + ".png"))
 
 
-def _writer(args, item: dict, stem: str, written: list) -> Callable[[Any], None]:
+def _writer(settings: dict, stem: str, written: list) -> Callable[[Any], None]:
     """Saves one result: the PNG first, then the sidecar that marks the item done."""
     def write(result):
-        if args.task == "caption":
-            tqdm.write(f"[{item['settings']['index']}] {result}")
-            write_json(item["sidecar"], {**item["settings"], "caption": str(result),
-                                         "answer": result.answer})
+        if settings["task"] == "caption":
+            tqdm.write(f"[{settings['index']}] {result}")
+            write_json(stem + ".json", {**settings, "caption": str(result),
+                                        "answer": result.answer})
         else:
             save_png(result, stem + ".png")
-            write_json(item["sidecar"], item["settings"])
-        written.append(item["settings"]["index"])
+            write_json(stem + ".json", settings)
+        written.append(settings["index"])
 
     return write
 
 
-def _gather_captions(out: str, items: list[dict]) -> None:
-    """captions.jsonl: every finished caption in item order (rewritten whole when it
-    changed)."""
+def _gather_captions(out: str, count: int) -> None:
+    """captions.jsonl: every finished caption of the `count` items, in item order
+    (rewritten whole when it changed)."""
     records = []
-    for item in items:
-        side = read_json_or_none(item["sidecar"])
+    for index in range(count):
+        side = read_json_or_none(os.path.join(out, f"{index:05d}.json"))
         if side is not None and "caption" in side:
             records.append({"index": side["index"], "image": side["images"][0],
                             "prompt": side["prompt"], "caption": side["caption"],

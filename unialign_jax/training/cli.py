@@ -10,7 +10,7 @@ import sys
 
 import unialign_configs
 from unialign_jax import compilation_cache, configlib, files
-from unialign_jax.training.config import TrainConfig
+from unialign_jax.runs.config import TrainConfig
 
 LOSS_CURVES_FILE = "loss_curves.png"  # drawn from metrics.jsonl whenever a run stops
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "checkpointed, rerun me"

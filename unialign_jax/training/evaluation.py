@@ -45,9 +45,9 @@ from unialign_jax.data.pipeline import TASK_IDS, PipelineConfig, task_batches
 from unialign_jax.diffusion import flow
 from unialign_jax.parallel import batch_ways, replicated
 from unialign_jax.training import objective
-from unialign_jax.training.config import LossConfig, TrainConfig
+from unialign_jax.runs.config import LossConfig, TrainConfig
 from unialign_jax.training.metrics import MetricWriter
-from unialign_jax.training.models import SplitModel
+from unialign_jax.runs.builder import SplitModel
 from unialign_jax.training.step import FrozenModels, TrainStep
 
 EVAL_TIMESTEPS = 8      # image timesteps of the grid; every batch of ≥ 8 rows sees them all

@@ -23,8 +23,8 @@ from flax import nnx, struct
 
 from unialign_jax.data.batch import TEACHER_KEYS
 from unialign_jax.diffusion import flow, masked
-from unialign_jax.training import losses
-from unialign_jax.training.config import LossConfig
+from unialign_jax.diffusion import alignment_losses as losses
+from unialign_jax.runs.config import LossConfig
 
 
 @struct.dataclass

@@ -11,7 +11,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from unialign_jax.parallel import rules
-from unialign_jax.training.config import OptimizerConfig
+from unialign_jax.runs.config import OptimizerConfig
 
 
 @struct.dataclass

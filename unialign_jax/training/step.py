@@ -27,8 +27,8 @@ from unialign_jax.parallel import rules
 from unialign_jax.parallel.mesh import BATCH_AXES
 from unialign_jax.parallel.placement import put_host_batch
 from unialign_jax.training import objective
-from unialign_jax.training.config import LossConfig, OptimizerConfig, RunConfig
-from unialign_jax.training.models import SplitModel
+from unialign_jax.runs.config import LossConfig, OptimizerConfig, RunConfig
+from unialign_jax.runs.builder import SplitModel
 from unialign_jax.training.state import (TrainState, init_state, learning_rate, make_optimizer,
                                          state_shardings, update_ema)
 

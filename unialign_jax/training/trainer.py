@@ -21,19 +21,20 @@ from unialign_jax import files
 from unialign_jax.checkpoints import training_steps
 from unialign_jax.data.pipeline import (DataError, PipelineConfig, condition_images, next_batch,
                                         training_iterator)
-from unialign_jax.data.teacher import has_teacher
+from unialign_jax.data.teacher import is_precomputed
 from unialign_jax.parallel import make_mesh, maybe_initialize_distributed, replicated
+from unialign_jax.runs.config import TrainConfig
+from unialign_jax.runs.builder import build_models, frozen_configs, transformer_config
+from unialign_jax.runs.resolve import resolve
+from unialign_jax.runs.work_dir import write_run_config
 from unialign_jax.text.tokenizer import NULL_PROMPT, load_tokenizer, mask_token_id, tokenize
 from unialign_jax.training.checkpointing import Checkpointer, PreemptionSignal
-from unialign_jax.training.config import TrainConfig
 from unialign_jax.training.metrics import MetricWriter, NonFiniteGuard, NonFiniteLoss
 from unialign_jax.training import evaluation, flops
-from unialign_jax.training.models import build_models, frozen_configs, transformer_config
 from unialign_jax.training.step import FrozenModels, TrainStep, make_train_step
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
 # Metrics that depend on the wall clock (everything else a run logs is reproducible).
 TIMING_METRICS = ("steps_per_s", "samples_per_s", "model_tflops_per_chip", "mfu",
                   *evaluation.TIMING_METRICS)
@@ -82,7 +83,7 @@ def train(cfg: TrainConfig, workdir: str, *, echo=None,
     (`unialign_jax.apps.validation.validation_of(cfg, workdir)`; `unialign-train` passes
     it: `training/` cannot import the samplers)."""
     maybe_initialize_distributed(cfg.mesh.distributed, cfg.mesh.heartbeat_timeout_s)
-    cfg = cfg.resolved()
+    cfg = resolve(cfg)
     cfg.validate()
     if bool(cfg.run.validation_prompts) != (validation is not None):
         raise ValueError("run.validation_prompts and the validation sampler go together: "
@@ -93,7 +94,7 @@ def train(cfg: TrainConfig, workdir: str, *, echo=None,
     root = epath.Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
     if main:
-        files.write_text_if_changed(root / CONFIG_FILE, files.dumps(cfg.to_dict()))
+        write_run_config(workdir, cfg)
         if "://" not in workdir:
             files.remove_stale_partials(workdir, recursive=False)  # a killed run's config
 
@@ -114,7 +115,8 @@ def train(cfg: TrainConfig, workdir: str, *, echo=None,
         max_length=cfg.data.max_length, seed=cfg.data.seed, num_workers=cfg.data.workers,
         resolution=cfg.data.resolution, skip_corrupt=cfg.data.skip_corrupt,
         task_weights=task_weights(cfg)))
-    if cfg.loss.align_weight and not all(has_teacher(folder) for folders in corpora(cfg).values()
+    if cfg.loss.align_weight and not all(is_precomputed(folder)
+                                         for folders in corpora(cfg).values()
                                          for folder in folders):
         if not cfg.loss.allow_missing_teacher:
             raise ValueError("the training data has no teacher features, so the alignment "

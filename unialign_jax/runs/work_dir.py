@@ -7,9 +7,9 @@ the intact ones (`training_steps.valid_steps`) and the arrays read are checked a
 fingerprint saved with them. The frozen T5 and VAE come from the folders the run named
 (`models.t5_path`, `models.vae_path`), or — when the run initialised them at random (the
 quickstart, tests) — are redrawn exactly: the trainer draws them inside `jit` from
-`nnx.Rngs(run.seed + offset)` (transformer 0, T5 1, VAE 2; `training/models.py`
-`build_models`) in `compute.frozen_param_dtype`, and the same draw is repeated here
-(tests/test_from_run.py checks it against the trainer's own builder). Decision: the trainer
+`nnx.Rngs(run.seed + SEED_OFFSETS[kind])` (`runs/builder.py` `build_models`) in
+`compute.frozen_param_dtype`, and the same draw is repeated here (tests/test_from_run.py
+checks it against the trainer's own builder). Decision: the trainer
 does not store its frozen models — a random one is cheaper to redraw than to write at every
 run start, and real runs name converted folders. The tokenizer is the run's, padding with
 `</s>` as training does.
@@ -19,15 +19,16 @@ transformer is the frozen base its config points to (`models.transformer_path`, 
 random initialisation of `run.seed`), in the dtype it trained over (`lora.base_dtype`),
 with the trained tensors set and the factors merged in.
 
-This module reads the config as a plain dict (the `use`-layer `TrainConfig` is not imported
-here), so samplers and converters can open runs as well.
-"""
+The run config is read as the trainer wrote it, a `TrainConfig`; the random draws use the
+trainer's own seed table (`runs.builder.SEED_OFFSETS`) and model configs
+(`runs.builder.transformer_config`, `frozen_config`): the trainer's knowledge of a run,
+not a copy of it."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,20 +37,22 @@ from flax import nnx
 
 from unialign_jax import files
 from unialign_jax.checkpoints import io, registry, training_steps
-from unialign_jax.checkpoints.pipeline import PipelineComponents, TrainedWith, read_index
+from unialign_jax.checkpoints.pipeline_folder import (PipelineComponents, PipelineIndex, TrainedWith,
+                                               read_scheduler, vae_runtime)
 from unialign_jax.checkpoints.training_steps import CHECKPOINT_DIR
 from unialign_jax.diffusion import flow
 from unialign_jax.models import lora
-from unialign_jax.models.mmdit import MMDiTConfig
+from unialign_jax.models.runtime import Runtime
+from unialign_jax.runs.config import TrainConfig
+from unialign_jax.runs.builder import (SEED_OFFSETS, frozen_config, stored_dtype,
+                                       transformer_config, wrap_factors)
 from unialign_jax.text.tokenizer import NULL_PROMPT, load_tokenizer, mask_token_id
 
 RUN_CONFIG_FILE = "config.json"
 STATE_ITEM = "state"
 WEIGHTS = ("ema", "raw")
 _STATE_KEYS = {"ema": "ema_params", "raw": "params"}
-# Offsets added to `run.seed` for each model's random initialisation (as build_models).
-SEED_OFFSETS = {"transformer": 0, "t5": 1, "vae": 2}
-_FROZEN = {"t5": "t5_path", "vae": "vae_path"}
+_FOLDERS = {"transformer": "transformer_path", "t5": "t5_path", "vae": "vae_path"}
 
 
 def is_training_run(path: str) -> bool:
@@ -60,13 +63,21 @@ def is_training_run(path: str) -> bool:
     return isinstance(config, dict) and {"models", "compute", "run"} <= set(config)
 
 
-def read_run_config(workdir: str) -> dict:
-    """The run's config.json as a dict; a clear error for anything that is not a run."""
+def read_run_config(workdir: str) -> TrainConfig:
+    """The run's config.json (written by `write_run_config`); a clear error for anything
+    that is not a run."""
     if not is_training_run(workdir):
         raise io.CheckpointError(
             f"{workdir} is not a training work dir (expected {RUN_CONFIG_FILE} written by "
             f"unialign-train and a {CHECKPOINT_DIR}/ folder)")
-    return files.read_json(os.path.join(workdir, RUN_CONFIG_FILE))
+    return TrainConfig.from_dict(files.read_json(os.path.join(workdir, RUN_CONFIG_FILE)))
+
+
+def write_run_config(workdir, cfg: TrainConfig) -> None:
+    """The resolved config a run records in its work dir (a local path or an `epath`),
+    rewritten only when it changed."""
+    files.write_text_if_changed(os.path.join(workdir, RUN_CONFIG_FILE),
+                                files.dumps(cfg.to_dict()))
 
 
 def resolve_step(workdir: str, step: int | None = None) -> int:
@@ -108,16 +119,16 @@ def resolve_weights(workdir: str, step: int, weights: str | None = None) -> str:
     return weights or ("ema" if has_ema else "raw")
 
 
-def _path(config: dict, key: str, workdir: str) -> str | None:
+def _path(config: TrainConfig, key: str, workdir: str) -> str | None:
     """A folder the run's config names (models.KEY), checked to exist."""
-    path = config["models"].get(key)
+    path = getattr(config.models, key)
     if path and not os.path.exists(path):
         raise io.CheckpointError(f"{workdir}/{RUN_CONFIG_FILE}: models.{key} = {path} does "
                                  "not exist (moved since training?)")
     return path
 
 
-def run_tokenizer(workdir: str, config: dict | None = None):
+def run_tokenizer(workdir: str, config: TrainConfig | None = None):
     """The run's tokenizer, padding with `</s>` as training did."""
     config = config or read_run_config(workdir)
     path = _path(config, "tokenizer", workdir)
@@ -126,40 +137,36 @@ def run_tokenizer(workdir: str, config: dict | None = None):
     return load_tokenizer(path)
 
 
-def model_config(workdir: str, kind: str, vocab_size: int, config: dict | None = None):
-    """The run's `kind` config: from its converted folder when the run named one, else the
-    inline config (a transformer's vocab_size None is the tokenizer's length)."""
+def model_config(workdir: str, kind: str, vocab_size: int, config: TrainConfig | None = None):
+    """The run's `kind` config, as the trainer built it (its folder checked to exist)."""
     config = config or read_run_config(workdir)
-    folder = _path(config, {"transformer": "transformer_path", **_FROZEN}[kind], workdir)
-    if folder:
-        return registry.read_config(folder, kind)[0]
-    model = registry.KINDS[kind].config_class.from_dict(config["models"][kind])
-    if kind == "transformer" and model.vocab_size is None:
-        model = MMDiTConfig.from_dict({**model.to_dict(), "vocab_size": vocab_size})
-    return model
+    _path(config, _FOLDERS[kind], workdir)
+    if kind == "transformer":
+        return transformer_config(config.models, vocab_size)
+    return frozen_config(config.models, kind)
 
 
-def frozen_source(config: dict, kind: str) -> dict:
+def frozen_source(config: TrainConfig, kind: str) -> dict:
     """Where the run's frozen `kind` ('t5' or 'vae') comes from: {'folder': path} or
     {'seed': s, 'param_dtype': d} of its random initialisation."""
-    path = config["models"].get(_FROZEN[kind])
+    path = getattr(config.models, _FOLDERS[kind])
     if path:
         return {"folder": os.path.abspath(path)}
-    return {"seed": int(config["run"]["seed"]) + SEED_OFFSETS[kind],
-            "param_dtype": config["compute"]["frozen_param_dtype"]}
+    return {"seed": config.run.seed + SEED_OFFSETS[kind],
+            "param_dtype": str(stored_dtype(config.compute, config.lora, kind))}
 
 
-def random_module(kind: str, model_config, seed: int, param_dtype, dtype=jnp.float32,
-                  shardings: Callable[[nnx.Module], Any] | None = None,
-                  **options) -> nnx.Module:
-    """The `kind` module initialised from `nnx.Rngs(seed)` inside `jit`, as the trainer
-    initialises it (the same draws, bit for bit); `shardings` places it as computed."""
-    module_class = registry.KINDS[kind].module_class
-    abstract = nnx.eval_shape(lambda: module_class(
-        model_config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=jnp.dtype(param_dtype),
-        **options))
-    state = _initialiser(module_class, model_config, seed, jnp.dtype(param_dtype), nnx.Variable,
-                         _hashable(shardings(abstract) if shardings is not None else None))()
+def random_module(kind: str, model_config, seed: int, param_dtype,
+                  runtime: Runtime = Runtime()) -> nnx.Module:
+    """The `kind` module initialised in `param_dtype` from `nnx.Rngs(seed)` inside `jit`, as
+    the trainer initialises it (the same draws, bit for bit), run as `runtime` says and
+    placed by its shardings as computed."""
+    module_class, param_dtype = registry.KINDS[kind].module_class, jnp.dtype(param_dtype)
+    runtime = dataclasses.replace(runtime, param_dtype=param_dtype)
+    abstract = nnx.eval_shape(lambda: runtime.build(module_class, model_config, nnx.Rngs(seed)))
+    placement = runtime.shardings(abstract) if runtime.shardings is not None else None
+    state = _initialiser(module_class, model_config, seed, param_dtype, nnx.Variable,
+                         _hashable(placement))()
     return nnx.merge(nnx.graphdef(abstract), state)
 
 
@@ -178,17 +185,16 @@ def _initialiser(module_class, model_config, seed: int, param_dtype, which, plac
                    out_shardings=out)
 
 
-def frozen_module(workdir: str, kind: str, model_config, dtype, *, param_dtype=None,
-                  shardings=None, config: dict | None = None, **options) -> nnx.Module:
+def frozen_module(workdir: str, kind: str, model_config, runtime: Runtime = Runtime(), *,
+                  config: TrainConfig | None = None) -> nnx.Module:
     """The run's frozen T5 or VAE: its folder as stored, or its random initialisation
-    redrawn (then cast to `param_dtype` when given)."""
+    redrawn (then cast to the runtime's `param_dtype` when it sets one)."""
     config = config or read_run_config(workdir)
     source = frozen_source(config, kind)
     if "folder" in source:
-        return registry.load_model(kind, source["folder"], dtype, param_dtype=param_dtype,
-                                   shardings=shardings, **options)
-    module = random_module(kind, model_config, source["seed"], source["param_dtype"], dtype,
-                           shardings, **options)
+        return registry.load_model(kind, source["folder"], runtime)
+    module = random_module(kind, model_config, source["seed"], source["param_dtype"], runtime)
+    param_dtype = runtime.param_dtype
     if param_dtype is not None:
         state = nnx.state(module)
         nnx.update(module, jax.tree.map(lambda x: x.astype(param_dtype)
@@ -211,74 +217,64 @@ def trained_params(workdir: str, step: int, weights: str, target: dict) -> dict:
     return tree[key]
 
 
-def lora_of(config: dict) -> dict | None:
-    """A LoRA run's `lora` section; None for a run that trained the whole transformer."""
-    section = config.get("lora") or {}
-    return section if section.get("rank") else None
-
-
 def lora_tree(workdir: str, step: int, weights: str, model_config,
-              config: dict | None = None) -> dict:
+              config: TrainConfig | None = None) -> dict:
     """What a LoRA run trained, at `step` (EMA or raw): its factor tree and `train_also`
     tensors, as host numpy arrays in the run's param_dtype."""
     config = config or read_run_config(workdir)
-    section, param_dtype = lora_of(config), jnp.dtype(config["compute"]["param_dtype"])
-    if section is None:
+    section, param_dtype = config.lora, jnp.dtype(config.compute.param_dtype)
+    if not section.rank:
         raise io.CheckpointError(f"{workdir} is not a LoRA run (lora.rank is 0)")
     module_class = registry.KINDS["transformer"].module_class
     abstract = nnx.eval_shape(lambda: module_class(model_config, rngs=nnx.Rngs(0)))
-    shapes = lora.target_shapes(abstract, section["targets"])
-    lora.wrap(abstract, jax.eval_shape(lambda: lora.new_factors(
-        shapes, section["rank"], jax.random.key(0), section["init"])), 1.0)
-    target = nnx.to_pure_dict(nnx.state(abstract, lora.trained_filter(section["train_also"])))
+    wrap_factors(abstract, section, param_dtype)
+    target = nnx.to_pure_dict(nnx.state(abstract, lora.trained_filter(section.train_also)))
     return trained_params(workdir, step, weights, io.abstract_like(target, param_dtype))
 
 
-def _lora_transformer(workdir: str, step: int, weights: str, model_config, dtype, *,
-                      param_dtype, shardings, config: dict, **options) -> nnx.Module:
-    """A LoRA run's transformer: its base as trained over, then cast to `param_dtype`, with
-    the `train_also` tensors set and scale·A·B merged into the adapted kernels."""
-    section = lora_of(config)
-    base_dtype = jnp.dtype(section.get("base_dtype") or config["compute"]["dtype"])
+def _lora_transformer(workdir: str, step: int, weights: str, model_config, runtime: Runtime,
+                      config: TrainConfig) -> nnx.Module:
+    """A LoRA run's transformer: its base as trained over, then cast to the runtime's
+    `param_dtype`, with the `train_also` tensors set and scale·A·B merged into the adapted
+    kernels."""
+    section, param_dtype = config.lora, runtime.param_dtype
+    base_dtype = stored_dtype(config.compute, section, "transformer")
     folder = _path(config, "transformer_path", workdir)
     if folder:
-        module = registry.load_model("transformer", folder, dtype, param_dtype=base_dtype,
-                                     shardings=shardings, **options)
+        module = registry.load_model("transformer", folder,
+                                     dataclasses.replace(runtime, param_dtype=base_dtype))
     else:
         module = random_module("transformer", model_config,
-                               int(config["run"]["seed"]) + SEED_OFFSETS["transformer"],
-                               base_dtype, dtype, shardings, **options)
+                               config.run.seed + SEED_OFFSETS["transformer"], base_dtype,
+                               runtime)
     nnx.update(module, jax.tree.map(lambda x: x.astype(param_dtype), nnx.state(module)))
     tree = lora_tree(workdir, step, weights, model_config, config)
     full = lora.split_tree(tree)[1]
     if full:
-        trained = nnx.state(module, lora.full_filter(section["train_also"]))
+        trained = nnx.state(module, lora.full_filter(section.train_also))
         nnx.replace_by_pure_dict(trained, jax.tree.map(
             lambda x, old: jnp.asarray(x, param_dtype, device=old.sharding), full,
             nnx.to_pure_dict(trained)))
         nnx.update(module, trained)
-    lora.merge(module, tree, lora.scale(section["rank"], section.get("alpha")))
+    lora.merge(module, tree, section.scale)
     return module
 
 
-def transformer_module(workdir: str, step: int, weights: str, model_config, dtype=jnp.float32,
-                       *, param_dtype=None, shardings=None, config: dict | None = None,
-                       **options) -> nnx.Module:
-    """The run's transformer: its trained parameters of `step` (EMA or raw) in
-    `param_dtype` (default: as trained), its fixed buffers (the position table) recomputed
-    from its config, placed by `shardings(abstract module)` as they are read. A LoRA run's:
-    its base with the trained factors merged in."""
+def transformer_module(workdir: str, step: int, weights: str, model_config,
+                       runtime: Runtime = Runtime(), *,
+                       config: TrainConfig | None = None) -> nnx.Module:
+    """The run's transformer: its trained parameters of `step` (EMA or raw) in the
+    runtime's `param_dtype` (default: as trained), its fixed buffers (the position table)
+    recomputed from its config, placed by the runtime's shardings as they are read. A LoRA
+    run's: its base with the trained factors merged in."""
     config = config or read_run_config(workdir)
-    param_dtype = jnp.dtype(param_dtype or config["compute"]["param_dtype"])
-    if lora_of(config):
-        return _lora_transformer(workdir, step, weights, model_config, dtype,
-                                 param_dtype=param_dtype, shardings=shardings, config=config,
-                                 **options)
-    module_class = registry.KINDS["transformer"].module_class
-    abstract = nnx.eval_shape(lambda: module_class(
-        model_config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, **options))
+    runtime = runtime.storing(config.compute.param_dtype)
+    if config.lora.rank:
+        return _lora_transformer(workdir, step, weights, model_config, runtime, config)
+    module_class, param_dtype = registry.KINDS["transformer"].module_class, runtime.param_dtype
+    abstract = nnx.eval_shape(lambda: runtime.build(module_class, model_config, nnx.Rngs(0)))
     graphdef, params, _ = nnx.split(abstract, nnx.Param, ...)
-    place = shardings(abstract) if shardings is not None else None
+    place = runtime.shardings(abstract) if runtime.shardings is not None else None
     trained = trained_params(workdir, step, weights, io.abstract_like(
         nnx.to_pure_dict(params), None,
         nnx.to_pure_dict(nnx.filter_state(place, nnx.Param)) if place is not None else None))
@@ -296,20 +292,20 @@ def fixed_buffers(model_config, param_dtype, placement: nnx.State | None = None)
                         nnx.Not(nnx.Param), _hashable(placement))()
 
 
-def scheduler_of(config: dict) -> dict:
+def scheduler_of(config: TrainConfig) -> dict:
     """The sampler settings of a run: its source pipeline's when it started from one, else
     SD3's (shift 3, 1000 training timesteps)."""
-    pipeline = config["models"].get("pipeline")
+    pipeline = config.models.pipeline
     if pipeline:
-        return files.read_json(os.path.join(pipeline, read_index(pipeline)["scheduler"]))
+        return read_scheduler(pipeline)
     return {"shift": flow.INFERENCE_SHIFT, "num_train_timesteps": flow.NUM_TRAIN_TIMESTEPS}
 
 
-def run_trained_with(config: dict) -> TrainedWith:
+def run_trained_with(config: TrainConfig) -> TrainedWith:
     """What a run (its config.json) trained with, and so is sampled with: its prompt length,
     its resolution and the null prompt its instructions were dropped to."""
-    return TrainedWith(text_length=int(config["data"]["max_length"]),
-                       resolution=int(config["data"]["resolution"]), negative_prompt=NULL_PROMPT)
+    return TrainedWith(text_length=config.data.max_length, resolution=config.data.resolution,
+                       negative_prompt=NULL_PROMPT)
 
 
 def trained_with(path: str) -> TrainedWith:
@@ -317,7 +313,7 @@ def trained_with(path: str) -> TrainedWith:
     with, read without loading anything."""
     if is_training_run(path):
         return run_trained_with(read_run_config(path))
-    return TrainedWith.from_index(read_index(path))
+    return PipelineIndex.read(path).trained_with
 
 
 def describe(workdir: str, step: int | None = None, weights: str | None = None) -> dict:
@@ -328,26 +324,23 @@ def describe(workdir: str, step: int | None = None, weights: str | None = None) 
             "weights": resolve_weights(workdir, step, weights)}
 
 
-def load_run_components(workdir: str, dtype=jnp.float32, *, vae_dtype=jnp.float32,
-                        param_dtype=None, shardings=None, attention: str = "auto",
-                        activation_sharding=None, step: int | None = None,
+def load_run_components(workdir: str, runtime: Runtime = Runtime(), *, vae_dtype=jnp.float32,
+                        step: int | None = None,
                         weights: str | None = None) -> PipelineComponents:
     """`PipelineComponents` of a training work dir: the transformer of `step` (default: the
     latest) with its EMA weights (default when kept) or raw ones, and the run's frozen T5,
-    VAE and tokenizer. Arguments as `checkpoints.pipeline.load_components`."""
+    VAE and tokenizer. Arguments as `checkpoints.pipeline_folder.load_components`."""
     config = read_run_config(workdir)
     chosen = describe(workdir, step, weights)
     tokenizer = run_tokenizer(workdir, config)
     vocab = len(tokenizer)
     tcfg = model_config(workdir, "transformer", vocab, config)
-    common = dict(shardings=shardings, activation_sharding=activation_sharding)
-    transformer = transformer_module(workdir, chosen["step"], chosen["weights"], tcfg, dtype,
-                                     param_dtype=param_dtype, config=config,
-                                     attention=attention, **common)
-    t5 = frozen_module(workdir, "t5", model_config(workdir, "t5", vocab, config), dtype,
-                       param_dtype=param_dtype, config=config, attention=attention, **common)
+    transformer = transformer_module(workdir, chosen["step"], chosen["weights"], tcfg, runtime,
+                                     config=config)
+    t5 = frozen_module(workdir, "t5", model_config(workdir, "t5", vocab, config), runtime,
+                       config=config)
     vae = frozen_module(workdir, "vae", model_config(workdir, "vae", vocab, config),
-                        vae_dtype, config=config, attention=attention, **common)
+                        vae_runtime(runtime, vae_dtype), config=config)
     return PipelineComponents(
         transformer=transformer, t5=t5, vae=vae, tokenizer=tokenizer,
         scheduler=scheduler_of(config), mask_token_id=mask_token_id(tokenizer),

@@ -25,10 +25,12 @@ from unialign_jax.models.mmdit import MMDiT, MMDiTConfig
 from unialign_jax.models.t5 import T5Encoder
 from unialign_jax.models.vae import AutoencoderKL
 from unialign_jax.parallel import placement, rules
-from unialign_jax.training.config import ComputeConfig, LoraConfig, ModelsConfig
+from unialign_jax.runs.config import ComputeConfig, LoraConfig, ModelsConfig
 
 TRAINED = "transformer"
-LORA_SEED_OFFSET = 3  # added to run.seed for the factors' draw (models: 0, 1, 2)
+# What each random draw of a run adds to run.seed: the three models' initialisations and
+# the LoRA factors'. Every reader that redraws a run's random models looks them up here.
+SEED_OFFSETS = {"transformer": 0, "t5": 1, "vae": 2, "lora": 3}
 
 
 @dataclasses.dataclass
@@ -53,15 +55,22 @@ def _split(module: nnx.Module, trained=None) -> SplitModel:
     return SplitModel(graphdef, {}, nnx.to_pure_dict(state))
 
 
+def wrap_factors(module: nnx.Module, lora: LoraConfig, param_dtype, seed: int = 0):
+    """Wraps `module`'s `lora.targets` layers with factors of the run's shapes, abstract
+    (shapes and dtypes only); returns the draw that fills them from run `seed`'s LoRA key."""
+    draw = functools.partial(lora_layers.new_factors,
+                             lora_layers.target_shapes(module, lora.targets), lora.rank,
+                             jax.random.key(seed + SEED_OFFSETS["lora"]), lora.init, param_dtype)
+    lora_layers.wrap(module, jax.eval_shape(draw), lora.scale)
+    return draw
+
+
 def add_lora(module: nnx.Module, lora: LoraConfig, param_dtype, mesh: Mesh, seed: int,
              abstract: bool = False):
     """Wraps `module`'s targeted layers with fresh factors drawn in place (from `seed`),
     casts its `train_also` tensors to `param_dtype`; returns the trained filter."""
     lora_layers.check_train_also(module, lora.train_also)
-    draw = functools.partial(lora_layers.new_factors,
-                             lora_layers.target_shapes(module, lora.targets), lora.rank,
-                             jax.random.key(seed + LORA_SEED_OFFSET), lora.init, param_dtype)
-    lora_layers.wrap(module, jax.eval_shape(draw), lora.scale)
+    draw = wrap_factors(module, lora, param_dtype, seed)
     factors = nnx.state(module, lora_layers.LoraParam)
     shardings = nnx.to_pure_dict(rules.state_shardings(factors, mesh))
     if abstract:
@@ -97,11 +106,25 @@ def transformer_config(models: ModelsConfig, vocab_size: int | None) -> MMDiTCon
     return config
 
 
+def frozen_config(models: ModelsConfig, kind: str):
+    """The config of the frozen `kind` ('t5' or 'vae'): from its folder when given, else
+    the inline one."""
+    path = getattr(models, f"{kind}_path")
+    return registry.read_config(path, kind)[0] if path else getattr(models, kind)
+
+
 def frozen_configs(models: ModelsConfig):
-    """(T5 config, VAE config): from their folders when given, else the inline ones."""
-    t5 = registry.read_config(models.t5_path, "t5")[0] if models.t5_path else models.t5
-    vae = registry.read_config(models.vae_path, "vae")[0] if models.vae_path else models.vae
-    return t5, vae
+    """(T5 config, VAE config)."""
+    return frozen_config(models, "t5"), frozen_config(models, "vae")
+
+
+def stored_dtype(compute: ComputeConfig, lora: LoraConfig, kind: str):
+    """The dtype a run keeps its `kind` model in as it builds it: the trained transformer in
+    compute.param_dtype, a LoRA run's frozen base in lora.base_dtype (default: the compute
+    dtype), the frozen T5 and VAE in compute.frozen_param_dtype."""
+    if kind != TRAINED:
+        return jnp.dtype(compute.frozen_param_dtype)
+    return jnp.dtype((lora.base_dtype or compute.dtype) if lora.rank else compute.param_dtype)
 
 
 def build_models(models: ModelsConfig, compute: ComputeConfig, mesh: Mesh,
@@ -114,8 +137,6 @@ def build_models(models: ModelsConfig, compute: ComputeConfig, mesh: Mesh,
     `abstract=True` builds ShapeDtypeStructs only (memory planning); converted folders are
     then read for their configs, never for weights.
     """
-    dtype, param_dtype = jnp.dtype(compute.dtype), jnp.dtype(compute.param_dtype)
-    frozen_dtype = jnp.dtype(compute.frozen_param_dtype)
     tcfg = transformer_config(models, vocab_size)
     t5_cfg, vae_cfg = frozen_configs(models)
     if t5_cfg.d_model != tcfg.joint_attention_dim:
@@ -128,30 +149,27 @@ def build_models(models: ModelsConfig, compute: ComputeConfig, mesh: Mesh,
         raise ValueError(f"T5 vocabulary {t5_cfg.vocab_size} is smaller than the tokenizer's "
                          f"{vocab_size}")
 
-    shard = rules.ActivationSharding(mesh)
-    model_options = dict(attention=compute.attention, activation_sharding=shard)
-    base_dtype = jnp.dtype(lora.base_dtype or compute.dtype) if lora.rank else param_dtype
-    specs = {  # name: (class, config, constructor options, stored dtype, folder)
-        "transformer": (MMDiT, tcfg, dict(remat_policy=compute.remat_policy, **model_options),
-                        base_dtype, models.transformer_path),
-        "t5": (T5Encoder, t5_cfg, model_options, frozen_dtype, models.t5_path),
-        "vae": (AutoencoderKL, vae_cfg, model_options, frozen_dtype,
-                models.vae_path),
+    runtime = compute.runtime(mesh)
+    specs = {  # name: (class, config, folder)
+        "transformer": (MMDiT, tcfg, models.transformer_path),
+        "t5": (T5Encoder, t5_cfg, models.t5_path),
+        "vae": (AutoencoderKL, vae_cfg, models.vae_path),
     }
     out = {}
-    for offset, (name, (cls, config, options, stored, path)) in enumerate(specs.items()):
-        build: Callable[[], nnx.Module] = (
-            lambda cls=cls, config=config, options=options, stored=stored, offset=offset:
-            cls(config, rngs=nnx.Rngs(seed + offset), dtype=dtype, param_dtype=stored,
-                **options))
+    for name, (cls, config, path) in specs.items():
+        stored = stored_dtype(compute, lora, name)
+        stored_as = dataclasses.replace(runtime, param_dtype=stored)
+        build: Callable[[], nnx.Module] = (  # fresh Rngs at each call: the same draws
+            lambda stored_as=stored_as, cls=cls, config=config, name=name:
+            stored_as.build(cls, config, nnx.Rngs(seed + SEED_OFFSETS[name])))
         if abstract:
             module = placement.abstract_build(build, mesh)
         elif path:
-            module = registry.restore_module(path, build, stored, rules.module_shardings(mesh))
+            module = registry.restore_module(path, build, stored, stored_as.shardings)
         else:
             module = placement.sharded_init(build, mesh)
         trained = None if name != TRAINED else (
-            add_lora(module, lora, param_dtype, mesh, seed, abstract) if lora.rank
-            else nnx.Param)
+            add_lora(module, lora, jnp.dtype(compute.param_dtype), mesh, seed, abstract)
+            if lora.rank else nnx.Param)
         out[name] = _split(module, trained)
     return out

@@ -20,8 +20,8 @@ from unialign_convert.transformer import write_transformer
 from unialign_convert.vae import config_from_diffusers, write_vae
 from unialign_jax import files
 from unialign_jax.diffusion.flow import NUM_TRAIN_TIMESTEPS
-from unialign_jax.checkpoints.pipeline import (COMPONENT_DIRS, FORMAT, INDEX_FILE, SCHEDULER_FILE,
-                                               TrainedWith)
+from unialign_jax.checkpoints import registry
+from unialign_jax.checkpoints.pipeline_folder import COMPONENT_DIRS, PipelineIndex, write_scheduler
 from unialign_jax.text.tokenizer import load_tokenizer, mask_token_id
 
 # Source sub-folder of each component, per layout.
@@ -108,7 +108,7 @@ def check_compatible(src: str, layout: str, tokenizer, mask_embedding: str | Non
 
 
 def write_pipeline(src: str, out_dir: str, *, dtype: str = "float32",
-                   vae_dtype: str = "float32", mask_embedding: str | None = None) -> dict:
+                   vae_dtype: str = "float32", mask_embedding: str | None = None) -> PipelineIndex:
     """Converts the pipeline folder `src` into the existing folder `out_dir`; returns the index."""
     layout = detect_layout(src)
     dirs = {k: os.path.join(src, v) for k, v in LAYOUTS[layout].items()}
@@ -133,15 +133,13 @@ def write_pipeline(src: str, out_dir: str, *, dtype: str = "float32",
     print("[3/3] VAE", file=sys.stderr)
     write_vae(dirs["vae"], out["vae"], dtype=vae_dtype)
 
-    files.write_json(os.path.join(out_dir, SCHEDULER_FILE), scheduler)
-    index = {"format": FORMAT, "source": os.path.abspath(src), "layout": layout,
-             "components": COMPONENT_DIRS, "scheduler": SCHEDULER_FILE,
-             "vocab_size": len(tokenizer), **TrainedWith().as_index(),
-             "mask_token_id": mask_id,
-             "mask_embedding": os.path.abspath(mask_embedding) if mask_embedding else None,
-             "dtype": dtype, "vae_dtype": vae_dtype,
-             "transformer_initialised": report["initialised"]}
-    files.write_json(os.path.join(out_dir, INDEX_FILE), index)
+    write_scheduler(out_dir, scheduler)
+    index = PipelineIndex(
+        source=os.path.abspath(src), layout=layout, vocab_size=len(tokenizer),
+        mask_token_id=mask_id,
+        mask_embedding=os.path.abspath(mask_embedding) if mask_embedding else None,
+        dtype=dtype, vae_dtype=vae_dtype, transformer_initialised=tuple(report["initialised"]))
+    index.write(out_dir)
     return index
 
 
@@ -151,11 +149,11 @@ convert_pipeline = files.into_new_folder(write_pipeline)
 def run(args) -> None:
     index = convert_pipeline(args.src, args.dst, dtype=args.dtype, vae_dtype=args.vae_dtype,
                              mask_embedding=args.mask_embedding, force=args.force)
-    print(f"converted the {index['layout']} pipeline into {args.dst} "
+    print(f"converted the {index.layout} pipeline into {args.dst} "
           f"(load it with unialign_jax.load_pipeline)")
-    if index["transformer_initialised"]:
-        print(f"  transformer tensors initialised fresh: {len(index['transformer_initialised'])} "
-              f"(listed in {args.dst}/transformer/conversion.json)")
-    if not index["mask_embedding"]:
-        print(f"  note: no --mask-embedding; row {index['mask_token_id']} keeps T5's own "
+    if index.transformer_initialised:
+        print(f"  transformer tensors initialised fresh: {len(index.transformer_initialised)} "
+              f"(listed in {args.dst}/transformer/{registry.CONVERSION_FILE})")
+    if not index.mask_embedding:
+        print(f"  note: no --mask-embedding; row {index.mask_token_id} keeps T5's own "
               "<extra_id_0> embedding", file=sys.stderr)

@@ -1,5 +1,6 @@
-"""Training configuration: typed, nested, frozen sections; `configs/NAME.py` files;
-dotted `key=value` overrides.
+"""What a run is: typed, nested, frozen sections; `configs/NAME.py` files; dotted
+`key=value` overrides. Pure data: nothing here reads the folders a config names
+(`runs.resolve` does), so every floor above can hold a `TrainConfig`.
 
 A config file defines `get_config()` returning a `TrainConfig` (big_vision style: plain
 Python). The run config is made of the models' own configs (`MMDiTConfig`, `T5Config`,
@@ -17,15 +18,20 @@ import importlib.util
 import os
 from typing import Literal
 
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
 from unialign_jax.configlib import JsonConfig
 from unialign_jax.data.jsonl import KINDS as TASKS
 from unialign_jax.diffusion import masked
+from unialign_jax.diffusion.alignment_losses import CONTRASTIVE_TEMPERATURE
 from unialign_jax.models import lora as lora_layers
 from unialign_jax.models.mmdit_config import MMDiTConfig
+from unialign_jax.models.runtime import Runtime
 from unialign_jax.models.t5 import T5Config
 from unialign_jax.models.vae import VAEConfig
+from unialign_jax.parallel import placed_on
 from unialign_jax.text.tokenizer import MAX_LENGTH
-from unialign_jax.training.losses import CONTRASTIVE_TEMPERATURE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +64,12 @@ class ComputeConfig(JsonConfig):
     remat_policy: str = "nothing_saveable"
     # Attention kernel of the transformer and T5 (unialign_jax.models.attention).
     attention: str = "auto"
+
+    def runtime(self, mesh: Mesh) -> Runtime:
+        """How the run's models run on `mesh`; each model's storage dtype (trained, frozen
+        or a LoRA base) is set where it is built."""
+        return placed_on(mesh, Runtime(jnp.dtype(self.dtype), attention=self.attention,
+                                       remat_policy=self.remat_policy))
 
 
 def _task_alias(task: str):
@@ -351,48 +363,6 @@ class TrainConfig(JsonConfig):
             return [f"{' and '.join(asked)} set but run.eval_every is 0 (no eval): set it to "
                     "the steps between evals"]
         return []
-
-    def resolved(self) -> "TrainConfig":
-        """A copy with the LoRA base and the pipeline folder expanded into component paths
-        (a LoRA run then records the transformer it adapts as lora.base) and the cosine's
-        end at the run's last step when asked for."""
-        cfg = self._with_lora_base() if self.lora.base else self
-        if cfg.models.pipeline is not None:
-            from unialign_jax.checkpoints.pipeline import component_paths
-
-            where, m = component_paths(cfg.models.pipeline), cfg.models
-            cfg = dataclasses.replace(cfg, models=dataclasses.replace(
-                m, transformer_path=m.transformer_path or where["transformer"],
-                t5_path=m.t5_path or where["text_encoder"], vae_path=m.vae_path or where["vae"],
-                tokenizer=m.tokenizer or where["tokenizer"]))
-        if cfg.lora.rank and cfg.lora.base is None:
-            cfg = dataclasses.replace(cfg, lora=dataclasses.replace(
-                cfg.lora, base=cfg.models.transformer_path))
-        if cfg.optimizer.cosine_end_step == -1:
-            end = cfg.run.num_steps if cfg.run.num_steps > cfg.optimizer.warmup_steps else 0
-            cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(
-                cfg.optimizer, cosine_end_step=end))
-        return cfg
-
-    def _with_lora_base(self) -> "TrainConfig":
-        """lora.base in `models`: a pipeline folder as models.pipeline, a transformer folder
-        as models.transformer_path; another transformer named there is an error."""
-        from unialign_jax.checkpoints.pipeline import INDEX_FILE, component_paths
-        from unialign_jax.checkpoints.training_runs import is_training_run
-
-        base, m = os.path.abspath(self.lora.base), self.models
-        if is_training_run(base):
-            raise ValueError(f"lora.base {self.lora.base} is a training work dir: make it a "
-                             "pipeline folder first (unialign-convert from-run WORKDIR DST)")
-        is_pipeline = os.path.isfile(os.path.join(base, INDEX_FILE))
-        transformer = component_paths(base)["transformer"] if is_pipeline else base
-        if m.transformer_path and os.path.abspath(m.transformer_path) != transformer:
-            raise ValueError(f"lora.base ({self.lora.base}) and models.transformer_path "
-                             f"({m.transformer_path}) name different transformers")
-        models = dataclasses.replace(m, transformer_path=transformer,
-                                     pipeline=base if is_pipeline else m.pipeline)
-        return dataclasses.replace(self, models=models,
-                                   lora=dataclasses.replace(self.lora, base=base))
 
 
 def load_config(path: str) -> TrainConfig:

@@ -27,14 +27,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from unialign_jax import files
-from unialign_jax.checkpoints import lora_files, registry, training_runs
+from unialign_jax.checkpoints import lora_files, registry
+from unialign_jax.runs import work_dir
 from unialign_jax.checkpoints.io import CheckpointError
-from unialign_jax.checkpoints.pipeline import (COMPONENT_DIRS, FORMAT, INDEX_FILE, SCHEDULER_FILE,
-                                               PipelineComponents, load_components)
-from unialign_jax.parallel import ActivationSharding, batch_ways, make_mesh, module_shardings
+from unialign_jax.checkpoints.pipeline_folder import (COMPONENT_DIRS, PipelineComponents, PipelineIndex,
+                                               load_components, write_scheduler)
+from unialign_jax.models.runtime import Runtime
+from unialign_jax.parallel import batch_ways, make_mesh, placed_on
 from unialign_jax.parallel.placement import place_module, put
 from unialign_jax.sampling.caption import ModelDenoiser, sample_caption
-from unialign_jax.sampling.flow import sample_images
+from unialign_jax.sampling.image_sampler import sample_images
 from unialign_jax.diffusion import flow
 from unialign_jax.images import RESIZE_MODES, bucket_size
 from unialign_jax.models import lora
@@ -173,33 +175,30 @@ class UniAlignPipeline:
         self._unload_lora: Callable[[], None] | None = None
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=jnp.float32, *, vae_dtype=jnp.float32,
-                        param_dtype=None, attention: str = "auto", mesh: Mesh | None = None,
-                        step: int | None = None, weights: str | None = None,
-                        **pipeline_kwargs) -> "UniAlignPipeline":
+    def from_pretrained(cls, path: str, runtime: Runtime = Runtime(), *, vae_dtype=jnp.float32,
+                        mesh: Mesh | None = None, step: int | None = None,
+                        weights: str | None = None, **pipeline_kwargs) -> "UniAlignPipeline":
         """The pipeline of a converted folder (`unialign-convert pipeline`) or of a training
         work dir (`unialign-train --workdir`).
 
-        `dtype`: compute dtype of the transformer and T5 (`vae_dtype`: the VAE's);
-        `param_dtype`: their stored weights' dtype (bf16 halves memory); `attention`: the
-        kernel (`models.attention`). Weights are read straight into their place on `mesh`
+        `runtime`: how the transformer and T5 run (`models.runtime`: compute dtype, stored
+        weights' dtype — bf16 halves memory —, attention kernel; `vae_dtype`: the VAE's
+        compute dtype). Weights are read straight into their place on `mesh`
         (default: every device); `pipeline_kwargs` (`batch_size`, `progress`) go to the
         constructor. For a work dir: `step` (default: the latest checkpoint) and `weights`
         ("ema", the default when the run keeps an EMA, or "raw"); the frozen T5 / VAE and
-        the tokenizer are the run's (`checkpoints.training_runs`).
+        the tokenizer are the run's (`runs.work_dir`).
         """
         mesh = mesh if mesh is not None else make_mesh()
-        options = dict(vae_dtype=vae_dtype, param_dtype=param_dtype,
-                       shardings=module_shardings(mesh), attention=attention,
-                       activation_sharding=ActivationSharding(mesh))
-        if training_runs.is_training_run(path):
-            components = training_runs.load_run_components(path, dtype, step=step,
-                                                           weights=weights, **options)
+        runtime = placed_on(mesh, runtime)
+        if work_dir.is_training_run(path):
+            components = work_dir.load_run_components(path, runtime, vae_dtype=vae_dtype,
+                                                      step=step, weights=weights)
         elif step is not None or weights is not None:
             raise InputError(f"{path} is a pipeline folder, not a training work dir: it has "
                              "no steps or EMA weights to choose from")
         else:
-            components = load_components(path, dtype, **options)
+            components = load_components(path, runtime, vae_dtype=vae_dtype)
         return cls(components, mesh=mesh, **pipeline_kwargs)
 
     def save_pretrained(self, path: str, *, force: bool = False) -> None:
@@ -218,14 +217,10 @@ class UniAlignPipeline:
                 dtypes[name] = str(jax.tree.leaves(nnx.state(module, nnx.Param))[0].dtype)
                 registry.save_model(kind, module, where[name], dtypes[name])
             c.tokenizer.save_pretrained(where["tokenizer"])
-            files.write_json(os.path.join(tmp, SCHEDULER_FILE), dict(c.scheduler))
-            files.write_json(os.path.join(tmp, INDEX_FILE), {
-                "format": FORMAT, "source": c.path, "layout": "saved", "components":
-                COMPONENT_DIRS, "scheduler": SCHEDULER_FILE, "vocab_size": len(c.tokenizer),
-                **c.trained_with.as_index(),
-                "mask_token_id": c.mask_token_id, "mask_embedding": None,
-                "dtype": dtypes["transformer"], "vae_dtype": dtypes["vae"],
-                "transformer_initialised": []})
+            write_scheduler(tmp, c.scheduler)
+            PipelineIndex(source=c.path, layout="saved", vocab_size=len(c.tokenizer),
+                          trained_with=c.trained_with, mask_token_id=c.mask_token_id,
+                          dtype=dtypes["transformer"], vae_dtype=dtypes["vae"]).write(tmp)
 
     # -- LoRA ---------------------------------------------------------------------------
     def load_lora(self, path: str, scale: float = 1.0, merge: bool = True) -> dict:
@@ -528,6 +523,6 @@ def _encode_each(vae_def, vae_state, pixels, keys):
     return jax.vmap(lambda x, k: vae.encode(x[None], k)[0])(pixels, keys)
 
 
-def load_pipeline(path: str, dtype=jnp.float32, **kwargs) -> UniAlignPipeline:
-    """`UniAlignPipeline.from_pretrained(path, dtype, **kwargs)`."""
-    return UniAlignPipeline.from_pretrained(path, dtype, **kwargs)
+def load_pipeline(path: str, runtime: Runtime = Runtime(), **kwargs) -> UniAlignPipeline:
+    """`UniAlignPipeline.from_pretrained(path, runtime, **kwargs)`."""
+    return UniAlignPipeline.from_pretrained(path, runtime, **kwargs)
