@@ -24,6 +24,8 @@ from unialign_jax.data.pipeline import (DataError, PipelineConfig, condition_ima
 from unialign_jax.data.teacher import has_teacher
 from unialign_jax.parallel import make_mesh, maybe_initialize_distributed, replicated
 from unialign_jax.text.tokenizer import NULL_PROMPT, load_tokenizer, mask_token_id, tokenize
+from unialign_jax.training.buckets import check_bucket_sizes
+from unialign_jax.training.cached_latents import expected_latents, note_unused_caches
 from unialign_jax.training.checkpointing import Checkpointer, PreemptionSignal
 from unialign_jax.training.config import TrainConfig
 from unialign_jax.training.metrics import MetricWriter, NonFiniteGuard, NonFiniteLoss
@@ -84,6 +86,7 @@ def train(cfg: TrainConfig, workdir: str, *, echo=None,
     maybe_initialize_distributed(cfg.mesh.distributed, cfg.mesh.heartbeat_timeout_s)
     cfg = cfg.resolved()
     cfg.validate()
+    check_bucket_sizes(cfg)
     if bool(cfg.run.validation_prompts) != (validation is not None):
         raise ValueError("run.validation_prompts and the validation sampler go together: "
                          "pass validation=unialign_jax.apps.validation.validation_of(cfg, "
@@ -113,7 +116,9 @@ def train(cfg: TrainConfig, workdir: str, *, echo=None,
         batch_size=cfg.run.batch_size // jax.process_count(), tokenizer=cfg.models.tokenizer,
         max_length=cfg.data.max_length, seed=cfg.data.seed, num_workers=cfg.data.workers,
         resolution=cfg.data.resolution, skip_corrupt=cfg.data.skip_corrupt,
-        task_weights=task_weights(cfg)))
+        task_weights=task_weights(cfg), latents=expected_latents(cfg),
+        buckets=cfg.data.buckets))
+    note_unused_caches(cfg)
     if cfg.loss.align_weight and not all(has_teacher(folder) for folders in corpora(cfg).values()
                                          for folder in folders):
         if not cfg.loss.allow_missing_teacher:
@@ -235,7 +240,8 @@ class Throughput:
         t5, vae = frozen_configs(cfg.models)
         transformer = transformer_config(cfg.models, vocab_size)
         per_task = [flops.sample_flops(transformer, t5, vae, flops.StepShape(
-            cfg.data.resolution, cfg.data.max_length, condition_images(task, folders)))["total"]
+            cfg.data.resolution, cfg.data.max_length, condition_images(task, folders),
+            encodes_images=not cfg.data.cached_latents))["total"]
             for task, folders in corpora(cfg).items()]
         mean = float(np.average(per_task, weights=task_weights(cfg))) if per_task else 0.0
         return cls(mean, jax.device_count(),
