@@ -228,7 +228,7 @@ def test_bucketed_training_compiles_once_per_shape_and_resumes_exactly(corpus, t
 
     steps = 6
     straight = _bucket_train(corpus, tmp_path / "straight", steps)
-    compiles = re.findall(r"Compiling jit_step with", straight.stdout + straight.stderr)
+    compiles = re.findall(r"Compiling jit\(step\) with", straight.stdout + straight.stderr)
     corpora = {"t2i": [str(corpus["root"] / "t2i")], "edit": [str(corpus["root"] / "edit")]}
     it = training_iterator(corpora, dataclasses.replace(  # the run's data settings
         _pipeline(corpus), batch_size=8, seed=0, task_weights=(1.0, 1.0)))
