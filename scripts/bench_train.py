@@ -19,7 +19,12 @@ why, and for when the ratio is withheld), and prints the ratio.
 
 Several --remat / --micro-batch values give one row each (the remat × micro-batch table):
 samples/s and XLA's temporaries of the compiled step (plus the allocator's peak on
-accelerators).
+accelerators). `--latents encode cached` adds a row per value: the step that encodes the
+images with the VAE (the release's) and the step on cached posterior moments
+(`data.cached_latents`), timed interleaved so that the saving is measured under one load:
+
+    python scripts/bench_train.py --preset small --no-torch --task t2i edit \
+        --latents encode cached
 """
 
 from __future__ import annotations
@@ -54,11 +59,16 @@ def parse_args(argv=None):
     p.add_argument("--remat", nargs="+", default=["none"],
                    help="remat policies (unialign_jax.models.remat; several: one row each)")
     p.add_argument("--attention", default="auto", help="attention kernel (default auto)")
+    p.add_argument("--latents", nargs="+", choices=("encode", "cached"), default=["encode"],
+                   help="encode: the VAE encodes the batch in the step (the release's); "
+                        "cached: the batch carries posterior moments (data.cached_latents). "
+                        "Both: timed interleaved, one row each")
     p.add_argument("--torch", dest="torch", action="store_true", default=None,
                    help="also time the PyTorch reference step (default on CPU)")
     p.add_argument("--no-torch", dest="torch", action="store_false")
     add_timing_arguments(p, repeats=5, iters=2)
     args = p.parse_args(argv)
+    args.latents = list(dict.fromkeys(args.latents))
     defaults = {"tiny": (64, 16), "small": (256, 64), "full": (512, 256)}[args.preset]
     args.resolution = args.resolution or defaults[0]
     args.text_len = args.text_len or defaults[1]
@@ -94,9 +104,16 @@ def setting(args, remat: str, micro_batch: int) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "remat": remat, "micro_batch": micro_batch})
 
 
+def latent_moments_shape(cfg) -> tuple[int, int]:
+    """(h, M) of the cached moments of one image: latent side, 2 × latent channels."""
+    vae = cfg.models.vae
+    return cfg.data.resolution // vae.downsample_factor, 2 * vae.latent_channels
+
+
 def jax_side(args) -> dict:
-    """(In the JAX worker.) prepare(remat, micro-batch, task) builds and compiles our step of
-    one setting and returns its rows and XLA's memory figures; call() runs one step."""
+    """(In the JAX worker.) prepare(remat, micro-batch, task, latents) builds and compiles our
+    step of one setting (once per latents mode) and returns its rows and XLA's memory
+    figures; call(mode) runs one step."""
     import dataclasses
 
     import jax
@@ -109,7 +126,8 @@ def jax_side(args) -> dict:
 
     current = {}
 
-    def prepare(remat: str, micro_batch: int, task: str) -> dict:
+    def prepare(remat: str, micro_batch: int, task: str, latents: tuple = ("encode",)) -> dict:
+        """One compiled step per entry of `latents`; call(mode) runs that one."""
         current.clear()
         run = setting(args, remat, micro_batch)
         cfg, vocab = configs(run)
@@ -122,33 +140,37 @@ def jax_side(args) -> dict:
         frozen = FrozenModels.of(models, null_ids)
         trainer = make_train_step(models, frozen, mesh, optimizer=cfg.optimizer,
                                   loss=cfg.loss, run=cfg.run, mask_id=vocab - 1)
-        rng = np.random.default_rng(0)
-        shapes = batch_spec.shapes(batch_size=rows, resolution=cfg.data.resolution,
-                                   max_length=cfg.data.max_length,
-                                   num_sources=int(task == "edit"),
-                                   teacher_dim=cfg.models.transformer.teacher_dim)
-        host = {k: (rng.integers(0, vocab - 1, shape) if np.issubdtype(dtype, np.integer)
-                    else rng.uniform(-1, 1, shape)).astype(dtype)
-                for k, (shape, dtype) in shapes.items()}
-        batch = trainer.put_batch(host)
         state = [trainer.init()]
-        step = trainer.step.lower(state[0], frozen, batch).compile()  # compiled once
-        analysis = step.memory_analysis()
+        figures = {"rows": rows}
+        for mode in latents:
+            rng = np.random.default_rng(0)
+            shapes = batch_spec.shapes(
+                batch_size=rows, resolution=cfg.data.resolution,
+                max_length=cfg.data.max_length, num_sources=int(task == "edit"),
+                teacher_dim=cfg.models.transformer.teacher_dim,
+                latent=latent_moments_shape(cfg) if mode == "cached" else None)
+            host = {k: (rng.integers(0, vocab - 1, shape) if np.issubdtype(dtype, np.integer)
+                        else rng.uniform(-1, 1, shape)).astype(dtype)
+                    for k, (shape, dtype) in shapes.items()}
+            batch = trainer.put_batch(host)
+            step = trainer.step.lower(state[0], frozen, batch).compile()  # compiled once
+            analysis = step.memory_analysis()
 
-        def call():
-            state[0], metrics = step(state[0], frozen, batch)
-            jax.block_until_ready(metrics)
+            def call(step=step, batch=batch):
+                state[0], metrics = step(state[0], frozen, batch)
+                jax.block_until_ready(metrics)
 
-        current["call"] = call
-        return {"rows": rows, "xla_temp_gib": analysis.temp_size_in_bytes / 2**30,
-                "xla_argument_gib": analysis.argument_size_in_bytes / 2**30}
+            current[mode] = call
+            figures[mode] = {"xla_temp_gib": analysis.temp_size_in_bytes / 2**30,
+                             "xla_argument_gib": analysis.argument_size_in_bytes / 2**30}
+        return figures
 
     def peak() -> dict:
         stats = jax.devices()[0].memory_stats() or {}  # accelerators: the allocator's peak
         return ({"device_peak_gib": stats["peak_bytes_in_use"] / 2**30}
                 if "peak_bytes_in_use" in stats else {})
 
-    return {"prepare": prepare, "call": lambda: current["call"](), "peak": peak,
+    return {"prepare": prepare, "call": lambda mode="encode": current[mode](), "peak": peak,
             "backend": jax.default_backend, "device_count": jax.device_count,
             "device": lambda: jax.devices()[0].device_kind}
 
@@ -183,42 +205,49 @@ def main(argv=None) -> int:
         workers = [w for w in (torch_worker, jax_worker) if w]
         try:
             for remat, micro, task in settings:
-                memory = jax_worker.run("prepare", remat, micro, task)
-                rows = memory.pop("rows")
-                sides = {"JAX": jax_worker.caller("call")}
+                prepared = jax_worker.run("prepare", remat, micro, task, tuple(args.latents))
+                rows = prepared.pop("rows")
+                sides = {f"JAX {mode}": jax_worker.caller("call", mode) for mode in args.latents}
                 with_torch = torch_worker is not None and (remat, micro) == settings[0][:2]
                 if with_torch:
                     torch_worker.run("prepare", remat, micro, task)
                     sides = {"PyTorch": torch_worker.caller("call"), **sides}
                 watch = CpuWatch().start()
                 timings = interleaved(sides, args.repeats, args.iters)
+                first = f"JAX {args.latents[0]}"
+                both = len(set(args.latents)) == 2
                 record = compare(timings, watch.stop(),
                                  f"{task}, remat {remat}, micro-batch {micro}: s per step",
-                                 ("PyTorch", "JAX") if with_torch else None)
-                memory.update(jax_worker.run("peak"))
+                                 ("PyTorch", first) if with_torch else
+                                 ("JAX encode", "JAX cached") if both else None)
+                peak = jax_worker.run("peak")
                 run = setting(args, remat, micro)
                 cfg, _ = configs(run)
-                per_sample = flops.sample_flops(
-                    cfg.models.transformer, cfg.models.t5, cfg.models.vae,
-                    flops.StepShape(args.resolution, args.text_len, int(task == "edit")))["total"]
-                step = record["sides"]["JAX"]
-                sps = rows / step["median"]
-                row = {"task": task, "preset": args.preset, "resolution": args.resolution,
-                       "text_len": args.text_len, "rows_per_step": rows, "dtype": args.dtype,
-                       "remat": remat, "micro_batch": micro, "attention": args.attention,
-                       "step_s": step, "samples_per_s": sps,
-                       "model_tflop_per_sample": per_sample / 1e12,
-                       "model_tflops": sps * per_sample / 1e12 / chips,
-                       "mfu": flops.mfu(sps, per_sample, chips, kind), **memory,
-                       "warnings": record["warnings"], "load": record["load"]}
-                if with_torch:
-                    row["torch_step_s"] = record["sides"]["PyTorch"]
-                    row["jax_over_torch"] = record["ratio"]  # PyTorch s / JAX s; null if noisy
-                results.append(row)
-                mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
-                print(f"  → {sps:.2f} samples/s (median), {row['model_tflops']:.3f} model "
-                      f"TFLOP/s per chip{mfu}; XLA temporaries {row['xla_temp_gib']:.2f} GiB",
-                      file=sys.stderr)
+                for mode in args.latents:
+                    per_sample = flops.sample_flops(
+                        cfg.models.transformer, cfg.models.t5, cfg.models.vae,
+                        flops.StepShape(args.resolution, args.text_len, int(task == "edit"),
+                                        encodes_images=mode == "encode"))["total"]
+                    step = record["sides"][f"JAX {mode}"]
+                    sps = rows / step["median"]
+                    row = {"task": task, "preset": args.preset, "resolution": args.resolution,
+                           "text_len": args.text_len, "rows_per_step": rows,
+                           "dtype": args.dtype, "remat": remat, "micro_batch": micro,
+                           "attention": args.attention, "latents": mode, "step_s": step,
+                           "samples_per_s": sps, "model_tflop_per_sample": per_sample / 1e12,
+                           "model_tflops": sps * per_sample / 1e12 / chips,
+                           "mfu": flops.mfu(sps, per_sample, chips, kind), **prepared[mode],
+                           **peak, "warnings": record["warnings"], "load": record["load"]}
+                    if with_torch and mode == args.latents[0]:
+                        row["torch_step_s"] = record["sides"]["PyTorch"]
+                        row["jax_over_torch"] = record["ratio"]  # PyTorch s / JAX s; or null
+                    elif both and not with_torch:
+                        row["encode_over_cached"] = record["ratio"]  # s / s; null if noisy
+                    results.append(row)
+                    mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
+                    print(f"  → latents {mode}: {sps:.2f} samples/s (median), "
+                          f"{row['model_tflops']:.3f} model TFLOP/s per chip{mfu}; XLA "
+                          f"temporaries {row['xla_temp_gib']:.2f} GiB", file=sys.stderr)
             env = environment({w.name: w.report() for w in workers})
         finally:
             if torch_worker is not None:

@@ -182,6 +182,28 @@ def bucket_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
     return width, height
 
 
+def bucket_table(resolution: int) -> tuple[tuple[int, int], ...]:
+    """The distinct `bucket_size`s at `resolution`, (width, height) in `ASPECT_BUCKETS`
+    order: every size a bucketed shard build (`unialign-data build --buckets`) stores."""
+    sizes = [bucket_size((r, 1.0), resolution) for r in ASPECT_BUCKETS]
+    return tuple(dict.fromkeys(sizes))
+
+
+def resize_and_center_crop_to(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The release's resize + centre crop to a (width, height) rectangle: bicubic resize to
+    cover it (the side that fits keeps the target length, the other is truncated as
+    torchvision's `Resize` does), then a crop at the rounded centre offsets. At a bucket's
+    size the crop removes at most what the bucket's rounding differs from the image."""
+    width, height = size
+    w, h = img.size
+    scale = max(width / w, height / h)
+    covered = (max(width, int(w * scale)), max(height, int(h * scale)))
+    img = img.resize(covered, Image.BICUBIC)
+    left = int(round((covered[0] - width) / 2.0))
+    top = int(round((covered[1] - height) / 2.0))
+    return img.crop((left, top, left + width, top + height))
+
+
 def fit_image(img: Image.Image, size: tuple[int, int], mode: str,
               background: tuple[int, int, int] = (128, 128, 128)) -> Image.Image:
     """`img` as a (width, height) = `size` model input: "crop" (the release, square only):

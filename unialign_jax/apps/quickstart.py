@@ -228,6 +228,26 @@ def prepare_vae(root: str, synth: str, cfg, steps: int) -> tuple[str, dict]:
     return folder, info
 
 
+def cache_latents(folders: list[str], vae_path: str, cfg) -> None:
+    """With data.cached_latents: the fitted VAE's posterior moments of every shard folder
+    (what `unialign-data latents` writes), kept while that VAE made them."""
+    from unialign_jax.checkpoints.registry import load_vae
+    from unialign_jax.data import latents
+
+    c = cfg.compute
+    identity = latents.vae_identity(vae_path, c.dtype, c.frozen_param_dtype)
+    stale = [f for f in folders if latents.made_by(f) != identity]
+    if not stale:
+        return
+    import jax.numpy as jnp
+
+    moments = latents.vae_moments(load_vae(vae_path, jnp.dtype(c.dtype),
+                                           param_dtype=jnp.dtype(c.frozen_param_dtype)))
+    for folder in stale:
+        latents.precompute(folder, moments, identity, latents.storage_dtype(c.dtype),
+                           vae_path=vae_path, force=True)
+
+
 def caption_accuracy(generated: np.ndarray, reference: np.ndarray, eos_id: int,
                      start: int = 0) -> float:
     """Token accuracy over each reference caption's tokens from `start` (the first position
@@ -405,6 +425,11 @@ def main(argv=None) -> int:
                          cfg.models.transformer.teacher_dim)
     vae_path, vae_info = prepare_vae(root, paths["synth"], cfg, args.vae_steps)
     _log(f"VAE: reconstruction MSE {vae_info['mse']:.4f}")
+    if cfg.data.cached_latents:
+        _log("caching the VAE posterior moments of every shard folder (data.cached_latents)")
+        cache_latents([paths[task] for task in TASKS]
+                      + [paths[f"{task}_heldout"] for task in TASKS if args.eval_every],
+                      vae_path, cfg)
     cfg = dataclasses.replace(
         cfg, models=dataclasses.replace(cfg.models, tokenizer=paths["tokenizer"],
                                         vae_path=vae_path),

@@ -2,7 +2,8 @@
 objective, the train step's placement and the memory planner.
 
 Dimensions are named: B rows, S×S pixels (`resolution`), L tokens (`max_length`), K source
-images (edit 1, compose 3; no `sources` for text-to-image), D teacher width.
+images (edit 1, compose 3; no `sources` for text-to-image), D teacher width, h×h latent
+positions and M = 2 × latent channels (cached VAE moments: mean, then log-variance).
 """
 
 from __future__ import annotations
@@ -24,9 +25,16 @@ class Field:
 
 
 FIELDS = (
-    Field("target", ("B", "S", "S", 3), np.float32, "the image to generate, in [-1, 1]"),
+    Field("target", ("B", "S", "S", 3), np.float32, "the image to generate, in [-1, 1]",
+          required=False),
     Field("sources", ("B", "K", "S", "S", 3), np.float32,
           "clean condition images (edit, perception, compose)", required=False),
+    Field("target_moments", ("B", "h", "h", "M"), np.float32,
+          "the target's VAE posterior mean and log-variance (data.cached_latents: replaces "
+          "`target`)", required=False),
+    Field("source_moments", ("B", "K", "h", "h", "M"), np.float32,
+          "each source's VAE posterior moments (data.cached_latents: replaces `sources`)",
+          required=False),
     Field("caption_ids", ("B", "L"), np.int32, "T5 ids of the target's caption"),
     Field("instruction_ids", ("B", "L"), np.int32,
           "T5 ids of the prompt / instruction (text-to-image: the caption)"),
@@ -44,6 +52,8 @@ FIELDS = (
 )
 BY_NAME = {f.name: f for f in FIELDS}
 TEACHER_KEYS = ("teacher_image", "teacher_text")
+PIXEL_KEYS = ("target", "sources")
+MOMENT_KEYS = ("target_moments", "source_moments")
 
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -52,16 +62,21 @@ def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def shapes(*, batch_size: int, resolution: int, max_length: int, num_sources: int = 0,
-           teacher_dim: int | None = None, model_only: bool = True
+           teacher_dim: int | None = None, model_only: bool = True,
+           latent: tuple[int, int] | None = None
            ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{field: (shape, dtype)} of one batch of this kind (no `sources` when num_sources is
-    0, no teacher rows when teacher_dim is None)."""
+    0, no teacher rows when teacher_dim is None; cached moments in place of pixels when
+    `latent` gives their (h, M))."""
+    h, m = latent or (None, None)
     sizes = {"B": batch_size, "S": resolution, "L": max_length, "K": num_sources,
-             "D": teacher_dim}
+             "D": teacher_dim, "h": h, "M": m}
     out = {}
     for f in FIELDS:
-        if (not f.model_input and model_only) or (f.name == "sources" and not num_sources) \
-                or (f.name in TEACHER_KEYS and teacher_dim is None):
+        if (not f.model_input and model_only) \
+                or (f.name in ("sources", "source_moments") and not num_sources) \
+                or (f.name in TEACHER_KEYS and teacher_dim is None) \
+                or f.name in (PIXEL_KEYS if latent else MOMENT_KEYS):
             continue
         out[f.name] = (tuple(sizes[d] if isinstance(d, str) else d for d in f.dims),
                        np.dtype(f.dtype))

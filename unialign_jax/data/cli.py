@@ -1,11 +1,12 @@
 """`unialign-data`: build training shards from JSONL corpora, precompute their alignment-teacher
-features, or write a synthetic corpus."""
+features or their VAE posterior moments (cached latents), or write a synthetic corpus."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 
 from unialign_jax.data.faults import DEFAULT_MAX_SKIP_FRACTION, TooManySkipped
@@ -86,6 +87,11 @@ def _add_build(sub) -> None:
     p.add_argument("--background", type=int, nargs=3, default=list(DecodeOptions().background),
                    metavar=("R", "G", "B"),
                    help="colour transparent pixels are composited onto (default white)")
+    p.add_argument("--buckets", action="store_true",
+                   help="aspect-ratio buckets: keep each target's aspect, resized and "
+                        "centre-cropped to the nearest bucket of about --resolution² pixels "
+                        "(sides multiples of 16; its sources to the same size), for training "
+                        "with data.buckets=True. Default: the release's square centre crop")
     p.add_argument("--force", action="store_true",
                    help="overwrite OUT and discard an unfinished build (without it, rerunning "
                         "a finished build changes nothing and exits 0)")
@@ -107,9 +113,10 @@ def _build(args) -> dict:
         max_skip_fraction=args.max_skip_fraction,
         decode=DecodeOptions(exif_orientation=args.exif_orientation == "apply",
                              background=tuple(args.background), max_pixels=args.max_pixels),
-        min_side=args.min_side, max_aspect=args.max_aspect)
+        min_side=args.min_side, max_aspect=args.max_aspect, buckets=args.buckets)
     summary = build(args.jsonl, args.out, opts, force=args.force)
-    return {k: summary[k] for k in ("kind", "records", "skipped", "lines", "resolution")}
+    return {k: summary[k] for k in ("kind", "records", "skipped", "lines", "resolution",
+                                    "bucket_counts") if k in summary}
 
 
 def _add_synth(sub) -> None:
@@ -182,6 +189,50 @@ def _teacher(args) -> dict:
     return {d: precompute(d, teacher, args.batch_size, args.force) for d in args.shards}
 
 
+LATENTS_HELP = """\
+For every record of built shard folders: the VAE posterior moments (mean and log-variance)
+of its target and source images, written to SHARDS/latents/ with latents.json naming the
+VAE (folder, SHA-256 of its files, dtypes) and the resolution. A run with
+data.cached_latents=True reads them instead of encoding the images in every step — the same
+steps (it still draws the posterior samples, with the same keys), without the VAE encoder —
+and refuses a cache made by another VAE, dtype or shard build. --dtype and --param-dtype
+must be the run's compute.dtype and compute.frozen_param_dtype. Interrupted runs resume.
+"""
+
+
+def _add_latents(sub) -> None:
+    p = sub.add_parser(
+        "latents", help="precompute VAE posterior moments (cached latents) into shard folders",
+        description=LATENTS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("shards", nargs="+", metavar="SHARDS",
+                   help="shard folders built by `unialign-data build`")
+    p.add_argument("--vae", required=True, metavar="DIR",
+                   help="converted VAE folder: the run's models.vae_path (or its pipeline's vae/)")
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
+                   help="compute dtype: the run's compute.dtype (default %(default)s)")
+    p.add_argument("--param-dtype", default="bfloat16", choices=("float32", "bfloat16"),
+                   help="VAE weights' dtype: the run's compute.frozen_param_dtype "
+                        "(default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per encoder call (16)")
+    p.add_argument("--force", action="store_true", help="recompute existing latents")
+    p.set_defaults(func=_latents)
+
+
+def _latents(args) -> dict:
+    import jax.numpy as jnp
+
+    from unialign_jax.checkpoints.registry import load_vae
+    from unialign_jax.data import latents
+
+    identity = latents.vae_identity(args.vae, args.dtype, args.param_dtype)
+    vae = load_vae(args.vae, jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.param_dtype))
+    moments = latents.vae_moments(vae, args.batch_size)
+    return {d: latents.precompute(d, moments, identity, latents.storage_dtype(args.dtype),
+                                  args.batch_size, vae_path=os.path.abspath(args.vae),
+                                  force=args.force)
+            for d in args.shards}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unialign-data", description="Data preparation for UniAlignment training.")
@@ -189,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build(sub)
     _add_synth(sub)
     _add_teacher(sub)
+    _add_latents(sub)
     return parser
 
 

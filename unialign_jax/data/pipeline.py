@@ -9,6 +9,11 @@ to float32 [-1, 1] channels-last images and its texts tokenised like the release
 editing, composition) alternate in a fixed cycle of `task_weights` batches each (the
 release: one step text-to-image, one step editing).
 
+Bucketed builds (`unialign-data build --buckets`, `buckets=True`): a task's stream is one
+stream per aspect-ratio bucket, each shuffled with its own seed and host-sharded as above,
+mixed in a fixed interleaving weighted by the buckets' record counts; every batch is then
+one bucket's size (S × S becomes that bucket's height × width), the same on every host.
+
 A record that cannot be read or decoded stops the pipeline with a `CorruptRecord` error
 naming its shard and position; with `skip_corrupt` it is replaced by the next readable
 record of the stream, and the batch's `skipped` field marks the rows replaced.
@@ -27,6 +32,8 @@ A batch (B = per-host batch, L = max_length, S = resolution, D = teacher width):
     task             (B,)   int32    TASK_IDS of the stream; equal within a batch
     index            (B,)   int64    record index in the task's shard folders
     teacher_image, teacher_text  (B, D) float32 — only when the folders have teacher features
+    target_moments, source_moments   cached VAE moments in place of target and sources (the
+                                     images are then not decoded) — only with `latents`
     skipped          (B,)   int32    1 where a corrupt record was replaced — only with
                                      skip_corrupt
 """
@@ -46,8 +53,10 @@ import numpy as np
 from unialign_jax.data import stored_images
 from unialign_jax.images import to_model_range
 from unialign_jax.data.jsonl import KINDS
+from unialign_jax.data.batch import MOMENT_KEYS
 from unialign_jax.data.records import decode_record
-from unialign_jax.data.source import CorruptRecord, ShardSource, read_summary
+from unialign_jax.data.records import read_summary
+from unialign_jax.data.source import CorruptRecord, ShardSource
 from unialign_jax.data.tfds_source import is_tfds, open_source
 from unialign_jax.text.tokenizer import MAX_LENGTH, load_tokenizer, tokenize
 
@@ -78,15 +87,22 @@ class PipelineConfig:
     skip_corrupt: bool = False        # replace unreadable records by the next readable one
     # Batches of each corpus per cycle of the mix, in the corpora's order (None: one each).
     task_weights: tuple[float, ...] | None = None
+    # Cached VAE moments to read in place of the pixels: the `data.latents.vae_identity`
+    # that made them (a cache made otherwise is refused); None: decode the images.
+    latents: dict | None = None
+    # Aspect-ratio buckets: the folders were built with `--buckets`, and every batch is
+    # formed from one bucket (data.buckets); False: square builds only.
+    buckets: bool = False
 
 
 class ToTrainingExample(grain.transforms.Map):
-    """One record index → one training example (read, decoded, tokenised)."""
+    """One position in the stream's records (all of the source's, or one bucket's: the
+    record indices `records`) → one training example (read, decoded, tokenised)."""
 
     def __init__(self, task: str, source: ShardSource, tokenizer: str, max_length: int,
-                 skip_corrupt: bool = False):
+                 skip_corrupt: bool = False, records: np.ndarray | None = None):
         self.task, self.tokenizer_path, self.max_length = task, tokenizer, max_length
-        self.source, self.skip_corrupt = source, skip_corrupt
+        self.source, self.skip_corrupt, self.records = source, skip_corrupt, records
         self.image_format, self.resolution = source.image_format, source.resolution
         self._tokenizer, self._reported = None, set()
 
@@ -94,10 +110,14 @@ class ToTrainingExample(grain.transforms.Map):
         return {**self.__dict__, "_tokenizer": None}  # each worker loads its own
 
     def map(self, index: int) -> dict:
-        """The example of record `index`; with `skip_corrupt`, of the first readable record
-        from `index` on (its `skipped` field is 1 when that is not `index` itself)."""
-        for skipped in range(len(self.source)):
-            position = (int(index) + skipped) % len(self.source)
+        """The example of the stream's record `index`; with `skip_corrupt`, of its first
+        readable record from `index` on (its `skipped` field is 1 when that is not `index`
+        itself) — of the same bucket, so that the batch keeps one shape."""
+        count = len(self.source) if self.records is None else len(self.records)
+        for skipped in range(count):
+            position = (int(index) + skipped) % count
+            if self.records is not None:
+                position = int(self.records[position])
             try:
                 example = self._example(self.source[position])
             except CorruptRecord as e:
@@ -121,22 +141,26 @@ class ToTrainingExample(grain.transforms.Map):
             return tokenize(self._tokenizer, texts, self.max_length)
 
     def _example(self, item: dict) -> dict:
+        cached = MOMENT_KEYS[0] in item  # cached moments replace the pixels
         try:
             fields, blobs = decode_record(item["record"])
-            pixels = [to_model_range(stored_images.decode_stored(b, self.image_format,
-                                                             self.resolution))
-                      for b in blobs]
+            size = fields.get("size", self.resolution)  # (width, height) when bucketed
+            pixels = [] if cached else [
+                to_model_range(stored_images.decode_stored(b, self.image_format, size))
+                for b in blobs]
             texts = [fields["caption"], fields["instruction"]]
         except (ValueError, OSError, KeyError) as e:
             raise CorruptRecord(f"{self.source.where(item['index'])} does not decode "
                                 f"({type(e).__name__}: {e})") from None
         caption_ids, instruction_ids = self._ids(texts)
-        example = {"target": pixels[-1], "caption_ids": caption_ids,
-                   "instruction_ids": instruction_ids,
+        example = {"caption_ids": caption_ids, "instruction_ids": instruction_ids,
                    "task": np.int32(TASK_IDS[self.task]), "index": np.int64(item["index"])}
+        if pixels:
+            example["target"] = pixels[-1]
         if len(pixels) > 1:
             example["sources"] = np.stack(pixels[:-1])
-        example.update({k: v for k, v in item.items() if k.startswith("teacher_")})
+        example.update({k: v for k, v in item.items()
+                        if k.startswith("teacher_") or k in MOMENT_KEYS})
         return example
 
 
@@ -163,20 +187,61 @@ def task_batches(task: str, folders: Sequence[str], cfg: PipelineConfig, seed: i
                  ) -> grain.MapDataset:
     """Shuffled, host-sharded, decoded and batched stream of one task's shard folders (or
     prepared TFDS datasets, `tfds:NAME?...` entries: `data.tfds_source`)."""
-    source = (open_source(list(folders), task, cfg.resolution)
-              or ShardSource(list(folders), skip_corrupt=cfg.skip_corrupt))
+    source = open_source(list(folders), task, cfg.resolution)
+    if source is not None and cfg.latents is not None:
+        raise ValueError(f"{list(folders)}: cached latents are read from shard folders only, "
+                         "not TFDS datasets; set data.cached_latents=False")
+    source = source or ShardSource(list(folders), skip_corrupt=cfg.skip_corrupt,
+                                   latents=cfg.latents)
     if source.kind != task:
         raise ValueError(f"{folders} hold {source.kind!r} records, not {task!r}")
     if cfg.resolution is not None and source.resolution != cfg.resolution:
         raise ValueError(f"{folders} were built at {source.resolution} px, not {cfg.resolution}")
+    bucketed = getattr(source, "bucket_table", None) is not None
+    if bucketed != cfg.buckets:
+        raise ValueError(
+            f"{list(folders)} were built {'with' if bucketed else 'without'} aspect-ratio "
+            f"buckets but data.buckets is {cfg.buckets}: set data.buckets={bucketed}, or "
+            f"rebuild them {'without' if bucketed else 'with'} `unialign-data build --buckets`")
+    if not bucketed:
+        return _record_batches(task, source, None, cfg, seed)
+    return bucket_batches(task, source, cfg, seed)
+
+
+def _record_batches(task: str, source, records: np.ndarray | None, cfg: PipelineConfig,
+                    seed: int) -> grain.MapDataset:
+    """Shuffled, repeated, decoded, batched and host-sharded stream of `records` (record
+    indices; None: all the source's)."""
     index, count = _host(cfg)
-    ds = grain.MapDataset.range(len(source))
+    ds = grain.MapDataset.range(len(source) if records is None else len(records))
     if cfg.shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(cfg.num_epochs).map(ToTrainingExample(
-        task, source, cfg.tokenizer, cfg.max_length, cfg.skip_corrupt))
+        task, source, cfg.tokenizer, cfg.max_length, cfg.skip_corrupt, records))
     # Lazy: a host decodes only the rows of its own batches.
     return ds.batch(cfg.batch_size, drop_remainder=True)[index::count]
+
+
+def bucket_batches(task: str, source: ShardSource, cfg: PipelineConfig, seed: int
+                   ) -> grain.MapDataset:
+    """A bucketed task's batches: one stream per bucket (each shuffled with its own seed,
+    derived from `seed`), mixed in a fixed interleaving weighted by the buckets' record
+    counts — so every batch holds one image size, on every host the same one, and the
+    order is a function of the seed (resumable as any MapDataset)."""
+    streams, weights = [], []
+    for bucket in range(len(source.bucket_table)):
+        records = np.flatnonzero(source.record_buckets == bucket)
+        if not len(records):
+            continue
+        stream = _record_batches(task, source, records, cfg,
+                                 int(np.random.SeedSequence([seed, bucket]).generate_state(1)[0]))
+        if len(stream):  # a finite read (eval) of a bucket smaller than one batch: none
+            streams.append(stream)
+            weights.append(len(records))
+    if not streams:
+        raise ValueError(f"no bucket of the {task} shards holds one batch of "
+                         f"{cfg.batch_size} records")
+    return streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
 
 
 def training_dataset(corpora: Mapping[str, Sequence[str]], cfg: PipelineConfig

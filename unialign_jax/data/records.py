@@ -16,6 +16,7 @@ import os
 import struct
 
 SUMMARY = "summary.json"  # written last by the builder
+BUCKETS = "buckets.npy"  # bucketed builds: each record's bucket index
 _LENGTH = struct.Struct("<I")
 
 

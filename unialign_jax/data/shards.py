@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import shutil
 
+import numpy as np
 from tqdm import tqdm
 
 from unialign_jax import images
@@ -30,8 +31,8 @@ from unialign_jax.data.faults import (DEFAULT_MAX_SKIP_FRACTION, FaultLogger, Sk
                                       check_skipped_fraction)
 from unialign_jax.data.fetch import FetchOptions, read_image_bytes
 from unialign_jax.data.jsonl import LineRules, Sample, expected_images, read_jsonl
-from unialign_jax.data.records import SUMMARY, encode_record
-from unialign_jax.files import read_json_or_none, remove_stale_partials, write_json
+from unialign_jax.data.records import BUCKETS, SUMMARY, encode_record
+from unialign_jax.files import read_json_or_none, remove_stale_partials, write_atomic, write_json
 from unialign_jax.images import DecodeOptions
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,10 @@ class BuildOptions:
     min_side: int | None = None
     max_aspect: float | None = None
     lines: LineRules = LineRules()   # what a JSONL line must hold (the release's rules)
+    # Aspect-ratio buckets: each sample keeps its target's aspect, resized and cropped to
+    # the nearest `images.bucket_size` of about resolution² pixels (its sources to the
+    # same size); False: the release's square centre crop.
+    buckets: bool = False
 
     def __post_init__(self):
         expected_images(self.kind, self.lines.compose_sources)  # validates kind
@@ -82,7 +87,8 @@ class BuildOptions:
                 "exif_orientation": self.decode.exif_orientation,
                 "background": list(self.decode.background),
                 "max_pixels": self.decode.max_pixels, "min_side": self.min_side,
-                "max_aspect": self.max_aspect, **self.lines.settings()}
+                "max_aspect": self.max_aspect, **self.lines.settings(),
+                **({"buckets": True} if self.buckets else {})}
 
 
 def staging_dir(out_dir: str) -> str:
@@ -90,19 +96,28 @@ def staging_dir(out_dir: str) -> str:
     return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial")
 
 
-def preprocess_sample(sample: Sample, opts: BuildOptions) -> bytes:
-    """One sample → one encoded record; raises `SkipSample` / `images.ImageError` if any of
-    its images fails: unreadable, undecodable, too small, too elongated or too large."""
-    stored = []
+def preprocess_sample(sample: Sample, opts: BuildOptions
+                      ) -> tuple[bytes, tuple[int, int] | None]:
+    """One sample → (its encoded record, its bucket's (width, height) or None unbucketed);
+    raises `SkipSample` / `images.ImageError` if any of its images fails: unreadable,
+    undecodable, too small, too elongated or too large."""
+    decoded = []
     for location in sample.images:
         img = images.decode_image(read_image_bytes(location, opts.fetch), location,
                                   opts.decode).image
         images.check_size(img.size, min_side=opts.min_side or 1,
                           max_aspect=opts.max_aspect or float("inf"), name=location)
-        img = images.resize_and_center_crop(img, opts.resolution)
-        stored.append(stored_images.encode(img, opts.image_format))
-    return encode_record({"caption": sample.caption, "instruction": sample.instruction,
-                          "where": sample.where}, stored)
+        decoded.append(img)
+    fields = {"caption": sample.caption, "instruction": sample.instruction,
+              "where": sample.where}
+    size = None
+    if opts.buckets:  # the target (last) decides; its sources take its size
+        size = fields["size"] = images.bucket_size(decoded[-1].size, opts.resolution)
+        decoded = [images.resize_and_center_crop_to(img, size) for img in decoded]
+    else:
+        decoded = [images.resize_and_center_crop(img, opts.resolution) for img in decoded]
+    return encode_record(fields, [stored_images.encode(img, opts.image_format)
+                                  for img in decoded]), size
 
 
 def _preprocess_or_fault(args):
@@ -117,7 +132,8 @@ def build_shard(folder: str, name: str, samples: list, opts: BuildOptions) -> di
     from array_record.python.array_record_module import ArrayRecordWriter
 
     path = os.path.join(folder, name + RECORD_SUFFIX)
-    skipped, records = SkipLog(), 0
+    skipped, records, buckets = SkipLog(), 0, []
+    table = images.bucket_table(opts.resolution)
     writer = ArrayRecordWriter(f"{path}.tmp", "group_size:1")
     try:
         try:
@@ -127,8 +143,11 @@ def build_shard(folder: str, name: str, samples: list, opts: BuildOptions) -> di
                     if isinstance(result, images.ImageError):
                         skipped.add(sample.where, result)
                     else:
-                        writer.write(result)
+                        record, size = result
+                        writer.write(record)
                         records += 1
+                        if size is not None:
+                            buckets.append(table.index(size))
         finally:
             writer.close()  # raises when the disk is full
     except BaseException:
@@ -137,7 +156,7 @@ def build_shard(folder: str, name: str, samples: list, opts: BuildOptions) -> di
         raise
     os.replace(f"{path}.tmp", path)
     stats = {"file": name + RECORD_SUFFIX, "records": records, "samples": len(samples),
-             "skipped": skipped.to_json()}
+             "skipped": skipped.to_json(), **({"buckets": buckets} if opts.buckets else {})}
     write_json(os.path.join(folder, name + STATS_SUFFIX), stats)
     return stats
 
@@ -230,18 +249,21 @@ def build(jsonl_paths: list[str], out_dir: str, opts: BuildOptions, force: bool 
     _open_staging(staging, plan)
     _run_shards(staging, jobs, opts, len(samples))
 
-    skipped, shards = parse_faults, []
+    skipped, shards, buckets = parse_faults, [], []
     for name, _ in jobs:
         with open(os.path.join(staging, name + STATS_SUFFIX)) as f:
             stats = json.load(f)
         skipped.merge(SkipLog.from_json(stats["skipped"]))
         shards.append({"file": stats["file"], "records": stats["records"]})
+        buckets += stats.get("buckets", [])
     records = sum(s["records"] for s in shards)
     summary = {"kind": opts.kind, **opts.settings(), "num_sources": opts.num_sources,
                "lines": lines, "records": records,
                "skipped": dict(sorted(skipped.counts.items())), "skipped_total": skipped.total,
                "skipped_examples": skipped.examples, "shards": shards,
                "inputs": [os.path.abspath(p) for p in jsonl_paths]}
+    if opts.buckets:
+        summary.update(_write_buckets(staging, buckets, opts.resolution))
     check_skipped_fraction(skipped, lines, opts.max_skip_fraction, out_dir)
     write_json(os.path.join(staging, SUMMARY), summary)
     remove_stale_partials(staging)  # files whose writer was killed mid-write
@@ -253,6 +275,17 @@ def build(jsonl_paths: list[str], out_dir: str, opts: BuildOptions, force: bool 
     os.replace(staging, out_dir)
     _remove(replaced)
     return summary
+
+
+def _write_buckets(folder: str, buckets: list[int], resolution: int) -> dict:
+    """Writes each record's bucket index (`BUCKETS`); returns the summary's bucket table
+    (all sizes of the resolution, as (width, height)) and records per size."""
+    table = images.bucket_table(resolution)
+    write_atomic(os.path.join(folder, BUCKETS),
+                 lambda f: np.save(f, np.asarray(buckets, np.uint8)))
+    counts = np.bincount(np.asarray(buckets, np.int64), minlength=len(table))
+    return {"bucket_table": [list(size) for size in table],
+            "bucket_counts": {f"{w}x{h}": int(n) for (w, h), n in zip(table, counts) if n}}
 
 
 def _remove(path: str) -> None:

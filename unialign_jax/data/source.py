@@ -19,13 +19,15 @@ import logging
 import os
 
 import grain
+import numpy as np
 
-from unialign_jax.data.records import read_summary, record_files
+from unialign_jax.data.latents import LatentCache
+from unialign_jax.data.records import BUCKETS, read_summary, record_files
 from unialign_jax.data.teacher import TeacherFeatures, is_precomputed
 
 log = logging.getLogger(__name__)
 
-_SHARED = ("kind", "resolution", "image_format", "num_sources")
+_SHARED = ("kind", "resolution", "image_format", "num_sources", "bucket_table")
 REBUILD = ("rebuild the folder with `unialign-data build --force`, or set "
            "data.skip_corrupt=True to skip and count its unreadable records")
 
@@ -50,23 +52,31 @@ def open_shard(path: str, records: int):
 
 
 class ShardSource:
-    """Records of one or more shard folders of the same kind (a grain data source)."""
+    """Records of one or more shard folders of the same kind (a grain data source); with
+    `latents` (a `data.latents.vae_identity`), each record's cached VAE moments too."""
 
-    def __init__(self, folders: list[str], *, skip_corrupt: bool = False):
+    def __init__(self, folders: list[str], *, skip_corrupt: bool = False,
+                 latents: dict | None = None):
         if not folders:
             raise ValueError("no shard folders given")
         summaries = [read_summary(f) for f in folders]
         for folder, summary in zip(folders[1:], summaries[1:]):
-            if any(summary[k] != summaries[0][k] for k in _SHARED):
+            if any(summary.get(k) != summaries[0].get(k) for k in _SHARED):
                 raise ValueError(f"{folder} differs from {folders[0]} in one of {_SHARED}")
-        self.kind, self.resolution, self.image_format, self.num_sources = (
-            summaries[0][k] for k in _SHARED)
+        self.kind, self.resolution, self.image_format, self.num_sources, table = (
+            summaries[0].get(k) for k in _SHARED)
+        # Bucketed builds: (width, height) sizes, and each record's index among them.
+        self.bucket_table = None if table is None else [tuple(size) for size in table]
+        self.record_buckets = None if table is None else np.concatenate(
+            [_record_buckets(f, s) for f, s in zip(folders, summaries)])
         with_teacher = [is_precomputed(f) for f in folders]
         if any(with_teacher) and not all(with_teacher):
             raise ValueError("teacher features exist for only some of "
                              f"{folders}: compute them for all or remove them")
         self.teachers = ([TeacherFeatures(f, s["shards"]) for f, s in zip(folders, summaries)]
                          if all(with_teacher) else None)
+        self.latents = (None if latents is None else
+                        [LatentCache(f, s, latents) for f, s in zip(folders, summaries)])
         self._offsets = [0]
         for s in summaries:
             self._offsets.append(self._offsets[-1] + s["records"])
@@ -105,7 +115,8 @@ class ShardSource:
                 f"(index {index})")
 
     def __getitem__(self, index: int) -> dict:
-        """{'index', 'record' (bytes), teacher rows}; `CorruptRecord` names what failed."""
+        """{'index', 'record' (bytes), teacher rows, cached moments}; `CorruptRecord` names
+        what failed."""
         shard = bisect.bisect_right(self._starts, index) - 1
         reader = self._readers[shard]
         if isinstance(reader, str):  # the shard could not be opened (skip_corrupt)
@@ -115,10 +126,25 @@ class ShardSource:
         except RuntimeError as e:
             raise CorruptRecord(f"{self.where(index)} is unreadable ({_first_line(e)}); "
                                 f"{REBUILD}") from None
-        if self.teachers is not None:
-            folder = bisect.bisect_right(self._offsets, index) - 1
-            item.update(self.teachers[folder].row(index - self._offsets[folder]))
+        folder = bisect.bisect_right(self._offsets, index) - 1
+        for rows in (self.teachers, self.latents):
+            if rows is not None:
+                item.update(rows[folder].row(index - self._offsets[folder]))
         return item
+
+
+def _record_buckets(folder: str, summary: dict) -> np.ndarray:
+    """The bucket index of each record of a bucketed build, checked whole."""
+    path = os.path.join(folder, BUCKETS)
+    try:
+        buckets = np.load(path)
+    except (OSError, ValueError) as e:
+        raise CorruptRecord(f"{path} is missing or unreadable ({e}); {REBUILD}") from None
+    if buckets.shape != (summary["records"],) or (
+            len(buckets) and buckets.max() >= len(summary["bucket_table"])):
+        raise CorruptRecord(f"{path} does not hold one bucket of the table per record "
+                            f"({summary['records']}); {REBUILD}")
+    return buckets
 
 
 def _first_line(error: BaseException) -> str:

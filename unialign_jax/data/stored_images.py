@@ -28,11 +28,13 @@ def encode(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def decode_stored(data: bytes, fmt: str, resolution: int) -> np.ndarray:
-    """Stored bytes back to a (resolution, resolution, 3) uint8 array."""
+def decode_stored(data: bytes, fmt: str, size: int | tuple[int, int]) -> np.ndarray:
+    """Stored bytes back to a (height, width, 3) uint8 array; `size` is the side of a
+    square image or the (width, height) of a bucketed one (its record's "size")."""
+    width, height = (size, size) if isinstance(size, int) else size
     if fmt == "raw":
-        return np.frombuffer(data, dtype=np.uint8).reshape(resolution, resolution, 3)
+        return np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)
     arr = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    if arr.shape != (resolution, resolution, 3):
-        raise ValueError(f"stored image has shape {arr.shape}, expected {resolution}² RGB")
+    if arr.shape != (height, width, 3):
+        raise ValueError(f"stored image has shape {arr.shape}, expected {width}x{height} RGB")
     return arr

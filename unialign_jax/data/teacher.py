@@ -195,8 +195,9 @@ def precompute(shard_dir: str, teacher: Teacher, batch_size: int = RELEASE_TEXT_
             targets, captions = [], []
             for i in batch:
                 fields, blobs = decode_record(records[i])
-                targets.append(stored_images.decode_stored(blobs[-1], summary["image_format"],
-                                                       summary["resolution"]))
+                targets.append(stored_images.decode_stored(
+                    blobs[-1], summary["image_format"],
+                    fields.get("size", summary["resolution"])))  # (width, height) if bucketed
                 captions.append(fields["caption"])
             writer.append(teacher.image_features(targets), teacher.text_features(captions))
             bar.update(len(batch))

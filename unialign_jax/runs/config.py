@@ -106,6 +106,15 @@ class DataConfig(JsonConfig):
     # {task: held-out shard folders} of the eval loss (run.eval_every), in the form of
     # `tasks`: read in record order, never shuffled (training/evaluation.py).
     eval_tasks: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # Read each image's VAE posterior moments from the folders' latents/ (made by
+    # `unialign-data latents SHARDS --vae models.vae_path`) instead of encoding the images
+    # in every step: the same steps, without the VAE encoder. Every folder of data.tasks and
+    # data.eval_tasks needs one, made by this run's VAE and dtypes (else an error).
+    cached_latents: bool = False
+    # Aspect-ratio buckets: train on folders built with `unialign-data build --buckets`,
+    # every batch from one bucket (images of about resolution² pixels at their own aspect);
+    # False: the release's square centre crops. Each bucket's shape compiles its own step.
+    buckets: bool = False
 
     ALIASES = {"t2i_shards": _task_alias("t2i"), "edit_shards": _task_alias("edit")}
 
@@ -347,6 +356,13 @@ class TrainConfig(JsonConfig):
             problems.append("set models.tokenizer (a local T5 tokenizer folder) or "
                             "models.pipeline")
         problems += self.lora.problems()
+        if self.data.cached_latents and self.data.buckets:
+            problems.append("data.cached_latents and data.buckets together are not supported "
+                            "yet (a cache holds one latent shape); set one of them to False")
+        if self.data.cached_latents and not (self.models.vae_path or self.models.pipeline):
+            problems.append("data.cached_latents needs the VAE the latents were computed "
+                            "with: set models.vae_path (a converted VAE folder) or "
+                            "models.pipeline")
         if problems:
             raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 

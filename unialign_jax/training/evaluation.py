@@ -46,6 +46,7 @@ from unialign_jax.diffusion import flow
 from unialign_jax.parallel import batch_ways, replicated
 from unialign_jax.training import objective
 from unialign_jax.runs.config import LossConfig, TrainConfig
+from unialign_jax.training.cached_latents import expected_latents
 from unialign_jax.training.metrics import MetricWriter
 from unialign_jax.runs.builder import SplitModel
 from unialign_jax.training.step import FrozenModels, TrainStep
@@ -163,7 +164,8 @@ def evaluator(cfg: TrainConfig, trainer: TrainStep, models: dict[str, SplitModel
     read = PipelineConfig(batch_size=size // hosts, tokenizer=cfg.models.tokenizer,
                           max_length=cfg.data.max_length, shuffle=False, num_epochs=1,
                           process_index=0, process_count=1, resolution=cfg.data.resolution,
-                          skip_corrupt=cfg.data.skip_corrupt)
+                          skip_corrupt=cfg.data.skip_corrupt, latents=expected_latents(cfg),
+                          buckets=cfg.data.buckets)
     batches = {}
     for task in TASKS:
         folders = cfg.data.eval_tasks.get(task)

@@ -105,6 +105,7 @@ class StepShape:
     resolution: int                 # pixels per side
     text_tokens: int                # caption / instruction length
     condition_images: int = 0       # 0: text-to-image, 1: edit, 3: compose
+    encodes_images: bool = True     # False: cached VAE moments (data.cached_latents)
 
 
 def sample_flops(transformer: MMDiTConfig, t5: T5Config, vae: VAEConfig,
@@ -118,7 +119,8 @@ def sample_flops(transformer: MMDiTConfig, t5: T5Config, vae: VAEConfig,
     parts = {"image_pass": 3 * image, "caption_pass": 3 * caption,        # fwd + 2× bwd
              "t5": 2 * t5_forward(t5, shape.text_tokens),                  # instruction, caption
              "vae": (1 + shape.condition_images) * vae_encode(vae, shape.resolution,
-                                                              shape.resolution)}
+                                                              shape.resolution)
+             * shape.encodes_images}
     parts["total"] = sum(parts.values())
     return parts
 

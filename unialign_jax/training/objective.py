@@ -9,7 +9,8 @@ with the teacher's features (spec section 4).
 
 `objective` is a deterministic function of the latents and of every random draw (`Draws`),
 so it can be replayed against the release's recorded values; `micro_batch_loss` — what the
-train step calls — encodes the images with the frozen VAE, draws from a key and calls it.
+train step calls — encodes the images with the frozen VAE (or takes their cached posterior
+moments), draws from a key and calls it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from unialign_jax.data.batch import TEACHER_KEYS
+from unialign_jax.data.batch import MOMENT_KEYS, TEACHER_KEYS
 from unialign_jax.diffusion import flow, masked
 from unialign_jax.diffusion import alignment_losses as losses
 from unialign_jax.runs.config import LossConfig
@@ -130,28 +131,47 @@ def objective(transformer: nnx.Module, encode_text: Callable[[jax.Array], jax.Ar
     return total, terms
 
 
+def image_moments(vae: nnx.Module, batch: dict) -> tuple[tuple, tuple | None]:
+    """(mean, log-variance) of the target's VAE posterior, and of each source's (None for
+    text-to-image): the batch's cached moments (`data.cached_latents`) or the frozen VAE's
+    encoder on its pixels — the whole micro-batch at once (micro-batches are already sized
+    for memory), each source slot on its own."""
+    target_moments, source_moments = MOMENT_KEYS
+    if target_moments in batch:
+        def split(moments):
+            return tuple(jnp.split(moments.astype(jnp.float32), 2, axis=-1))
+
+        target, sources = split(batch[target_moments]), batch.get(source_moments)
+    else:
+        whole = batch["target"].shape[0]
+
+        def split(pixels):
+            return vae.posterior(pixels, images_per_chunk=whole)
+
+        target, sources = split(batch["target"]), batch.get("sources")
+    if sources is None:
+        return target, None
+    return target, tuple(split(sources[:, k]) for k in range(sources.shape[1]))
+
+
 def encode_images(vae: nnx.Module, batch: dict, key: jax.Array
                   ) -> tuple[jax.Array, jax.Array, tuple]:
     """(image-pass latents, caption-pass latents, source latents), VAE posterior samples.
 
     As the release: a text-to-image sample's two passes each draw their own posterior
     sample of the target (one encoder pass, two draws); an edit or composition sample's
-    share one, and each of its sources is encoded with its own draw. The
-    whole micro-batch is encoded at once: micro-batches are already sized for memory.
+    share one, and each of its sources is drawn with its own key. The draws are the same
+    whether the moments were cached or encoded here (`image_moments`).
     """
-    target = batch["target"]
-    whole = target.shape[0]
-    mean, logvar = vae.posterior(target, images_per_chunk=whole)
+    (mean, logvar), sources = image_moments(vae, batch)
     latents = vae.sample_latents(mean, logvar, jax.random.fold_in(key, 0))
-    sources = batch.get("sources")
     if sources is None:
         caption_latents = vae.sample_latents(mean, logvar, jax.random.fold_in(key, 1))
         conditions = ()
     else:
         caption_latents = latents
-        conditions = tuple(vae.encode(sources[:, k], jax.random.fold_in(key, 2 + k),
-                                      images_per_chunk=whole)
-                           for k in range(sources.shape[1]))
+        conditions = tuple(vae.sample_latents(m, lv, jax.random.fold_in(key, 2 + k))
+                           for k, (m, lv) in enumerate(sources))
     stop = jax.lax.stop_gradient
     return stop(latents), stop(caption_latents), tuple(stop(c) for c in conditions)
 

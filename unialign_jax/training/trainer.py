@@ -28,6 +28,8 @@ from unialign_jax.runs.builder import build_models, frozen_configs, transformer_
 from unialign_jax.runs.resolve import resolve
 from unialign_jax.runs.work_dir import write_run_config
 from unialign_jax.text.tokenizer import NULL_PROMPT, load_tokenizer, mask_token_id, tokenize
+from unialign_jax.training.buckets import check_bucket_sizes
+from unialign_jax.training.cached_latents import expected_latents, note_unused_caches
 from unialign_jax.training.checkpointing import Checkpointer, PreemptionSignal
 from unialign_jax.training.metrics import MetricWriter, NonFiniteGuard, NonFiniteLoss
 from unialign_jax.training import evaluation, flops
@@ -85,6 +87,7 @@ def train(cfg: TrainConfig, workdir: str, *, echo=None,
     maybe_initialize_distributed(cfg.mesh.distributed, cfg.mesh.heartbeat_timeout_s)
     cfg = resolve(cfg)
     cfg.validate()
+    check_bucket_sizes(cfg)
     if bool(cfg.run.validation_prompts) != (validation is not None):
         raise ValueError("run.validation_prompts and the validation sampler go together: "
                          "pass validation=unialign_jax.apps.validation.validation_of(cfg, "
@@ -114,7 +117,9 @@ def train(cfg: TrainConfig, workdir: str, *, echo=None,
         batch_size=cfg.run.batch_size // jax.process_count(), tokenizer=cfg.models.tokenizer,
         max_length=cfg.data.max_length, seed=cfg.data.seed, num_workers=cfg.data.workers,
         resolution=cfg.data.resolution, skip_corrupt=cfg.data.skip_corrupt,
-        task_weights=task_weights(cfg)))
+        task_weights=task_weights(cfg), latents=expected_latents(cfg),
+        buckets=cfg.data.buckets))
+    note_unused_caches(cfg)
     if cfg.loss.align_weight and not all(is_precomputed(folder)
                                          for folders in corpora(cfg).values()
                                          for folder in folders):
@@ -237,7 +242,8 @@ class Throughput:
         t5, vae = frozen_configs(cfg.models)
         transformer = transformer_config(cfg.models, vocab_size)
         per_task = [flops.sample_flops(transformer, t5, vae, flops.StepShape(
-            cfg.data.resolution, cfg.data.max_length, condition_images(task, folders)))["total"]
+            cfg.data.resolution, cfg.data.max_length, condition_images(task, folders),
+            encodes_images=not cfg.data.cached_latents))["total"]
             for task, folders in corpora(cfg).items()]
         mean = float(np.average(per_task, weights=task_weights(cfg))) if per_task else 0.0
         return cls(mean, jax.device_count(),
