@@ -340,9 +340,7 @@ def test_bench_train_times_both_latent_modes(tmp_path):
     import subprocess
     import sys
 
-    from unialign_jax.models.mmdit_config import MMDiTConfig
-    from unialign_jax.models.t5 import T5Config
-    from unialign_jax.models.vae import VAEConfig
+    from test_train_flops import tiny_preset_flops
     from unialign_jax.training import flops
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -356,13 +354,8 @@ def test_bench_train_times_both_latent_modes(tmp_path):
     rows = {r["latents"]: r for r in json.loads(out.read_text())["results"]}
     assert set(rows) == {"encode", "cached"}
     for mode, row in rows.items():
-        want = flops.sample_flops(
-            MMDiTConfig(num_layers=2, num_heads=2, head_dim=32, joint_attention_dim=64,
-                        vocab_size=512),
-            T5Config(num_layers=2, d_model=64, num_heads=2, head_dim=64, d_ff=128,
-                     vocab_size=512),
-            VAEConfig(block_out_channels=(16, 32, 32, 32), norm_num_groups=16),
-            flops.StepShape(32, 16, 1, encodes_images=mode == "encode"))["total"]
+        want = tiny_preset_flops(flops.StepShape(32, 16, 1,
+                                                 encodes_images=mode == "encode"))
         np.testing.assert_allclose(row["model_tflop_per_sample"], want / 1e12, rtol=1e-12)
         if row["warnings"]:
             assert row["encode_over_cached"] is None

@@ -101,6 +101,15 @@ def test_peaks_and_mfu(kind, peak):
         np.testing.assert_allclose(got, 10.0 * 20e12 / (2 * peak * 1e12))
 
 
+def tiny_preset_flops(shape) -> float:
+    """Model FLOPs per sample of scripts/bench_train.py's `tiny` preset, from its sizes."""
+    return flops.sample_flops(
+        MMDiTConfig(num_layers=2, num_heads=2, head_dim=32, joint_attention_dim=64,
+                    vocab_size=512),
+        T5Config(num_layers=2, d_model=64, num_heads=2, head_dim=64, d_ff=128, vocab_size=512),
+        VAEConfig(block_out_channels=(16, 32, 32, 32), norm_num_groups=16), shape)["total"]
+
+
 def test_bench_train_runs_in_its_ci_sized_form(tmp_path):
     """scripts/bench_train.py, tiny preset at 32 px, with the PyTorch reference: a result row
     with the FLOP count of this module (no timing is checked)."""
@@ -120,13 +129,7 @@ def test_bench_train_runs_in_its_ci_sized_form(tmp_path):
     rows = {r["task"]: r for r in json.loads(out.read_text())["results"]}
     assert set(rows) == {"t2i"}
     for task, row in rows.items():
-        want = flops.sample_flops(
-            MMDiTConfig(num_layers=2, num_heads=2, head_dim=32, joint_attention_dim=64,
-                        vocab_size=512),
-            T5Config(num_layers=2, d_model=64, num_heads=2, head_dim=64, d_ff=128,
-                     vocab_size=512),
-            VAEConfig(block_out_channels=(16, 32, 32, 32), norm_num_groups=16),
-            flops.StepShape(32, 16, int(task == "edit")))["total"]
+        want = tiny_preset_flops(flops.StepShape(32, 16, int(task == "edit")))
         np.testing.assert_allclose(row["model_tflop_per_sample"], want / 1e12, rtol=1e-12)
         assert row["mfu"] is None                      # no peak for a CPU
         if row["warnings"]:                            # a busy machine: no ratio

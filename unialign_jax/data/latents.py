@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from unialign_jax.data.batch import MOMENT_KEYS
+from unialign_jax.data.records import RecordArrays, check_array
 from unialign_jax.files import read_json, write_json
 
 FOLDER = "latents"
@@ -167,7 +168,7 @@ class LatentWriter:
         os.replace(self.staging, self.final)
 
 
-class LatentCache:
+class LatentCache(RecordArrays):
     """Read side: the moments of record i as batch fields, memory-mapped lazily (cheap to
     pickle to data workers). Checked when opened — made by `identity`'s VAE, for this very
     shard build, arrays whole — so a stale or cut cache fails at the start of training,
@@ -199,24 +200,11 @@ class LatentCache:
             path = os.path.join(self.folder, f"{key}.npy")
             want = (meta["records"], *([meta["num_sources"]] if key == "sources" else []),
                     *self.shape)
-            try:
-                shape = np.load(path, mmap_mode="r").shape
-            except (OSError, ValueError) as e:
-                raise ValueError(f"cached latents {path} are missing or truncated ({e}); "
-                                 f"{redo}") from None
-            if shape != want:
-                raise ValueError(f"cached latents {path} have shape {shape}, expected {want}; "
-                                 f"{redo}")
-        self._arrays = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_arrays": None}
+            check_array(path, want, "cached latents", redo)
 
     def row(self, index: int) -> dict:
-        if self._arrays is None:
-            self._arrays = {k: np.load(os.path.join(self.folder, f"{k}.npy"), mmap_mode="r")
-                            for k in self.keys}
-        return {ARRAYS[k]: _from_words(self._arrays[k][index], self.storage) for k in self.keys}
+        return {ARRAYS[k]: _from_words(a, self.storage)
+                for k, a in self.arrays_at(index).items()}
 
 
 # (N, S, S, 3) pixels in [-1, 1] → (N, h, w, 2C) float32 moments (mean, log-variance).
@@ -256,8 +244,7 @@ def precompute(shard_dir: str, moments: Moments, identity: dict, storage: str,
     import grain
 
     from unialign_jax.data import stored_images
-    from unialign_jax.data.records import decode_record
-    from unialign_jax.data.records import read_summary, record_files
+    from unialign_jax.data.records import decode_record, read_summary, record_files
     from unialign_jax.images import to_model_range
 
     summary = read_summary(shard_dir)

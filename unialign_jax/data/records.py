@@ -15,6 +15,8 @@ import json
 import os
 import struct
 
+import numpy as np
+
 SUMMARY = "summary.json"  # written last by the builder
 BUCKETS = "buckets.npy"  # bucketed builds: each record's bucket index
 _LENGTH = struct.Struct("<I")
@@ -52,3 +54,34 @@ def read_summary(folder: str) -> dict:
 def record_files(folder: str, summary: dict) -> list[str]:
     """The folder's ArrayRecord files that hold records, in record order."""
     return [os.path.join(folder, shard["file"]) for shard in summary["shards"] if shard["records"]]
+
+
+def check_array(path: str, want: tuple, what: str, redo: str) -> None:
+    """Raises a clear error unless the .npy file at `path` (precomputed per-record arrays
+    beside the shards: teacher features, latent moments) is whole and of shape `want`."""
+    try:
+        shape = np.load(path, mmap_mode="r").shape
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} {path} are missing or truncated ({e}); {redo}") from None
+    if shape != tuple(want):
+        raise ValueError(f"{what} {path} have shape {shape}, expected {tuple(want)}; {redo}")
+
+
+class RecordArrays:
+    """Per-record .npy arrays beside a shard folder (`folder/KEY.npy` for KEY in `keys`),
+    memory-mapped on first use in each process: a pickled copy (a data worker) reopens
+    them instead of carrying them."""
+
+    folder: str
+    keys: tuple[str, ...]
+    _arrays: dict | None = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": None}
+
+    def arrays_at(self, index: int) -> dict:
+        """{key: row `index` of that array} (read-only views)."""
+        if self._arrays is None:
+            self._arrays = {k: np.load(os.path.join(self.folder, f"{k}.npy"), mmap_mode="r")
+                            for k in self.keys}
+        return {k: self._arrays[k][index] for k in self.keys}

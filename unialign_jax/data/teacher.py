@@ -23,6 +23,7 @@ from typing import Protocol, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from unialign_jax.data.records import RecordArrays, check_array
 from unialign_jax.files import write_json
 
 FOLDER = "teacher"
@@ -132,10 +133,12 @@ class TeacherWriter:
         os.replace(self.staging, self.final)
 
 
-class TeacherFeatures:
+class TeacherFeatures(RecordArrays):
     """Read side: row lookup, memory-mapped lazily so that pickling to workers is cheap.
     The matrices are checked when opened (present, whole, one row per record), so a lost
     or cut file fails at the start of training, named, not in a data worker mid-run."""
+
+    keys = KEYS
 
     def __init__(self, shard_dir: str, shards: list):
         self.folder = teacher_dir(shard_dir)
@@ -151,24 +154,10 @@ class TeacherFeatures:
         self.dim = int(meta["dim"])
         for key in KEYS:
             path = os.path.join(self.folder, f"{key}.npy")
-            try:
-                shape = np.load(path, mmap_mode="r").shape
-            except (OSError, ValueError) as e:
-                raise ValueError(f"teacher features {path} are missing or truncated ({e}); "
-                                 f"{redo}") from None
-            if shape != (meta["records"], self.dim):
-                raise ValueError(f"teacher features {path} have shape {shape}, expected "
-                                 f"({meta['records']}, {self.dim}); {redo}")
-        self._arrays = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_arrays": None}
+            check_array(path, (meta["records"], self.dim), "teacher features", redo)
 
     def row(self, index: int) -> dict:
-        if self._arrays is None:
-            self._arrays = {k: np.load(os.path.join(self.folder, f"{k}.npy"), mmap_mode="r")
-                            for k in KEYS}
-        return {f"teacher_{k}": self._arrays[k][index].astype(np.float32) for k in KEYS}
+        return {f"teacher_{k}": a.astype(np.float32) for k, a in self.arrays_at(index).items()}
 
 
 def is_precomputed(shard_dir: str) -> bool:
