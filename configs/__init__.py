@@ -7,6 +7,7 @@ any working directory (a path to a `.py` file works too).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 
 
@@ -18,11 +19,33 @@ def names() -> list[str]:
 
 def load(name_or_path: str):
     """The `TrainConfig` of a shipped config's name, or of a `.py` file."""
-    from unialign_jax.runs.config import config_of, load_config
-
     if name_or_path.endswith(".py"):
-        return load_config(name_or_path)
+        return load_file(name_or_path)
     if name_or_path not in names():
         raise FileNotFoundError(f"no config named {name_or_path!r}: give a .py file or one of "
                                 f"{names()}")
     return config_of(importlib.import_module(f"{__name__}.{name_or_path}"), name_or_path)
+
+
+def load_file(path: str):
+    """The `TrainConfig` of `get_config()` in the Python file `path`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    name = os.path.basename(path)[:-3]
+    spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return config_of(module, path)
+
+
+def config_of(module, where: str):
+    """The `TrainConfig` a config module's `get_config()` returns, checked."""
+    from unialign_jax.runs.config import TrainConfig
+
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{where} defines no get_config()")
+    config = module.get_config()
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"{where}: get_config() returned {type(config).__name__}, not "
+                         "TrainConfig")
+    return config

@@ -1,6 +1,7 @@
-"""What a run is: typed, nested, frozen sections; `configs/NAME.py` files; dotted
-`key=value` overrides. Pure data: nothing here reads the folders a config names
-(`runs.resolve` does), so every floor above can hold a `TrainConfig`.
+"""What a run is: typed, nested, frozen sections and dotted `key=value` overrides. Pure
+data: nothing here reads a file — config files load through `unialign_configs.load`, the
+folders a config names are read by `runs.resolve` — so every floor above can hold a
+`TrainConfig`.
 
 A config file defines `get_config()` returning a `TrainConfig` (big_vision style: plain
 Python). The run config is made of the models' own configs (`MMDiTConfig`, `T5Config`,
@@ -14,8 +15,6 @@ default.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
 from typing import Literal
 
 import jax.numpy as jnp
@@ -380,25 +379,3 @@ class TrainConfig(JsonConfig):
                     "the steps between evals"]
         return []
 
-
-def load_config(path: str) -> TrainConfig:
-    """`get_config()` of the Python file `path` (shipped configs load by name through
-    `unialign_configs.load`)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    name = os.path.basename(path)[:-3]
-    spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return config_of(module, path)
-
-
-def config_of(module, where: str) -> TrainConfig:
-    """The `TrainConfig` a config module's `get_config()` returns, checked."""
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"{where} defines no get_config()")
-    config = module.get_config()
-    if not isinstance(config, TrainConfig):
-        raise ValueError(f"{where}: get_config() returned {type(config).__name__}, not "
-                         "TrainConfig")
-    return config
