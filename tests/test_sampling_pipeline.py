@@ -194,3 +194,28 @@ def test_two_devices_shard_the_batch_and_give_the_same_images(pipe, tmp_path):
     two = np.load(tmp_path / "two.npy").astype(np.int16)
     one = pipe.generate(["a cat", "a dog", "a cube"], height=RES, width=RES, num_steps=2)
     assert np.abs(two - np.stack([as_array(i) for i in one])).max() <= 1
+
+
+def test_source_images_are_encoded_a_chunk_at_a_time_each_with_its_own_key(pipe, monkeypatch):
+    """Edit and compose sources go through the VAE encoder one chunk of
+    `vae.PIXELS_PER_CHUNK` pixels at a time (a batch of 1024 px sources must fit where one
+    does): the encoder's temporaries of a batch of 4 stay under twice those of one image (a
+    whole-batch encode needs 4×), and each item's latents are those it gets alone."""
+    from unialign_jax.models import vae as vae_lib
+    from unialign_jax.sampling.unialign_pipeline import _encode_each
+
+    monkeypatch.setattr(vae_lib, "PIXELS_PER_CHUNK", RES * RES)  # one image a chunk
+    vae_def, vae_state = nnx.split(pipe.components.vae)
+    encode = jax.jit(_encode_each.__wrapped__, static_argnums=0)
+    pixels = np.random.default_rng(0).uniform(-1, 1, (4, RES, RES, 3)).astype(np.float32)
+    keys = jax.random.split(jax.random.key(5), 4)
+
+    def temporaries(batch):
+        compiled = encode.lower(vae_def, vae_state, pixels[:batch], keys[:batch]).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temporaries(4) < 2 * temporaries(1)
+    together = np.asarray(encode(vae_def, vae_state, pixels, keys))
+    for i in range(4):
+        alone = np.asarray(encode(vae_def, vae_state, pixels[i:i + 1], keys[i:i + 1]))
+        np.testing.assert_allclose(together[i:i + 1], alone, rtol=0, atol=1e-6)

@@ -519,8 +519,13 @@ class UniAlignPipeline:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _encode_each(vae_def, vae_state, pixels, keys):
+    """One posterior sample per item, each from its own key; the encoder itself runs a few
+    images at a time (`AutoencoderKL.posterior`), so a batch of 1024 px sources fits in the
+    memory one image needs."""
     vae = nnx.merge(vae_def, vae_state)
-    return jax.vmap(lambda x, k: vae.encode(x[None], k)[0])(pixels, keys)
+    mean, logvar = vae.posterior(pixels)
+    return jax.vmap(lambda m, lv, k: vae.sample_latents(m[None], lv[None], k)[0])(
+        mean, logvar, keys)
 
 
 def load_pipeline(path: str, runtime: Runtime = Runtime(), **kwargs) -> UniAlignPipeline:
