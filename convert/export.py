@@ -127,18 +127,9 @@ def read_run(workdir: str, step: int | None, weights: str | None) -> tuple[MMDiT
     run_config = work_dir.read_run_config(workdir)
     vocab = len(work_dir.run_tokenizer(workdir, run_config))
     config = work_dir.model_config(workdir, "transformer", vocab, run_config)
-    dtype = run_config.compute.param_dtype
-    if run_config.lora.rank:  # its base with the factors merged in
-        module = work_dir.transformer_module(workdir, chosen["step"], chosen["weights"],
-                                                  config, config=run_config)
-        return config, jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(module))), chosen
-    module_class = registry.KINDS["transformer"].module_class
-    abstract = nnx.eval_shape(lambda: module_class(config, rngs=nnx.Rngs(0), param_dtype=dtype))
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
-    tree = work_dir.trained_params(workdir, chosen["step"], chosen["weights"], params)
-    buffers = work_dir.fixed_buffers(config, dtype)
-    tree.update(jax.tree.map(np.asarray, nnx.to_pure_dict(buffers)))
+    module = work_dir.transformer_module(workdir, chosen["step"], chosen["weights"], config,
+                                         config=run_config)
+    tree = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(module)))
     return config, tree, chosen
 
 

@@ -15,9 +15,10 @@ from flax import nnx, traverse_util
 from unialign_jax import configlib
 from unialign_jax.models import lora
 from unialign_jax.models.mmdit import MMDiT, MMDiTConfig
-from unialign_jax.parallel import make_mesh, placement
+from unialign_jax.models.runtime import Runtime
+from unialign_jax.parallel import make_mesh, placed_on
 from unialign_jax.runs.config import LoraConfig, TrainConfig
-from unialign_jax.runs.builder import add_lora
+from unialign_jax.runs.builder import add_lora, run_model
 from unialign_jax.runs.resolve import resolve
 
 RTOL = 1e-5  # float32: merged vs unmerged, wrapped layer vs numpy
@@ -173,11 +174,9 @@ def test_trainer_trains_only_factors_and_chosen_tensors_over_a_frozen_base():
     lora.base_dtype=bfloat16), placed and abstract alike."""
     cfg = LoraConfig(rank=4, alpha=8.0, train_also=("text_proj_out.*",))
     mesh = make_mesh()
-    def build():
-        return MMDiT(CONFIG, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
-
+    made_in = placed_on(mesh, Runtime(param_dtype=jnp.bfloat16))
     for abstract in (True, False):
-        module = (placement.abstract_build if abstract else placement.sharded_init)(build, mesh)
+        module = run_model("transformer", CONFIG, made_in, seed=0, abstract=abstract)
         base = flat_state(module) if not abstract else None
         trained_filter = add_lora(module, cfg, jnp.float32, mesh, seed=0, abstract=abstract)
         _, trained, frozen = nnx.split(module, trained_filter, ...)

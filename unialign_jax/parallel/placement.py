@@ -1,5 +1,5 @@
-"""Putting models and batches on a mesh: sharded initialisation, abstract builds, moving a
-built module, and host arrays → global batch arrays.
+"""Putting models and batches on a mesh: moving a built module, and host arrays → global
+batch arrays (a run's models are made in place by `runs.builder.run_model`).
 
 Every placement comes from the logical-axis rules (`rules.py`), so training, sampling and
 the memory planner place the same model the same way.
@@ -7,32 +7,12 @@ the memory planner place the same model the same way.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from unialign_jax.parallel import rules
-
-
-def sharded_init(build: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
-    """`build()` with its random initialisation computed in place: each device creates only
-    its own shards (a 2B model is never materialised whole on one device)."""
-    abstract = nnx.eval_shape(build)
-    shardings = rules.state_shardings(nnx.state(abstract), mesh)
-    state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
-    return nnx.merge(nnx.graphdef(abstract), state)
-
-
-def abstract_build(build: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
-    """`build()` as ShapeDtypeStructs carrying their shardings: nothing is allocated."""
-    abstract = nnx.eval_shape(build)
-    state = nnx.state(abstract)
-    placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          state, rules.state_shardings(state, mesh))
-    return nnx.merge(nnx.graphdef(abstract), placed)
 
 
 def place_module(module: nnx.Module, mesh: Mesh) -> None:

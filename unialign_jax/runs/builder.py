@@ -1,8 +1,11 @@
-"""The three models of a training run — trained transformer, frozen T5 and VAE — built
-directly in their sharded placement (random init inside `jit` with out-shardings, or read
-from converted folders straight into place), or only abstractly for planning.
+"""The models of a run — trained transformer, frozen T5 and VAE — built in one place for
+everyone who needs them: the trainer (`build_models`), the memory planner (abstractly), and
+the readers of a finished run (`runs.work_dir`: sampling from a run, `from-run`, exports).
 
-A LoRA run (`lora.rank > 0`) builds the transformer as its frozen base, in
+`run_model` is the one way a run's model comes to be: read from the converted folder the
+run names, straight into its sharded placement, or drawn at random inside `jit` from the
+run's seed table, each device creating only its own shards — the same draw, bit for bit,
+whoever asks. A LoRA run (`lora.rank > 0`) builds the transformer as its frozen base, in
 `lora.base_dtype`, and wraps the targeted layers with factors initialised in place
 (`models.lora`); its trained parameters are then only the factors and the `train_also`
 tensors (in `compute.param_dtype`), and the base joins the frozen state.
@@ -12,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +23,9 @@ from jax.sharding import Mesh
 
 from unialign_jax.checkpoints import registry
 from unialign_jax.models import lora as lora_layers
-from unialign_jax.models.mmdit import MMDiT, MMDiTConfig
-from unialign_jax.models.t5 import T5Encoder
-from unialign_jax.models.vae import AutoencoderKL
-from unialign_jax.parallel import placement, rules
+from unialign_jax.models.mmdit import MMDiTConfig
+from unialign_jax.models.runtime import Runtime
+from unialign_jax.parallel import rules
 from unialign_jax.runs.config import ComputeConfig, LoraConfig, ModelsConfig
 
 TRAINED = "transformer"
@@ -150,26 +151,63 @@ def build_models(models: ModelsConfig, compute: ComputeConfig, mesh: Mesh,
                          f"{vocab_size}")
 
     runtime = compute.runtime(mesh)
-    specs = {  # name: (class, config, folder)
-        "transformer": (MMDiT, tcfg, models.transformer_path),
-        "t5": (T5Encoder, t5_cfg, models.t5_path),
-        "vae": (AutoencoderKL, vae_cfg, models.vae_path),
-    }
     out = {}
-    for name, (cls, config, path) in specs.items():
-        stored = stored_dtype(compute, lora, name)
-        stored_as = dataclasses.replace(runtime, param_dtype=stored)
-        build: Callable[[], nnx.Module] = (  # fresh Rngs at each call: the same draws
-            lambda stored_as=stored_as, cls=cls, config=config, name=name:
-            stored_as.build(cls, config, nnx.Rngs(seed + SEED_OFFSETS[name])))
-        if abstract:
-            module = placement.abstract_build(build, mesh)
-        elif path:
-            module = registry.restore_module(path, build, stored, stored_as.shardings)
-        else:
-            module = placement.sharded_init(build, mesh)
+    for name, config, folder in (("transformer", tcfg, models.transformer_path),
+                                 ("t5", t5_cfg, models.t5_path),
+                                 ("vae", vae_cfg, models.vae_path)):
+        made_in = dataclasses.replace(runtime, param_dtype=stored_dtype(compute, lora, name))
+        module = run_model(name, config, made_in, seed=seed, folder=folder, abstract=abstract)
         trained = None if name != TRAINED else (
             add_lora(module, lora, jnp.dtype(compute.param_dtype), mesh, seed, abstract)
             if lora.rank else nnx.Param)
         out[name] = _split(module, trained)
     return out
+
+
+def run_model(kind: str, config, runtime: Runtime, *, seed: int = 0, folder: str | None = None,
+              abstract: bool = False) -> nnx.Module:
+    """The `kind` model ('transformer', 't5' or 'vae') a run starts from, made in
+    `runtime.param_dtype` (None: float32) and placed by `runtime.shardings` as it is made:
+    read from its converted `folder` when the run names one, else drawn from
+    `nnx.Rngs(seed + SEED_OFFSETS[kind])` (`seed`: the run's). `abstract`: only
+    ShapeDtypeStructs carrying their shardings — nothing is read, drawn or allocated."""
+    module_class = registry.KINDS[kind].module_class
+    seed = seed + SEED_OFFSETS[kind]
+    build = lambda: runtime.build(module_class, config, nnx.Rngs(seed))  # noqa: E731
+    if folder and not abstract:
+        return registry.restore_module(folder, build, runtime.param_dtype, runtime.shardings)
+    shape = nnx.eval_shape(build)
+    placement = runtime.shardings(shape) if runtime.shardings is not None else None
+    if abstract:
+        if placement is None:
+            return shape
+        state = nnx.state(shape)
+        return nnx.merge(nnx.graphdef(shape), jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, placement))
+    state = _initialiser(module_class, config, seed, jnp.dtype(runtime.param_dtype or "float32"),
+                         nnx.Variable, _hashable(placement))()
+    return nnx.merge(nnx.graphdef(shape), state)
+
+
+def fixed_buffers(model_config: MMDiTConfig, param_dtype,
+                  placement: nnx.State | None = None) -> nnx.State:
+    """The transformer's variables that are not trained parameters (the position table),
+    computed from its config; the parameters' initialisation is compiled away."""
+    return _initialiser(registry.KINDS[TRAINED].module_class, model_config, 0,
+                        jnp.dtype(param_dtype), nnx.Not(nnx.Param), _hashable(placement))()
+
+
+def _hashable(tree):
+    return None if tree is None else (jax.tree.structure(tree), tuple(jax.tree.leaves(tree)))
+
+
+@functools.lru_cache(maxsize=16)
+def _initialiser(module_class, model_config, seed: int, param_dtype, which, placement):
+    """The jitted initialisation of the `which` variables of a module (`nnx.Variable`: all;
+    `nnx.Not(nnx.Param)`: the fixed buffers) with out-shardings `placement`, cached so that
+    loading a run again reuses the compiled program. The compute dtype and the other runtime
+    options change no initial value, so they are left out."""
+    out = None if placement is None else jax.tree.unflatten(*placement)
+    return jax.jit(lambda: nnx.state(module_class(model_config, rngs=nnx.Rngs(seed),
+                                                  param_dtype=param_dtype), which),
+                   out_shardings=out)

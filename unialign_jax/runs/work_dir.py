@@ -4,30 +4,27 @@ A work dir holds `config.json` (the run's `TrainConfig.to_dict()`, paths resolve
 `checkpoints/STEP/state` (Orbax: step, params, opt_state, ema_params, rng). Only the trained
 transformer is checkpointed, and only its parameters (EMA or raw) are read here; steps are
 the intact ones (`training_steps.valid_steps`) and the arrays read are checked against the
-fingerprint saved with them. The frozen T5 and VAE come from the folders the run named
-(`models.t5_path`, `models.vae_path`), or — when the run initialised them at random (the
-quickstart, tests) — are redrawn exactly: the trainer draws them inside `jit` from
-`nnx.Rngs(run.seed + SEED_OFFSETS[kind])` (`runs/builder.py` `build_models`) in
-`compute.frozen_param_dtype`, and the same draw is repeated here (tests/test_from_run.py
-checks it against the trainer's own builder). Decision: the trainer
-does not store its frozen models — a random one is cheaper to redraw than to write at every
-run start, and real runs name converted folders. The tokenizer is the run's, padding with
-`</s>` as training does.
+fingerprint saved with them.
+
+Every model is made by the trainer's own `runs.builder.run_model`: the frozen T5 and VAE
+from the folders the run named (`models.t5_path`, `models.vae_path`), or — when the run
+initialised them at random (the quickstart, tests) — redrawn from the run's seed table in
+the dtype the run made them in (tests/test_from_run.py checks the result against the
+trainer's `build_models`). Decision: the trainer does not store its frozen models — a random
+one is cheaper to redraw than to write at every run start, and real runs name converted
+folders. The tokenizer is the run's, padding with `</s>` as training does.
 
 A LoRA run (`lora.rank > 0`) checkpoints only its factors (and `train_also` tensors); its
 transformer is the frozen base its config points to (`models.transformer_path`, or the
 random initialisation of `run.seed`), in the dtype it trained over (`lora.base_dtype`),
 with the trained tensors set and the factors merged in.
 
-The run config is read as the trainer wrote it, a `TrainConfig`; the random draws use the
-trainer's own seed table (`runs.builder.SEED_OFFSETS`) and model configs
-(`runs.builder.transformer_config`, `frozen_config`): the trainer's knowledge of a run,
-not a copy of it."""
+The run config is read as the trainer wrote it, a `TrainConfig`: the reader holds the
+trainer's knowledge of a run (seeds, model configs, dtypes, the builder), not a copy of it."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import jax
@@ -44,8 +41,9 @@ from unialign_jax.diffusion import flow
 from unialign_jax.models import lora
 from unialign_jax.models.runtime import Runtime
 from unialign_jax.runs.config import TrainConfig
-from unialign_jax.runs.builder import (SEED_OFFSETS, frozen_config, stored_dtype,
-                                       transformer_config, wrap_factors)
+from unialign_jax.runs.builder import (SEED_OFFSETS, fixed_buffers, frozen_config,
+                                       run_model, stored_dtype, transformer_config,
+                                       wrap_factors)
 from unialign_jax.text.tokenizer import NULL_PROMPT, load_tokenizer, mask_token_id
 
 RUN_CONFIG_FILE = "config.json"
@@ -156,49 +154,28 @@ def frozen_source(config: TrainConfig, kind: str) -> dict:
             "param_dtype": str(stored_dtype(config.compute, config.lora, kind))}
 
 
-def random_module(kind: str, model_config, seed: int, param_dtype,
-                  runtime: Runtime = Runtime()) -> nnx.Module:
-    """The `kind` module initialised in `param_dtype` from `nnx.Rngs(seed)` inside `jit`, as
-    the trainer initialises it (the same draws, bit for bit), run as `runtime` says and
-    placed by its shardings as computed."""
-    module_class, param_dtype = registry.KINDS[kind].module_class, jnp.dtype(param_dtype)
-    runtime = dataclasses.replace(runtime, param_dtype=param_dtype)
-    abstract = nnx.eval_shape(lambda: runtime.build(module_class, model_config, nnx.Rngs(seed)))
-    placement = runtime.shardings(abstract) if runtime.shardings is not None else None
-    state = _initialiser(module_class, model_config, seed, param_dtype, nnx.Variable,
-                         _hashable(placement))()
-    return nnx.merge(nnx.graphdef(abstract), state)
-
-
-def _hashable(tree):
-    return None if tree is None else (jax.tree.structure(tree), tuple(jax.tree.leaves(tree)))
-
-
-@functools.lru_cache(maxsize=16)
-def _initialiser(module_class, model_config, seed: int, param_dtype, which, placement):
-    """The jitted initialisation of the `which` variables of a module (`nnx.Variable`: all;
-    `nnx.Not(nnx.Param)`: the fixed buffers), cached so that loading a run again reuses the
-    compiled program. The compute dtype and runtime options change no initial value."""
-    out = None if placement is None else jax.tree.unflatten(*placement)
-    return jax.jit(lambda: nnx.state(module_class(model_config, rngs=nnx.Rngs(seed),
-                                                  param_dtype=param_dtype), which),
-                   out_shardings=out)
-
-
 def frozen_module(workdir: str, kind: str, model_config, runtime: Runtime = Runtime(), *,
                   config: TrainConfig | None = None) -> nnx.Module:
-    """The run's frozen T5 or VAE: its folder as stored, or its random initialisation
-    redrawn (then cast to the runtime's `param_dtype` when it sets one)."""
+    """The run's frozen T5 or VAE (`runs.builder.run_model`): its folder read as stored (or
+    as the runtime's `param_dtype`), or its random initialisation redrawn in the dtype the
+    run made it in, then cast to the runtime's `param_dtype` when it sets one."""
     config = config or read_run_config(workdir)
-    source = frozen_source(config, kind)
-    if "folder" in source:
-        return registry.load_model(kind, source["folder"], runtime)
-    module = random_module(kind, model_config, source["seed"], source["param_dtype"], runtime)
-    param_dtype = runtime.param_dtype
+    folder = _path(config, _FOLDERS[kind], workdir)
+    if folder:
+        stored = registry.read_config(folder, kind)[1]
+        return run_model(kind, model_config, runtime.storing(stored), folder=folder)
+    made_in = dataclasses.replace(runtime, param_dtype=stored_dtype(config.compute, config.lora,
+                                                                    kind))
+    return _cast(run_model(kind, model_config, made_in, seed=config.run.seed),
+                 runtime.param_dtype)
+
+
+def _cast(module: nnx.Module, param_dtype) -> nnx.Module:
+    """`module` with its floating-point variables cast to `param_dtype` (None: as they are)."""
     if param_dtype is not None:
-        state = nnx.state(module)
         nnx.update(module, jax.tree.map(lambda x: x.astype(param_dtype)
-                                        if jnp.issubdtype(x.dtype, jnp.floating) else x, state))
+                                        if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                        nnx.state(module)))
     return module
 
 
@@ -225,8 +202,7 @@ def lora_tree(workdir: str, step: int, weights: str, model_config,
     section, param_dtype = config.lora, jnp.dtype(config.compute.param_dtype)
     if not section.rank:
         raise io.CheckpointError(f"{workdir} is not a LoRA run (lora.rank is 0)")
-    module_class = registry.KINDS["transformer"].module_class
-    abstract = nnx.eval_shape(lambda: module_class(model_config, rngs=nnx.Rngs(0)))
+    abstract = run_model("transformer", model_config, Runtime(), abstract=True)
     wrap_factors(abstract, section, param_dtype)
     target = nnx.to_pure_dict(nnx.state(abstract, lora.trained_filter(section.train_also)))
     return trained_params(workdir, step, weights, io.abstract_like(target, param_dtype))
@@ -238,16 +214,10 @@ def _lora_transformer(workdir: str, step: int, weights: str, model_config, runti
     `param_dtype`, with the `train_also` tensors set and scale·A·B merged into the adapted
     kernels."""
     section, param_dtype = config.lora, runtime.param_dtype
-    base_dtype = stored_dtype(config.compute, section, "transformer")
-    folder = _path(config, "transformer_path", workdir)
-    if folder:
-        module = registry.load_model("transformer", folder,
-                                     dataclasses.replace(runtime, param_dtype=base_dtype))
-    else:
-        module = random_module("transformer", model_config,
-                               config.run.seed + SEED_OFFSETS["transformer"], base_dtype,
-                               runtime)
-    nnx.update(module, jax.tree.map(lambda x: x.astype(param_dtype), nnx.state(module)))
+    made_in = dataclasses.replace(
+        runtime, param_dtype=stored_dtype(config.compute, section, "transformer"))
+    module = _cast(run_model("transformer", model_config, made_in, seed=config.run.seed,
+                             folder=_path(config, "transformer_path", workdir)), param_dtype)
     tree = lora_tree(workdir, step, weights, model_config, config)
     full = lora.split_tree(tree)[1]
     if full:
@@ -271,25 +241,12 @@ def transformer_module(workdir: str, step: int, weights: str, model_config,
     runtime = runtime.storing(config.compute.param_dtype)
     if config.lora.rank:
         return _lora_transformer(workdir, step, weights, model_config, runtime, config)
-    module_class, param_dtype = registry.KINDS["transformer"].module_class, runtime.param_dtype
-    abstract = nnx.eval_shape(lambda: runtime.build(module_class, model_config, nnx.Rngs(0)))
-    graphdef, params, _ = nnx.split(abstract, nnx.Param, ...)
-    place = runtime.shardings(abstract) if runtime.shardings is not None else None
-    trained = trained_params(workdir, step, weights, io.abstract_like(
-        nnx.to_pure_dict(params), None,
-        nnx.to_pure_dict(nnx.filter_state(place, nnx.Param)) if place is not None else None))
+    shape = run_model("transformer", model_config, runtime, abstract=True)
+    graphdef, params, buffers = nnx.split(shape, nnx.Param, ...)
+    trained = trained_params(workdir, step, weights, nnx.to_pure_dict(params))
     nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, trained))
-    buffers = fixed_buffers(model_config, param_dtype, None if place is None
-                            else nnx.filter_state(place, nnx.Not(nnx.Param)))
-    return nnx.merge(graphdef, params, buffers)
-
-
-def fixed_buffers(model_config, param_dtype, placement: nnx.State | None = None) -> nnx.State:
-    """The transformer's variables that are not trained parameters (the position table),
-    computed from its config; the parameters' initialisation is compiled away."""
-    module_class = registry.KINDS["transformer"].module_class
-    return _initialiser(module_class, model_config, 0, jnp.dtype(param_dtype),
-                        nnx.Not(nnx.Param), _hashable(placement))()
+    placement = None if runtime.shardings is None else jax.tree.map(lambda x: x.sharding, buffers)
+    return nnx.merge(graphdef, params, fixed_buffers(model_config, runtime.param_dtype, placement))
 
 
 def scheduler_of(config: TrainConfig) -> dict:
