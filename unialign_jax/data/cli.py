@@ -12,7 +12,8 @@ import sys
 from unialign_jax.data.faults import DEFAULT_MAX_SKIP_FRACTION, TooManySkipped
 from unialign_jax.files import disk_full_message, is_disk_full
 from unialign_jax.data.fetch import DEFAULT_DEADLINE, DEFAULT_MAX_BYTES, MIB, FetchOptions
-from unialign_jax.data.jsonl import DEFAULT_COMPOSE_SOURCES, KINDS
+from unialign_jax.data.jsonl import DEFAULT_COMPOSE_SOURCES
+from unialign_jax.data.records import KINDS
 from unialign_jax.data.shards import RELEASE_MAX_PIXELS
 from unialign_jax.data.teacher import POOLINGS, RELEASE_TEXT_BATCH
 from unialign_jax.images import DecodeOptions

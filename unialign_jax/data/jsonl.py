@@ -25,8 +25,7 @@ import os
 from typing import Iterator
 
 from unialign_jax.data.faults import SkipSample
-
-KINDS = ("t2i", "edit", "compose")
+from unialign_jax.data.records import KINDS
 DEFAULT_COMPOSE_SOURCES = 3
 
 

@@ -52,7 +52,7 @@ import numpy as np
 
 from unialign_jax.data import stored_images
 from unialign_jax.images import to_model_range
-from unialign_jax.data.jsonl import KINDS
+from unialign_jax.data.records import KINDS
 from unialign_jax.data.batch import MOMENT_KEYS
 from unialign_jax.data.records import decode_record
 from unialign_jax.data.records import read_summary

@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from unialign_jax.data.jsonl import KINDS as TASKS
+from unialign_jax.data.records import KINDS as TASKS
 from unialign_jax.data.pipeline import TASK_IDS, PipelineConfig, task_batches
 from unialign_jax.diffusion import flow
 from unialign_jax.parallel import batch_ways, replicated
