@@ -9,9 +9,9 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from unialign_jax.data import synth
-from unialign_jax.data.pipeline import PipelineConfig, TASK_IDS, training_iterator
-from unialign_jax.data.shards import BuildOptions, build
+from unialign_jax.data.build import synth
+from unialign_jax.data.build.shards import BuildOptions, build
+from unialign_jax.data.read.grain_pipeline import PipelineConfig, TASK_IDS, training_iterator
 from unialign_jax.text.tokenizer import decode, train_tiny_tokenizer
 
 N = 24

@@ -240,7 +240,7 @@ def test_the_ground_floor_file_module_needs_no_jax():
     ("SCHEDULE_EPS", "unialign_jax/diffusion/masked.py"),
     ("SAMPLER_FINAL_TIME", "unialign_jax/diffusion/masked.py"),
     ("NEG_INF", "unialign_jax/diffusion/masked.py"),
-    ("FIELDS", "unialign_jax/data/batch.py"),
+    ("FIELDS", "unialign_jax/data/read/batch_spec.py"),
     ("CONTRASTIVE_TEMPERATURE", "unialign_jax/diffusion/alignment_losses.py"),
     ("MAX_LENGTH", "unialign_jax/text/tokenizer.py"),
 ])

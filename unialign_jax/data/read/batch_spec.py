@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from unialign_jax.data.format import latent_cache, teacher_features
+
 
 @dataclasses.dataclass(frozen=True)
 class Field:
@@ -51,9 +53,11 @@ FIELDS = (
           model_input=False),
 )
 BY_NAME = {f.name: f for f in FIELDS}
-TEACHER_KEYS = ("teacher_image", "teacher_text")
 PIXEL_KEYS = ("target", "sources")
-MOMENT_KEYS = ("target_moments", "source_moments")
+# The per-record arrays stored beside the shards fill these fields, under the names their
+# readers give them.
+TEACHER_KEYS = tuple(teacher_features.BATCH_FIELDS.values())
+MOMENT_KEYS = tuple(latent_cache.BATCH_FIELDS.values())
 
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:

@@ -50,14 +50,12 @@ from typing import Mapping, Sequence
 import grain
 import numpy as np
 
-from unialign_jax.data import stored_images
+from unialign_jax.data.format import stored_images
+from unialign_jax.data.format.records import KINDS, decode_record, read_summary
+from unialign_jax.data.read.batch_spec import MOMENT_KEYS
+from unialign_jax.data.read.shard_source import CorruptRecord, ShardSource
+from unialign_jax.data.read.tfds_source import is_tfds, open_source
 from unialign_jax.images import to_model_range
-from unialign_jax.data.records import KINDS
-from unialign_jax.data.batch import MOMENT_KEYS
-from unialign_jax.data.records import decode_record
-from unialign_jax.data.records import read_summary
-from unialign_jax.data.source import CorruptRecord, ShardSource
-from unialign_jax.data.tfds_source import is_tfds, open_source
 from unialign_jax.text.tokenizer import MAX_LENGTH, load_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
@@ -87,7 +85,7 @@ class PipelineConfig:
     skip_corrupt: bool = False        # replace unreadable records by the next readable one
     # Batches of each corpus per cycle of the mix, in the corpora's order (None: one each).
     task_weights: tuple[float, ...] | None = None
-    # Cached VAE moments to read in place of the pixels: the `data.latents.vae_identity`
+    # Cached VAE moments to read in place of the pixels: the `latent_cache.vae_identity`
     # that made them (a cache made otherwise is refused); None: decode the images.
     latents: dict | None = None
     # Aspect-ratio buckets: the folders were built with `--buckets`, and every batch is
@@ -186,7 +184,7 @@ def condition_images(task: str, folders: Sequence[str]) -> int:
 def task_batches(task: str, folders: Sequence[str], cfg: PipelineConfig, seed: int
                  ) -> grain.MapDataset:
     """Shuffled, host-sharded, decoded and batched stream of one task's shard folders (or
-    prepared TFDS datasets, `tfds:NAME?...` entries: `data.tfds_source`)."""
+    prepared TFDS datasets, `tfds:NAME?...` entries: `tfds_source`)."""
     source = open_source(list(folders), task, cfg.resolution)
     if source is not None and cfg.latents is not None:
         raise ValueError(f"{list(folders)}: cached latents are read from shard folders only, "

@@ -24,8 +24,8 @@ import json
 import os
 from typing import Iterator
 
-from unialign_jax.data.faults import SkipSample
-from unialign_jax.data.records import KINDS
+from unialign_jax.data.build.faults import SkipSample
+from unialign_jax.data.format.records import KINDS
 DEFAULT_COMPOSE_SOURCES = 3
 
 
