@@ -60,6 +60,22 @@ TEACHER_KEYS = tuple(teacher_features.BATCH_FIELDS.values())
 MOMENT_KEYS = tuple(latent_cache.BATCH_FIELDS.values())
 
 
+def example(fields: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """One batch row made to the spec: each field in its dtype, of its rank less the batch
+    axis; a field the spec does not name is an error, so that no batch leaves the pipeline
+    other than described here."""
+    out = {}
+    for name, value in fields.items():
+        if name not in BY_NAME:
+            raise KeyError(f"{name!r} is not a batch field (data/read/batch_spec.py)")
+        field = BY_NAME[name]
+        out[name] = np.asarray(value, field.dtype)
+        if out[name].ndim != len(field.dims) - 1:
+            raise ValueError(f"batch field {name} {field.dims}: a row of shape "
+                             f"{out[name].shape}")
+    return out
+
+
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     """The fields of a batch that the objective reads (bookkeeping dropped)."""
     return {f.name: batch[f.name] for f in FIELDS if f.model_input and f.name in batch}
