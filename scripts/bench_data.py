@@ -107,9 +107,9 @@ def main(argv=None) -> int:
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed MFU of the slice (0.4)")
     args = parser.parse_args(argv)
 
-    from unialign_jax.data import synth
-    from unialign_jax.data.pipeline import PipelineConfig, training_iterator
-    from unialign_jax.data.shards import BuildOptions, build
+    from unialign_jax.data.build import synth
+    from unialign_jax.data.build.shards import BuildOptions, build
+    from unialign_jax.data.read.grain_pipeline import PipelineConfig, training_iterator
     from unialign_jax.text.tokenizer import train_tiny_tokenizer
 
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_data_")

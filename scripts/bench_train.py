@@ -119,7 +119,7 @@ def jax_side(args) -> dict:
     import jax
     import numpy as np
 
-    from unialign_jax.data import batch as batch_spec
+    from unialign_jax.data.read import batch_spec
     from unialign_jax.parallel import batch_ways, make_mesh, replicated
     from unialign_jax.runs.builder import build_models
     from unialign_jax.training.step import FrozenModels, make_train_step

@@ -314,12 +314,12 @@ def abstract_pipeline_models(cfg, mesh) -> dict:
 
 
 def abstract_batch(cfg, sharding, task: str) -> dict:
-    """ShapeDtypeStructs of one global batch (`data.batch.shapes`), split like real ones."""
+    """ShapeDtypeStructs of one global batch (`batch_spec.shapes`), split like real ones."""
     import jax
 
-    from unialign_jax.data import batch
+    from unialign_jax.data.read import batch_spec
 
-    shapes = batch.shapes(batch_size=cfg.run.batch_size, resolution=cfg.data.resolution,
+    shapes = batch_spec.shapes(batch_size=cfg.run.batch_size, resolution=cfg.data.resolution,
                           max_length=cfg.data.max_length, num_sources=CONDITIONS[task],
                           teacher_dim=cfg.models.transformer.teacher_dim)
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)

@@ -87,7 +87,7 @@ def env(**extra) -> dict:
 def build_corpus(root) -> dict:
     """Synthetic shapes (t2i + edit) built into 16 px raw shards, and a tiny tokenizer."""
     from unialign_jax.data import cli as data_cli
-    from unialign_jax.data.synth import corpus_texts
+    from unialign_jax.data.build.synth import corpus_texts
     from unialign_jax.text.tokenizer import train_tiny_tokenizer
 
     root = str(root)

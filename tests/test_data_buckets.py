@@ -48,7 +48,7 @@ def corpus(tmp_path_factory):
     targets of every aspect), built with --buckets at 32 px (and the text-to-image one
     without, into square/), and a tiny tokenizer."""
     from unialign_jax.data import cli as data_cli
-    from unialign_jax.data.synth import corpus_texts
+    from unialign_jax.data.build.synth import corpus_texts
     from unialign_jax.text.tokenizer import train_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("buckets")
@@ -108,10 +108,10 @@ def test_rectangle_crop_covers_then_crops_the_centre():
 
 
 def test_bucketed_build_keeps_each_aspect_and_sources_take_the_targets_size(corpus):
-    from unialign_jax.data.stored_images import decode_stored
-    from unialign_jax.data.records import decode_record
-    from unialign_jax.data.source import ShardSource
-    from unialign_jax.data.records import read_summary
+    from unialign_jax.data.format.records import decode_record
+    from unialign_jax.data.format.records import read_summary
+    from unialign_jax.data.format.stored_images import decode_stored
+    from unialign_jax.data.read.shard_source import ShardSource
 
     root = corpus["root"]
     for kind in ("t2i", "edit"):
@@ -135,7 +135,7 @@ def test_bucketed_build_keeps_each_aspect_and_sources_take_the_targets_size(corp
 
 
 def _pipeline(corpus, **kw):
-    from unialign_jax.data.pipeline import PipelineConfig
+    from unialign_jax.data.read.grain_pipeline import PipelineConfig
 
     return PipelineConfig(**{"batch_size": 4, "tokenizer": str(corpus["root"] / "tokenizer"),
                              "max_length": 8, "process_index": 0, "process_count": 1,
@@ -143,8 +143,8 @@ def _pipeline(corpus, **kw):
 
 
 def test_every_batch_is_one_bucket_deterministic_and_resumable(corpus):
-    from unialign_jax.data.pipeline import training_iterator
-    from unialign_jax.data.source import ShardSource
+    from unialign_jax.data.read.grain_pipeline import training_iterator
+    from unialign_jax.data.read.shard_source import ShardSource
 
     root = corpus["root"]
     corpora = {"t2i": [str(root / "t2i")], "edit": [str(root / "edit")]}
@@ -182,7 +182,7 @@ def test_every_batch_is_one_bucket_deterministic_and_resumable(corpus):
 
 
 def test_buckets_setting_must_match_the_build(corpus):
-    from unialign_jax.data.pipeline import training_iterator
+    from unialign_jax.data.read.grain_pipeline import training_iterator
 
     root = corpus["root"]
     with pytest.raises(ValueError, match="built with aspect-ratio buckets but data.buckets"):
@@ -225,7 +225,7 @@ def test_bucketed_training_compiles_once_per_shape_and_resumes_exactly(corpus, t
     """`unialign-train` with data.buckets: the step compiles once per (task, bucket) shape
     the batches bring (as the data pipeline yields them), never more; a run stopped at
     step 3 and resumed equals the straight run, state and metrics."""
-    from unialign_jax.data.pipeline import training_iterator
+    from unialign_jax.data.read.grain_pipeline import training_iterator
 
     steps = 6
     straight = _bucket_train(corpus, tmp_path / "straight", steps)

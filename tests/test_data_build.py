@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unialign_jax.data import cli, shards
-from unialign_jax.data.faults import TooManySkipped
-from unialign_jax.data.fetch import FetchOptions
-from unialign_jax.data.stored_images import decode_stored
-from unialign_jax.data.jsonl import LineRules
-from unialign_jax.data.records import decode_record, read_summary, record_files
-from unialign_jax.data.shards import BuildOptions, build
+from unialign_jax.data import cli
+from unialign_jax.data.build import shards
+from unialign_jax.data.build.faults import TooManySkipped
+from unialign_jax.data.build.fetch import FetchOptions
+from unialign_jax.data.build.jsonl import LineRules
+from unialign_jax.data.build.shards import BuildOptions, build
+from unialign_jax.data.format.records import decode_record, read_summary, record_files
+from unialign_jax.data.format.stored_images import decode_stored
 
 FAST_FETCH = FetchOptions(timeout=0.3, retries=1, backoff=0.0)
 # Ours, not the release's: a t2i line with two images and a blank caption are faults here.

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from unialign_jax.data import cli
-from unialign_jax.data.faults import REASONS, SkipSample
-from unialign_jax.data.fetch import MIB, FetchOptions, download
-from unialign_jax.data.records import read_summary
+from unialign_jax.data.build.faults import REASONS, SkipSample
+from unialign_jax.data.build.fetch import MIB, FetchOptions, download
+from unialign_jax.data.format.records import read_summary
 
 STREAM_BOUND = 256 * MIB  # what the endless stream sends at most if nobody cuts it
 DRIP_BOUND = 10.0         # seconds a drip lasts at most if nobody cuts it

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unialign_jax.data.faults import SkipLog, SkipSample, TooManySkipped, check_skipped_fraction
+from unialign_jax.data.build.faults import (SkipLog, SkipSample, TooManySkipped,
+                                            check_skipped_fraction)
 from unialign_jax import images
 from unialign_jax.images import to_model_range
-from unialign_jax.data.jsonl import LineRules, parse_line, read_jsonl
-from unialign_jax.data.records import decode_record, encode_record
+from unialign_jax.data.build.jsonl import LineRules, parse_line, read_jsonl
+from unialign_jax.data.format.records import decode_record, encode_record
 
 
 def _conv(caption):

@@ -93,7 +93,7 @@ def test_cached_moments_draw_the_encoders_latents(sources):
 def test_step_on_cached_moments_equals_the_step_that_encodes(task):
     """The jitted train step (2 accumulated micro-batches, every loss term active) from one
     initial state: on the batch's pixels, and on the moments the cache writer computes of
-    them (`data.latents.vae_moments`). The same draws: metrics and gradients agree to
+    them (`latent_precompute.vae_moments`). The same draws: metrics and gradients agree to
     STEP_TOLERANCE of their scale, and so does the AdamW update (in units of lr) where the
     gradient fixes it — as `test_parallel_equivalence` compares meshes: the writer's
     encoder is another XLA program, whose convolutions round in their last float32 bit
@@ -101,7 +101,7 @@ def test_step_on_cached_moments_equals_the_step_that_encodes(task):
     into a sizeable one of the update."""
     from test_parallel_equivalence import (_confident_update_diff, _first_moment_gradients,
                                            _max_relative_diff)
-    from unialign_jax.data.latents import vae_moments
+    from unialign_jax.data.build.latent_precompute import vae_moments
 
     cfg = tiny_config("run.micro_batch_per_device=8")
     models, frozen, trainer = _tiny_models(cfg)
@@ -149,9 +149,9 @@ def vae_folder(tmp_path_factory):
 
 def _record_pixels(shards):
     """(records, K + 1, S, S, 3) model-range pixels of every record, sources then target."""
-    from unialign_jax.data import stored_images
-    from unialign_jax.data.records import decode_record
-    from unialign_jax.data.source import ShardSource
+    from unialign_jax.data.format import stored_images
+    from unialign_jax.data.format.records import decode_record
+    from unialign_jax.data.read.shard_source import ShardSource
     from unialign_jax.images import to_model_range
 
     source = ShardSource([shards])
@@ -170,12 +170,13 @@ def test_latents_command_stores_each_records_moments_and_resumes(corpus, vae_fol
     alone; latents.json names the VAE; a second run is refused without --force."""
     from unialign_jax.checkpoints.registry import load_vae
     from unialign_jax.data import cli as data_cli
-    from unialign_jax.data import latents
+    from unialign_jax.data.build.latent_precompute import precompute, vae_moments
+    from unialign_jax.data.format import latent_cache as latents
 
     shards = str(corpus["root"] / "edit")
     vae = load_vae(vae_folder)
     identity = latents.vae_identity(vae_folder, "float32", "float32")
-    calls, moments = [], latents.vae_moments(vae, batch_size=5)
+    calls, moments = [], vae_moments(vae, batch_size=5)
 
     def preempted_after_one_batch(pixels):
         calls.append(len(pixels))
@@ -184,8 +185,7 @@ def test_latents_command_stores_each_records_moments_and_resumes(corpus, vae_fol
         return moments(pixels)
 
     with pytest.raises(_Preempted):
-        latents.precompute(shards, preempted_after_one_batch, identity, "float32",
-                           batch_size=5)
+        precompute(shards, preempted_after_one_batch, identity, "float32", batch_size=5)
     assert not latents.has_latents(shards)
     with open(os.path.join(shards, ".latents.partial", "progress.json")) as f:
         assert json.load(f)["done"] == 5
@@ -212,7 +212,8 @@ def test_bfloat16_moments_are_stored_losslessly(tmp_path):
     values that are not bfloat16 are refused rather than rounded."""
     import ml_dtypes
 
-    from unialign_jax.data.latents import LatentCache, LatentWriter
+    from unialign_jax.data.build.latent_precompute import LatentWriter
+    from unialign_jax.data.format.latent_cache import LatentCache
 
     summary = {"records": 3, "resolution": 16, "num_sources": 0,
                "shards": [{"file": "a.array_record", "records": 3}]}
@@ -233,8 +234,8 @@ def test_bfloat16_moments_are_stored_losslessly(tmp_path):
 def test_pipeline_reads_moments_in_place_of_pixels_and_refuses_other_caches(
         corpus, vae_folder, tmp_path):
     from unialign_jax.data import cli as data_cli
-    from unialign_jax.data import latents
-    from unialign_jax.data.pipeline import PipelineConfig, training_iterator
+    from unialign_jax.data.format import latent_cache as latents
+    from unialign_jax.data.read.grain_pipeline import PipelineConfig, training_iterator
 
     t2i, edit = str(corpus["root"] / "t2i"), str(corpus["root"] / "edit")
     for folder in (t2i, edit):
@@ -299,7 +300,7 @@ def test_training_on_cached_latents_logs_the_encoding_runs_losses(corpus, vae_fo
     encoding in the step and reading the cache give the same logged losses and gradient
     norms (same draws); the cached run's logged FLOPs leave the VAE encoder out."""
     from unialign_jax.data import cli as data_cli
-    from unialign_jax.data import latents
+    from unialign_jax.data.format import latent_cache as latents
 
     for kind in ("t2i", "edit"):
         folder = str(corpus["root"] / kind)

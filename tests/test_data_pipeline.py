@@ -9,9 +9,10 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from unialign_jax.data import synth
-from unialign_jax.data.pipeline import PipelineConfig, TASK_IDS, training_iterator
-from unialign_jax.data.shards import BuildOptions, build
+from unialign_jax.data.build import synth
+from unialign_jax.data.build.shards import BuildOptions, build
+from unialign_jax.data.read import batch_spec
+from unialign_jax.data.read.grain_pipeline import PipelineConfig, TASK_IDS, training_iterator
 from unialign_jax.text.tokenizer import decode, train_tiny_tokenizer
 
 N = 24
@@ -92,6 +93,21 @@ def test_batches_alternate_tasks_and_match_the_corpus(corpus):
                 assert b["sources"].shape == (4, 1, SIZE, SIZE, 3)
                 np.testing.assert_allclose(b["sources"][row, 0],
                                            _pixels(corpus["root"] / line["image"][0]), atol=1e-6)
+
+
+def test_every_batch_is_what_the_batch_spec_describes(corpus):
+    """Names, shapes and dtypes of the pipeline's batches are `batch_spec.shapes`' (with the
+    bookkeeping fields); the stored rows beside the shards fill fields the spec names."""
+    it = training_iterator({"t2i": [corpus["folders"]["t2i"]],
+                            "edit": [corpus["folders"]["edit"]]}, _config(corpus))
+    for b, num_sources in zip(_take(it, 2), (0, 1)):
+        want = batch_spec.shapes(batch_size=4, resolution=SIZE, max_length=L,
+                                 num_sources=num_sources, model_only=False)
+        want.pop("skipped")  # only with skip_corrupt
+        assert {k: (v.shape, v.dtype) for k, v in b.items()} == want
+    assert set(batch_spec.TEACHER_KEYS + batch_spec.MOMENT_KEYS) <= set(batch_spec.BY_NAME)
+    with pytest.raises(KeyError, match="not a batch field"):
+        batch_spec.example({"pixels": np.zeros(3)})
 
 
 def _indices(corpus, batch_size, **kw):

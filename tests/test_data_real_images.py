@@ -23,8 +23,8 @@ from PIL import Image
 from image_files import (BG, UPRIGHT, cmyk_reference, composite, exif, gif_frames, grey3, png,
                          save, u16)
 from unialign_jax.data import cli
-from unialign_jax.data.stored_images import decode_stored
-from unialign_jax.data.records import decode_record, read_summary, record_files
+from unialign_jax.data.format.records import decode_record, read_summary, record_files
+from unialign_jax.data.format.stored_images import decode_stored
 from unialign_jax.sampling.preprocess import InputError, load_image, preprocess
 
 R = 8

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unialign_jax.data import cli, synth
-from unialign_jax.data.records import read_summary
+from unialign_jax.data import cli
+from unialign_jax.data.build import synth
+from unialign_jax.data.format.records import read_summary
 
 CAPTION = re.compile(r"^a (\w+) (square|circle|triangle)$")
 EDIT = re.compile(r"^make the (\w+) (square|circle|triangle) (\w+)$")

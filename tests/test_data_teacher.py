@@ -8,12 +8,13 @@ import os
 import numpy as np
 import pytest
 
-from unialign_jax.data import synth
-from unialign_jax.data.stored_images import decode_stored
-from unialign_jax.data.pipeline import PipelineConfig, training_iterator
-from unialign_jax.data.records import decode_record
-from unialign_jax.data.shards import BuildOptions, build
-from unialign_jax.data.teacher import TeacherWriter, teacher_dir
+from unialign_jax.data.build import synth
+from unialign_jax.data.build.shards import BuildOptions, build
+from unialign_jax.data.build.teacher_precompute import TeacherWriter
+from unialign_jax.data.format.records import decode_record
+from unialign_jax.data.format.stored_images import decode_stored
+from unialign_jax.data.format.teacher_features import teacher_dir
+from unialign_jax.data.read.grain_pipeline import PipelineConfig, training_iterator
 from unialign_jax.text.tokenizer import train_tiny_tokenizer
 
 torch = pytest.importorskip("torch")
@@ -97,8 +98,8 @@ class _Crashing:
 
 
 def test_precomputed_features_match_the_spec_and_resume(setup):
-    from unialign_jax.data.teacher import precompute
-    from unialign_jax.data.teacher_qwen import QwenTeacher
+    from unialign_jax.data.build.teacher_precompute import precompute
+    from unialign_jax.data.build.teacher_qwen import QwenTeacher
 
     root, shards = setup
     teacher = QwenTeacher(str(root / "qwen"), pooling="clean")
@@ -121,7 +122,7 @@ def test_precomputed_features_match_the_spec_and_resume(setup):
 def test_release_text_pooling_pads_the_batch_together_and_averages_the_pads(setup):
     """The release: processor(text=captions_of_the_batch, padding=True), embedding rows
     averaged over every position, pads included."""
-    from unialign_jax.data.teacher_qwen import QwenTeacher
+    from unialign_jax.data.build.teacher_qwen import QwenTeacher
 
     root, _ = setup
     texts = ["a red square", "make the cyan circle yellow", "a green triangle"]

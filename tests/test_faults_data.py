@@ -18,13 +18,13 @@ import pytest
 
 import fault_harness as fh
 from fault_harness import small_disk, small_disks  # noqa: F401 — fixtures
-from unialign_jax.data import synth
-from unialign_jax.data.pipeline import (DataError, PipelineConfig, next_batch,
-                                        training_iterator)
-from unialign_jax.data.shards import BuildOptions, build
-from unialign_jax.data.records import read_summary, record_files
-from unialign_jax.data.source import CorruptRecord
-from unialign_jax.data.teacher import ProjectionTeacher, precompute
+from unialign_jax.data.build import synth
+from unialign_jax.data.build.shards import BuildOptions, build
+from unialign_jax.data.build.teacher_precompute import ProjectionTeacher, precompute
+from unialign_jax.data.format.records import read_summary, record_files
+from unialign_jax.data.read.grain_pipeline import (DataError, PipelineConfig, next_batch,
+                                                   training_iterator)
+from unialign_jax.data.read.shard_source import CorruptRecord
 from unialign_jax.text.tokenizer import load_tokenizer, train_tiny_tokenizer
 
 N, SIZE, PER_SHARD = 24, 16, 6

@@ -12,6 +12,10 @@ except on the top floor, where apps and command lines may reuse each other.
     use         unialign_jax.training, unialign_jax.sampling
     top         unialign_jax.apps, every `cli` module, unialign_convert, unialign_configs
 
+Inside a package, rooms are floors of their own (ROOMS, written the same way): in data/,
+`format` (what builder and readers share) lies below `build` and `read`, which stay side
+by side; the package's `cli` and `__init__` stand above its rooms.
+
 No module takes part in an import circle (module- or function-level), and only runs/
 reads a run's config.json by its keys (everyone else holds a `TrainConfig`).
 
@@ -39,6 +43,10 @@ LAYERS = [
     ("top", ("unialign_jax.apps", "unialign_convert", "unialign_configs")),
 ]
 TOP = len(LAYERS) - 1
+# Rooms inside a package, lowest floor first; rooms of one floor never import each other.
+ROOMS = {
+    "unialign_jax.data": [("format", ("format",)), ("build, read", ("build", "read"))],
+}
 # The package facade: it names its public loaders lazily (by string), imports nothing.
 FACADE = "unialign_jax"
 
@@ -129,6 +137,63 @@ def test_every_import_runs_down_the_layers_or_within_its_package():
             problems.append(f"{module} ({LAYERS[layer][0]}) imports {target} "
                             f"({LAYERS[t_layer][0]})")
     assert not problems, "imports against the layering:\n  " + "\n  ".join(problems)
+
+
+def room(module: str) -> tuple[str, int, str] | None:
+    """(package, floor, room) of a module of a package in ROOMS; floor len(floors) for the
+    package's own modules outside its rooms (`cli`, `__init__`); None outside such packages."""
+    for package, floors in ROOMS.items():
+        if module == package or module.startswith(package + "."):
+            first = module[len(package) + 1:].split(".")[0]
+            for index, (_, rooms) in enumerate(floors):
+                if first in rooms:
+                    return package, index, first
+            return package, len(floors), first or "__init__"
+    return None
+
+
+def room_problems(graph: dict[str, set[str]]) -> list[str]:
+    """Imports between rooms of one package that do not run down its floors, and modules of
+    such a package in no room (only `cli` and `__init__` stand above the rooms)."""
+    problems = []
+    for module, targets in sorted(graph.items()):
+        here = room(module)
+        if here is not None and here[1] == len(ROOMS[here[0]]) \
+                and here[2] not in ("cli", "__init__"):
+            problems.append(f"{module} is in no room of {here[0]}: add it to ROOMS")
+        for target in sorted(targets):
+            there = room(target)
+            if here is None or there is None or here[0] != there[0] or here[2] == there[2] \
+                    or there[1] < here[1] or here[1] == len(ROOMS[here[0]]):
+                continue
+            problems.append(f"{module} ({here[2]}) imports {target} ({there[2]})")
+    return problems
+
+
+def test_every_import_inside_a_package_runs_down_its_rooms():
+    problems = room_problems(import_graph(modules()))
+    assert not problems, "imports against the rooms:\n  " + "\n  ".join(problems)
+
+
+def test_the_room_check_catches_planted_imports(tmp_path):
+    """A planted data/: format importing read, build importing read (side by side), a module
+    in no room, and the imports that are allowed (down to format, within a room, from the
+    cli)."""
+    files = {"format.a": "from unialign_jax.data.read import c\n",
+             "build.b": "def f():\n    from unialign_jax.data.read.c import x\n"
+                        "from unialign_jax.data.format import a\nfrom . import d\n",
+             "build.d": "",
+             "read.c": "import unialign_jax.data.format.a\nx = 1\n",
+             "cli": "from unialign_jax.data.build import b\nfrom unialign_jax.data.read import c\n",
+             "stray": ""}
+    known = {}
+    for name, text in files.items():
+        (tmp_path / f"{name}.py").write_text(text)
+        known[f"unialign_jax.data.{name}"] = str(tmp_path / f"{name}.py")
+    assert room_problems(import_graph(known)) == [
+        "unialign_jax.data.build.b (build) imports unialign_jax.data.read.c (read)",
+        "unialign_jax.data.format.a (format) imports unialign_jax.data.read.c (read)",
+        "unialign_jax.data.stray is in no room of unialign_jax.data: add it to ROOMS"]
 
 
 def test_no_module_takes_part_in_an_import_circle():
@@ -240,7 +305,7 @@ def test_the_ground_floor_file_module_needs_no_jax():
     ("SCHEDULE_EPS", "unialign_jax/diffusion/masked.py"),
     ("SAMPLER_FINAL_TIME", "unialign_jax/diffusion/masked.py"),
     ("NEG_INF", "unialign_jax/diffusion/masked.py"),
-    ("FIELDS", "unialign_jax/data/batch.py"),
+    ("FIELDS", "unialign_jax/data/read/batch_spec.py"),
     ("CONTRASTIVE_TEMPERATURE", "unialign_jax/diffusion/alignment_losses.py"),
     ("MAX_LENGTH", "unialign_jax/text/tokenizer.py"),
 ])

@@ -8,7 +8,7 @@ from PIL import Image, ImageFilter
 
 from unialign_jax.apps.shape_score import (best_shapes, composition_score, foreground,
                                            shape_accuracy, shapes_present)
-from unialign_jax.data import synth
+from unialign_jax.data.build import synth
 
 SIZE = 32
 

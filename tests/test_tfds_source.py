@@ -16,9 +16,9 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from test_nonsquare_inputs import reference, striped  # noqa: E402
 from test_train_resume import _command, _env  # noqa: E402
-from unialign_jax.data.pipeline import PipelineConfig, training_iterator  # noqa: E402
-from unialign_jax.data.records import decode_record  # noqa: E402
-from unialign_jax.data.tfds_source import TfdsSource, parse_spec  # noqa: E402
+from unialign_jax.data.format.records import decode_record  # noqa: E402
+from unialign_jax.data.read.grain_pipeline import PipelineConfig, training_iterator  # noqa: E402
+from unialign_jax.data.read.tfds_source import TfdsSource, parse_spec  # noqa: E402
 from unialign_jax.text.tokenizer import tokenize, train_tiny_tokenizer  # noqa: E402
 
 NAME = "unialign_tiny_captions"
@@ -104,7 +104,7 @@ def test_grain_batches_from_a_tfds_corpus(data_dir, tmp_path):
 
 
 def test_no_tensorflow_is_imported(data_dir):
-    code = ("import sys; from unialign_jax.data.tfds_source import TfdsSource; "
+    code = ("import sys; from unialign_jax.data.read.tfds_source import TfdsSource; "
             f"s = TfdsSource([{entry(data_dir)!r}], 't2i', {RES}); s[0]; "
             "print('tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -27,7 +27,7 @@ def corpus(tmp_path_factory):
     """Synthetic shapes (t2i, edit, compose), built into 16 px shards, and a tiny T5
     tokenizer."""
     from unialign_jax.data import cli as data_cli
-    from unialign_jax.data.synth import corpus_texts
+    from unialign_jax.data.build.synth import corpus_texts
     from unialign_jax.text.tokenizer import train_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("corpus")

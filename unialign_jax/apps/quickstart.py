@@ -104,10 +104,11 @@ def _log(msg: str) -> None:
 
 def prepare_data(root: str, n: int, resolution: int, teacher_dim: int) -> dict:
     """Synthetic corpus, tokenizer, shards with teacher features: each kept when complete."""
-    from unialign_jax.data.jsonl import LineRules
-    from unialign_jax.data.shards import BuildOptions, build
-    from unialign_jax.data.synth import generate
-    from unialign_jax.data.teacher import ProjectionTeacher, is_precomputed, precompute
+    from unialign_jax.data.build.jsonl import LineRules
+    from unialign_jax.data.build.shards import BuildOptions, build
+    from unialign_jax.data.build.synth import generate
+    from unialign_jax.data.build.teacher_precompute import ProjectionTeacher, precompute
+    from unialign_jax.data.format.teacher_features import is_precomputed
     from unialign_jax.files import read_json_or_none
     from unialign_jax.text.tokenizer import load_tokenizer
 
@@ -142,7 +143,7 @@ def write_validation_prompts(synth: str, path: str) -> str:
     source images of edits and compositions): what the run samples at every eval."""
     import itertools
 
-    from unialign_jax.data.jsonl import LineRules, read_jsonl
+    from unialign_jax.data.build.jsonl import LineRules, read_jsonl
     from unialign_jax.files import jsonl, write_text_if_changed
 
     items = []
@@ -169,7 +170,7 @@ def tokenizer_texts(word_repeats: int = 20) -> list[str]:
     """The corpus' texts and each of their words alone, repeated: SentencePiece then keeps
     every word one piece (from the texts alone it spells "make the" letter by letter), so
     the longest text is 6 tokens instead of 18 and `data.max_length` can be 8."""
-    from unialign_jax.data.synth import corpus_texts
+    from unialign_jax.data.build.synth import corpus_texts
 
     texts = corpus_texts()
     words = sorted({w for t in texts for w in t.split()})
@@ -183,8 +184,8 @@ def read_split(synth: str, kind: str, split: str, limit: int | None = None):
 
     from PIL import Image
 
-    from unialign_jax.data.faults import SkipSample
-    from unialign_jax.data.jsonl import LineRules, read_jsonl
+    from unialign_jax.data.build.faults import SkipSample
+    from unialign_jax.data.build.jsonl import LineRules, read_jsonl
     from unialign_jax.images import to_model_range
 
     rows = []
@@ -232,20 +233,21 @@ def cache_latents(folders: list[str], vae_path: str, cfg) -> None:
     """With data.cached_latents: the fitted VAE's posterior moments of every shard folder
     (what `unialign-data latents` writes), kept while that VAE made them."""
     from unialign_jax.checkpoints.registry import load_vae
-    from unialign_jax.data import latents
+    from unialign_jax.data.build.latent_precompute import precompute, vae_moments
+    from unialign_jax.data.format.latent_cache import made_by, storage_dtype, vae_identity
 
     c = cfg.compute
-    identity = latents.vae_identity(vae_path, c.dtype, c.frozen_param_dtype)
-    stale = [f for f in folders if latents.made_by(f) != identity]
+    identity = vae_identity(vae_path, c.dtype, c.frozen_param_dtype)
+    stale = [f for f in folders if made_by(f) != identity]
     if not stale:
         return
     import jax.numpy as jnp
 
-    moments = latents.vae_moments(load_vae(vae_path, jnp.dtype(c.dtype),
-                                           param_dtype=jnp.dtype(c.frozen_param_dtype)))
+    moments = vae_moments(load_vae(vae_path, jnp.dtype(c.dtype),
+                                   param_dtype=jnp.dtype(c.frozen_param_dtype)))
     for folder in stale:
-        latents.precompute(folder, moments, identity, latents.storage_dtype(c.dtype),
-                           vae_path=vae_path, force=True)
+        precompute(folder, moments, identity, storage_dtype(c.dtype), vae_path=vae_path,
+                   force=True)
 
 
 def caption_accuracy(generated: np.ndarray, reference: np.ndarray, eos_id: int,
@@ -282,7 +284,7 @@ def trained_pipeline(result, cfg, tokenizer):
 def evaluate(result, cfg, paths: dict, args) -> dict:
     from unialign_jax.apps.shape_score import shape_accuracy
     from unialign_jax.apps.validation import write_grid
-    from unialign_jax.data.synth import PALETTE, SHAPES, dominant_colour
+    from unialign_jax.data.build.synth import PALETTE, SHAPES, dominant_colour
     from unialign_jax.text.tokenizer import load_tokenizer, tokenize
 
     tok = load_tokenizer(paths["tokenizer"])

@@ -22,8 +22,8 @@ from typing import Sequence
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from unialign_jax.data.synth import (PALETTE, SHAPES, Shape, nearest_colour, render_mask,
-                                     side_range)
+from unialign_jax.data.build.synth import (PALETTE, SHAPES, Shape, nearest_colour,
+                                           render_mask, side_range)
 
 # A wanted shape of a composition is present when its colour's pixels match a template of
 # its kind at least this well (a clean render: 1; stray pixels of the colour: far less).

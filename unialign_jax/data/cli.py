@@ -9,12 +9,13 @@ import logging
 import os
 import sys
 
-from unialign_jax.data.faults import DEFAULT_MAX_SKIP_FRACTION, TooManySkipped
+from unialign_jax.data.build.faults import DEFAULT_MAX_SKIP_FRACTION, TooManySkipped
+from unialign_jax.data.build.fetch import DEFAULT_DEADLINE, DEFAULT_MAX_BYTES, MIB, FetchOptions
+from unialign_jax.data.build.jsonl import DEFAULT_COMPOSE_SOURCES
+from unialign_jax.data.build.shards import RELEASE_MAX_PIXELS
+from unialign_jax.data.build.teacher_precompute import POOLINGS, RELEASE_TEXT_BATCH
+from unialign_jax.data.format.records import KINDS
 from unialign_jax.files import disk_full_message, is_disk_full
-from unialign_jax.data.fetch import DEFAULT_DEADLINE, DEFAULT_MAX_BYTES, MIB, FetchOptions
-from unialign_jax.data.jsonl import DEFAULT_COMPOSE_SOURCES, KINDS
-from unialign_jax.data.shards import RELEASE_MAX_PIXELS
-from unialign_jax.data.teacher import POOLINGS, RELEASE_TEXT_BATCH
 from unialign_jax.images import DecodeOptions
 
 
@@ -99,8 +100,8 @@ def _add_build(sub) -> None:
 
 
 def _build(args) -> dict:
-    from unialign_jax.data.jsonl import LineRules
-    from unialign_jax.data.shards import BuildOptions, build
+    from unialign_jax.data.build.jsonl import LineRules
+    from unialign_jax.data.build.shards import BuildOptions, build
 
     opts = BuildOptions(
         kind=args.kind, resolution=args.resolution, image_format=args.image_format,
@@ -141,7 +142,7 @@ def _add_synth(sub) -> None:
 
 
 def _synth(args) -> dict:
-    from unialign_jax.data.synth import generate
+    from unialign_jax.data.build.synth import generate
 
     info = generate(args.out, args.n, seed=args.seed, size=args.size,
                     max_shapes=args.max_shapes, heldout=args.heldout, force=args.force,
@@ -181,8 +182,8 @@ def _add_teacher(sub) -> None:
 
 
 def _teacher(args) -> dict:
-    from unialign_jax.data.teacher import precompute
-    from unialign_jax.data.teacher_qwen import QwenTeacher
+    from unialign_jax.data.build.teacher_precompute import precompute
+    from unialign_jax.data.build.teacher_qwen import QwenTeacher
 
     teacher = QwenTeacher(args.model, device=args.device, dtype=args.dtype,
                           pooling=args.pooling)
@@ -222,14 +223,14 @@ def _latents(args) -> dict:
     import jax.numpy as jnp
 
     from unialign_jax.checkpoints.registry import load_vae
-    from unialign_jax.data import latents
+    from unialign_jax.data.build.latent_precompute import precompute, vae_moments
+    from unialign_jax.data.format.latent_cache import storage_dtype, vae_identity
 
-    identity = latents.vae_identity(args.vae, args.dtype, args.param_dtype)
+    identity = vae_identity(args.vae, args.dtype, args.param_dtype)
     vae = load_vae(args.vae, jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.param_dtype))
-    moments = latents.vae_moments(vae, args.batch_size)
-    return {d: latents.precompute(d, moments, identity, latents.storage_dtype(args.dtype),
-                                  args.batch_size, vae_path=os.path.abspath(args.vae),
-                                  force=args.force)
+    moments = vae_moments(vae, args.batch_size)
+    return {d: precompute(d, moments, identity, storage_dtype(args.dtype), args.batch_size,
+                          vae_path=os.path.abspath(args.vae), force=args.force)
             for d in args.shards}
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from unialign_jax.configlib import JsonConfig
-from unialign_jax.data.jsonl import KINDS as TASKS
+from unialign_jax.data.format.records import KINDS as TASKS
 from unialign_jax.diffusion import masked
 from unialign_jax.diffusion.alignment_losses import CONTRASTIVE_TEMPERATURE
 from unialign_jax.models import lora as lora_layers

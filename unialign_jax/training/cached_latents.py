@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from unialign_jax.data.latents import has_latents, vae_identity
+from unialign_jax.data.format.latent_cache import has_latents, vae_identity
 from unialign_jax.runs.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 def expected_latents(cfg: TrainConfig) -> dict | None:
     """The identity a shard folder's cache must carry to be read by this run (its VAE
-    folder's digest and dtypes: `data.latents.vae_identity`); None when the run encodes.
+    folder's digest and dtypes: `data.format.latent_cache.vae_identity`); None when the run encodes.
     `cfg` is resolved (`TrainConfig.resolved`: a pipeline folder gives models.vae_path)."""
     if not cfg.data.cached_latents:
         return None

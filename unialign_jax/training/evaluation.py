@@ -40,8 +40,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from unialign_jax.data.jsonl import KINDS as TASKS
-from unialign_jax.data.pipeline import TASK_IDS, PipelineConfig, task_batches
+from unialign_jax.data.format.records import KINDS as TASKS
+from unialign_jax.data.read.grain_pipeline import TASK_IDS, PipelineConfig, task_batches
 from unialign_jax.diffusion import flow
 from unialign_jax.parallel import batch_ways, replicated
 from unialign_jax.training import objective

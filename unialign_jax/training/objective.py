@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from unialign_jax.data.batch import MOMENT_KEYS, TEACHER_KEYS
+from unialign_jax.data.read.batch_spec import MOMENT_KEYS, TEACHER_KEYS
 from unialign_jax.diffusion import flow, masked
 from unialign_jax.diffusion import alignment_losses as losses
 from unialign_jax.runs.config import LossConfig
@@ -177,8 +177,8 @@ def encode_images(vae: nnx.Module, batch: dict, key: jax.Array
 
 
 def batch_inputs(vae: nnx.Module, batch: dict, key: jax.Array) -> Inputs:
-    """The `Inputs` of a batch of pixels and ids (see `data.batch`): its images encoded by
-    the frozen VAE with posterior draws from `key`."""
+    """The `Inputs` of a batch of pixels and ids (see `data/read/batch_spec.py`): its images
+    encoded by the frozen VAE with posterior draws from `key`."""
     latents, caption_latents, conditions = encode_images(vae, batch, key)
     return Inputs(latents=latents, caption_latents=caption_latents, conditions=conditions,
                   instruction_ids=batch["instruction_ids"], caption_ids=batch["caption_ids"],
@@ -188,7 +188,8 @@ def batch_inputs(vae: nnx.Module, batch: dict, key: jax.Array) -> Inputs:
 def micro_batch_loss(transformer: nnx.Module, t5: nnx.Module, vae: nnx.Module, batch: dict,
                      null_context: jax.Array, key: jax.Array, cfg: LossConfig, mask_id: int,
                      groups: Groups | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`objective` on a batch of pixels and ids (see `data.batch`), with draws from `key`."""
+    """`objective` on a batch of pixels and ids (see `data/read/batch_spec.py`), with draws
+    from `key`."""
     k_vae, k_draws = jax.random.split(key)
     inputs = batch_inputs(vae, batch, k_vae)
     draws = Draws.sample(k_draws, inputs.latents.shape, batch["caption_ids"].shape[1])

@@ -22,7 +22,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from unialign_jax.data.batch import model_inputs
+from unialign_jax.data.read.batch_spec import model_inputs
 from unialign_jax.parallel import rules
 from unialign_jax.parallel.mesh import BATCH_AXES
 from unialign_jax.parallel.placement import put_host_batch

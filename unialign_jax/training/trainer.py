@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from unialign_jax import files
 from unialign_jax.checkpoints import training_steps
-from unialign_jax.data.pipeline import (DataError, PipelineConfig, condition_images, next_batch,
-                                        training_iterator)
-from unialign_jax.data.teacher import is_precomputed
+from unialign_jax.data.format.teacher_features import is_precomputed
+from unialign_jax.data.read.grain_pipeline import (DataError, PipelineConfig, condition_images,
+                                                   next_batch, training_iterator)
 from unialign_jax.parallel import make_mesh, maybe_initialize_distributed, replicated
 from unialign_jax.runs.config import TrainConfig
 from unialign_jax.runs.builder import build_models, frozen_configs, transformer_config

@@ -2,10 +2,10 @@
 
 Spec section 2: the image feature is the vision tower's output tokens (after the patch
 merger, `out_hidden_size` wide) for the clean target image, averaged; the text feature
-is the LLM's input-embedding rows of the tokenised caption, pooled as `teacher.pool_text`
-says ("release": padded together with the batch, pads averaged in). The target image is
-the one stored in the shards (already resized and cropped); Qwen's own image processor
-then prepares it exactly as it would for the VLM. PyTorch is needed only here.
+is the LLM's input-embedding rows of the tokenised caption, pooled as `pool_text` says
+("release": padded together with the batch, pads averaged in). The target image is the
+one stored in the shards (already resized and cropped); Qwen's own image processor then
+prepares it exactly as it would for the VLM. PyTorch is needed only here.
 
 The processor is pinned to transformers' PIL backend on the stored uint8 pixels, so the
 features do not change with whether torchvision happens to be installed. The release
@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from unialign_jax.data.teacher import pool_text
+from unialign_jax.data.build.teacher_precompute import pool_text
 
 
 class QwenTeacher:

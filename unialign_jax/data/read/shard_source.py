@@ -21,9 +21,9 @@ import os
 import grain
 import numpy as np
 
-from unialign_jax.data.latents import LatentCache
-from unialign_jax.data.records import BUCKETS, read_summary, record_files
-from unialign_jax.data.teacher import TeacherFeatures, is_precomputed
+from unialign_jax.data.format.latent_cache import LatentCache
+from unialign_jax.data.format.records import BUCKETS, read_summary
+from unialign_jax.data.format.teacher_features import TeacherFeatures, is_precomputed
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def open_shard(path: str, records: int):
 
 class ShardSource:
     """Records of one or more shard folders of the same kind (a grain data source); with
-    `latents` (a `data.latents.vae_identity`), each record's cached VAE moments too."""
+    `latents` (a `format.latent_cache.vae_identity`), each record's cached VAE moments too."""
 
     def __init__(self, folders: list[str], *, skip_corrupt: bool = False,
                  latents: dict | None = None):

@@ -24,7 +24,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from unialign_jax.data.jsonl import DEFAULT_COMPOSE_SOURCES
+from unialign_jax.data.build.jsonl import DEFAULT_COMPOSE_SOURCES
 
 PALETTE = {
     "red": (255, 0, 0),

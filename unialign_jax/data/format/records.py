@@ -18,6 +18,7 @@ import struct
 import numpy as np
 
 SUMMARY = "summary.json"  # written last by the builder
+KINDS = ("t2i", "edit", "compose")  # a folder's `kind`: what its records hold
 BUCKETS = "buckets.npy"  # bucketed builds: each record's bucket index
 _LENGTH = struct.Struct("<I")
 

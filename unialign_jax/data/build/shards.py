@@ -26,12 +26,12 @@ import numpy as np
 from tqdm import tqdm
 
 from unialign_jax import images
-from unialign_jax.data import stored_images
-from unialign_jax.data.faults import (DEFAULT_MAX_SKIP_FRACTION, FaultLogger, SkipLog, SkipSample,
-                                      check_skipped_fraction)
-from unialign_jax.data.fetch import FetchOptions, read_image_bytes
-from unialign_jax.data.jsonl import LineRules, Sample, expected_images, read_jsonl
-from unialign_jax.data.records import BUCKETS, SUMMARY, encode_record
+from unialign_jax.data.build.faults import (DEFAULT_MAX_SKIP_FRACTION, FaultLogger, SkipLog,
+                                            SkipSample, check_skipped_fraction)
+from unialign_jax.data.build.fetch import FetchOptions, read_image_bytes
+from unialign_jax.data.build.jsonl import LineRules, Sample, expected_images, read_jsonl
+from unialign_jax.data.format import stored_images
+from unialign_jax.data.format.records import BUCKETS, SUMMARY, encode_record
 from unialign_jax.files import read_json_or_none, remove_stale_partials, write_atomic, write_json
 from unialign_jax.images import DecodeOptions
 

@@ -1,12 +1,9 @@
-"""Teacher features stored next to a shard folder, one row per record, and how they are made.
+"""Computes the teacher features stored beside a shard folder (`data/format/teacher_features.py`
+holds their layout and reader).
 
-The alignment loss (spec section 4) compares mid-layer projections with Qwen2.5-VL
-features of the target image and of its caption. Both are constants per sample, so they
-are computed once (`precompute`, driven by `unialign-data teacher` for Qwen or by
-the quickstart for its stand-in `ProjectionTeacher`) and stored as two float16 `.npy`
-matrices in `SHARDS/teacher/`, row i belonging to record i of the shard folder (records
-in `summary.json` order). The folder is complete only once `teacher.json` exists; until
-then it is `SHARDS/.teacher.partial/`, from which an interrupted run resumes.
+They are computed once — `precompute`, driven by `unialign-data teacher` for Qwen or by the
+quickstart for its stand-in `ProjectionTeacher` — in `SHARDS/.teacher.partial/`, from
+which an interrupted run resumes, and published by one rename when complete.
 
 Text pooling: the release tokenises the captions of its local batch *together*, padded to
 the longest, and averages the embedding rows over every position, pads included
@@ -23,14 +20,12 @@ from typing import Protocol, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from unialign_jax.data.records import RecordArrays, check_array
+from unialign_jax.data.format import stored_images
+from unialign_jax.data.format.records import decode_record, read_summary, record_files
+from unialign_jax.data.format.teacher_features import DTYPE, FOLDER, KEYS, META, teacher_dir
 from unialign_jax.files import write_json
 
-FOLDER = "teacher"
-META = "teacher.json"
 PROGRESS = "progress.json"
-KEYS = ("image", "text")
-DTYPE = np.float16
 POOLINGS = ("release", "clean")
 # The release's local batch per GPU (384 / 8): how many captions it pads together.
 RELEASE_TEXT_BATCH = 48
@@ -75,10 +70,6 @@ class ProjectionTeacher:
     def text_features(self, texts: list[str]) -> np.ndarray:
         rows = [self.table[self.tokenizer(t)["input_ids"]] for t in texts]
         return pool_text(rows, self.table[self.tokenizer.pad_token_id], self.pooling)
-
-
-def teacher_dir(shard_dir: str) -> str:
-    return os.path.join(shard_dir, FOLDER)
 
 
 class TeacherWriter:
@@ -133,47 +124,12 @@ class TeacherWriter:
         os.replace(self.staging, self.final)
 
 
-class TeacherFeatures(RecordArrays):
-    """Read side: row lookup, memory-mapped lazily so that pickling to workers is cheap.
-    The matrices are checked when opened (present, whole, one row per record), so a lost
-    or cut file fails at the start of training, named, not in a data worker mid-run."""
-
-    keys = KEYS
-
-    def __init__(self, shard_dir: str, shards: list):
-        self.folder = teacher_dir(shard_dir)
-        redo = f"rerun `unialign-data teacher --force --shards {shard_dir}`"
-        try:
-            with open(os.path.join(self.folder, META)) as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{self.folder}/{META} is unreadable ({e}); {redo}") from None
-        if meta["shards"] != shards:
-            raise ValueError(f"{self.folder} was computed for another build of {shard_dir}; "
-                             f"{redo}")
-        self.dim = int(meta["dim"])
-        for key in KEYS:
-            path = os.path.join(self.folder, f"{key}.npy")
-            check_array(path, (meta["records"], self.dim), "teacher features", redo)
-
-    def row(self, index: int) -> dict:
-        return {f"teacher_{k}": a.astype(np.float32) for k, a in self.arrays_at(index).items()}
-
-
-def is_precomputed(shard_dir: str) -> bool:
-    """Whether `precompute` finished the teacher features of `shard_dir`."""
-    return os.path.exists(os.path.join(teacher_dir(shard_dir), META))
-
-
 def precompute(shard_dir: str, teacher: Teacher, batch_size: int = RELEASE_TEXT_BATCH,
                force: bool = False) -> dict:
     """Fills `shard_dir/teacher/` with `teacher`'s features of every record, resumably, in
     batches of `batch_size` consecutive records (the captions a "release"-pooling teacher
     pads together)."""
     import grain
-
-    from unialign_jax.data import stored_images
-    from unialign_jax.data.records import decode_record, read_summary, record_files
 
     summary = read_summary(shard_dir)
     writer = TeacherWriter(shard_dir, summary["shards"], teacher.dim, teacher.name, force)

@@ -24,18 +24,9 @@ The iterator is a `grain.DatasetIterator`: `get_state()` / `set_state()` give ex
 resume, and `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` put the same
 state into an Orbax checkpoint next to the model.
 
-A batch (B = per-host batch, L = max_length, S = resolution, D = teacher width):
-    target           (B, S, S, 3)    float32 in [-1, 1] — the image to generate
-    sources          (B, K, S, S, 3) float32 — edit: K = 1, compose: K = 3; absent for t2i
-    caption_ids      (B, L) int32    caption of the target (caption objective)
-    instruction_ids  (B, L) int32    prompt / edit instruction (t2i: equal to caption_ids)
-    task             (B,)   int32    TASK_IDS of the stream; equal within a batch
-    index            (B,)   int64    record index in the task's shard folders
-    teacher_image, teacher_text  (B, D) float32 — only when the folders have teacher features
-    target_moments, source_moments   cached VAE moments in place of target and sources (the
-                                     images are then not decoded) — only with `latents`
-    skipped          (B,)   int32    1 where a corrupt record was replaced — only with
-                                     skip_corrupt
+A batch holds the fields of `batch_spec.FIELDS` (B = per-host batch), each example made
+by `batch_spec.example`: teacher rows only when the folders have teacher features, cached
+moments in place of the images only with `latents`, `skipped` only with `skip_corrupt`.
 """
 
 from __future__ import annotations
@@ -50,14 +41,13 @@ from typing import Mapping, Sequence
 import grain
 import numpy as np
 
-from unialign_jax.data import stored_images
+from unialign_jax.data.format import stored_images
+from unialign_jax.data.format.records import KINDS, decode_record, read_summary
+from unialign_jax.data.read import batch_spec
+from unialign_jax.data.read.batch_spec import MOMENT_KEYS, TEACHER_KEYS
+from unialign_jax.data.read.shard_source import CorruptRecord, ShardSource
+from unialign_jax.data.read.tfds_source import is_tfds, open_source
 from unialign_jax.images import to_model_range
-from unialign_jax.data.jsonl import KINDS
-from unialign_jax.data.batch import MOMENT_KEYS
-from unialign_jax.data.records import decode_record
-from unialign_jax.data.records import read_summary
-from unialign_jax.data.source import CorruptRecord, ShardSource
-from unialign_jax.data.tfds_source import is_tfds, open_source
 from unialign_jax.text.tokenizer import MAX_LENGTH, load_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
@@ -87,7 +77,7 @@ class PipelineConfig:
     skip_corrupt: bool = False        # replace unreadable records by the next readable one
     # Batches of each corpus per cycle of the mix, in the corpora's order (None: one each).
     task_weights: tuple[float, ...] | None = None
-    # Cached VAE moments to read in place of the pixels: the `data.latents.vae_identity`
+    # Cached VAE moments to read in place of the pixels: the `latent_cache.vae_identity`
     # that made them (a cache made otherwise is refused); None: decode the images.
     latents: dict | None = None
     # Aspect-ratio buckets: the folders were built with `--buckets`, and every batch is
@@ -128,8 +118,8 @@ class ToTrainingExample(grain.transforms.Map):
                     log.warning("skipping a corrupt record: %s", e)
                 continue
             if self.skip_corrupt:
-                example["skipped"] = np.int32(skipped > 0)
-            return example
+                example["skipped"] = skipped > 0
+            return batch_spec.example(example)
         raise CorruptRecord(f"no readable record in the {self.task} shards")
 
     def _ids(self, texts: list[str]) -> np.ndarray:
@@ -154,13 +144,12 @@ class ToTrainingExample(grain.transforms.Map):
                                 f"({type(e).__name__}: {e})") from None
         caption_ids, instruction_ids = self._ids(texts)
         example = {"caption_ids": caption_ids, "instruction_ids": instruction_ids,
-                   "task": np.int32(TASK_IDS[self.task]), "index": np.int64(item["index"])}
+                   "task": TASK_IDS[self.task], "index": item["index"]}
         if pixels:
             example["target"] = pixels[-1]
         if len(pixels) > 1:
             example["sources"] = np.stack(pixels[:-1])
-        example.update({k: v for k, v in item.items()
-                        if k.startswith("teacher_") or k in MOMENT_KEYS})
+        example.update({k: v for k, v in item.items() if k in TEACHER_KEYS + MOMENT_KEYS})
         return example
 
 
@@ -186,7 +175,7 @@ def condition_images(task: str, folders: Sequence[str]) -> int:
 def task_batches(task: str, folders: Sequence[str], cfg: PipelineConfig, seed: int
                  ) -> grain.MapDataset:
     """Shuffled, host-sharded, decoded and batched stream of one task's shard folders (or
-    prepared TFDS datasets, `tfds:NAME?...` entries: `data.tfds_source`)."""
+    prepared TFDS datasets, `tfds:NAME?...` entries: `tfds_source`)."""
     source = open_source(list(folders), task, cfg.resolution)
     if source is not None and cfg.latents is not None:
         raise ValueError(f"{list(folders)}: cached latents are read from shard folders only, "

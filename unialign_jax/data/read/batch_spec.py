@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from unialign_jax.data.format import latent_cache, teacher_features
+
 
 @dataclasses.dataclass(frozen=True)
 class Field:
@@ -51,9 +53,27 @@ FIELDS = (
           model_input=False),
 )
 BY_NAME = {f.name: f for f in FIELDS}
-TEACHER_KEYS = ("teacher_image", "teacher_text")
 PIXEL_KEYS = ("target", "sources")
-MOMENT_KEYS = ("target_moments", "source_moments")
+# The per-record arrays stored beside the shards fill these fields, under the names their
+# readers give them.
+TEACHER_KEYS = tuple(teacher_features.BATCH_FIELDS.values())
+MOMENT_KEYS = tuple(latent_cache.BATCH_FIELDS.values())
+
+
+def example(fields: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """One batch row made to the spec: each field in its dtype, of its rank less the batch
+    axis; a field the spec does not name is an error, so that no batch leaves the pipeline
+    other than described here."""
+    out = {}
+    for name, value in fields.items():
+        if name not in BY_NAME:
+            raise KeyError(f"{name!r} is not a batch field (data/read/batch_spec.py)")
+        field = BY_NAME[name]
+        out[name] = np.asarray(value, field.dtype)
+        if out[name].ndim != len(field.dims) - 1:
+            raise ValueError(f"batch field {name} {field.dims}: a row of shape "
+                             f"{out[name].shape}")
+    return out
 
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,9 +24,8 @@ import json
 import os
 from typing import Iterator
 
-from unialign_jax.data.faults import SkipSample
-
-KINDS = ("t2i", "edit", "compose")
+from unialign_jax.data.build.faults import SkipSample
+from unialign_jax.data.format.records import KINDS
 DEFAULT_COMPOSE_SOURCES = 3
 
 

@@ -31,8 +31,8 @@ from typing import Sequence
 import numpy as np
 
 from unialign_jax import images
-from unialign_jax.data.records import encode_record
-from unialign_jax.data.source import CorruptRecord
+from unialign_jax.data.format.records import encode_record
+from unialign_jax.data.read.shard_source import CorruptRecord
 
 PREFIX = "tfds:"
 IMAGE_FORMAT = "raw"  # records are handed on as decoded, resized pixels
@@ -118,7 +118,7 @@ def _text(value) -> str:
 
 class TfdsSource:
     """Examples of one or more prepared TFDS datasets as shard records (a Grain source):
-    same interface as `data.source.ShardSource`."""
+    same interface as `shard_source.ShardSource`."""
 
     image_format = IMAGE_FORMAT
     teachers = None

@@ -22,8 +22,8 @@ import time
 import urllib.error
 import urllib.request
 
-from unialign_jax.data.faults import SkipSample
-from unialign_jax.data.jsonl import is_url
+from unialign_jax.data.build.faults import SkipSample
+from unialign_jax.data.build.jsonl import is_url
 
 USER_AGENT = "unialign-data/0.1"
 MIB = 2 ** 20
