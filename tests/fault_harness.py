@@ -42,8 +42,12 @@ import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
-# One compilation cache for every fault test and run: restarts load, not compile.
-CACHE = os.path.join(tempfile.gettempdir(), "unialign_jax_fault_tests_cache")
+# One compilation cache for every fault test and run: restarts load, not compile. One per
+# pytest-xdist worker: JAX writes an entry in place (no temporary and rename), so a worker
+# could read, or a second writer garble, an entry the other is writing.
+CACHE = os.path.join(tempfile.gettempdir(), "unialign_jax_fault_tests_cache"
+                     + (f"-{os.environ['PYTEST_XDIST_WORKER']}"
+                        if os.environ.get("PYTEST_XDIST_WORKER") else ""))
 
 
 def full() -> bool:

@@ -67,6 +67,17 @@ def test_the_readme_marks_the_quickstart_commands():
         assert any(line.startswith(command) for line in lines), command
 
 
+def test_ci_runs_the_readme_set_up_and_test_commands():
+    """`.ci/run` installs as the README's first set-up line does and ends with exactly its
+    test command (the line after `# run the tests`), so CI runs what a newcomer runs."""
+    setup = readme_blocks("# install and run the quickstart")[0]
+    install, test = setup[0].split(" && ")[0], setup[1]
+    with open(os.path.join(REPO, ".ci", "run")) as f:
+        ci = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    assert ci[-1] == test, (ci[-1], test)
+    assert f"python -m {install}" in [line.replace(" --quiet", "") for line in ci], ci
+
+
 def test_the_readme_commands_run_as_written(checkout):
     for block in readme_blocks():
         for line in block:

@@ -26,6 +26,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import time
 from typing import Any, BinaryIO, Callable, Iterable
 
 from etils import epath
@@ -96,6 +97,84 @@ def _running(pid: int) -> bool:
     return True
 
 
+class PartialLeftBehind(OSError):
+    """A failed write's temporary could not be removed: reported, never left silently (it
+    is not the clean failure that `is_disk_full` callers promise)."""
+
+
+# How long a removed temporary must stay away, with nothing under it open, to count as gone;
+# how long `remove_tree` tries before it reports what is left.
+REMOVE_QUIET_S, REMOVE_TIMEOUT_S = 0.5, 60.0
+
+
+def remove_tree(path: str | os.PathLike, *, quiet_s: float | None = None,
+                timeout_s: float | None = None) -> None:
+    """Removes the folder `path` of a failed write for good, also while writers of this
+    process still write into it. Orbax raises at the first failed write and leaves its other
+    writes running in TensorStore's threads (no handle to join them), and TensorStore makes
+    the parent folders of what it writes: a single rmtree can be undone. So: remove, then
+    wait until no file under `path` is open in this process and `path` has stayed away
+    `quiet_s` seconds, removing it again whenever it is back. PartialLeftBehind when it
+    still exists after `timeout_s`."""
+    path = os.path.abspath(path) if _is_local(path) else os.fspath(path)
+    quiet_s = REMOVE_QUIET_S if quiet_s is None else quiet_s
+    timeout_s = REMOVE_TIMEOUT_S if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    quiet_since, failure = None, None
+    while True:
+        busy = _open_under(path)
+        if _exists(path):
+            quiet_since = None
+            try:
+                _rmtree(path)
+            except FileNotFoundError:  # a writer renamed or removed something meanwhile
+                pass
+            except OSError as e:  # a writer added a file after the walk (ENOTEMPTY), ...
+                failure = e
+        elif busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_s:
+            return
+        if time.monotonic() > deadline:
+            if not _exists(path):  # gone, though something still holds a file of it open
+                return
+            raise PartialLeftBehind(
+                errno.EBUSY, f"could not remove the partial output {path} of a failed write "
+                f"within {timeout_s:g} s (last error: {failure}); delete it by hand")
+        time.sleep(0.02)
+
+
+def _exists(path: str) -> bool:
+    return os.path.lexists(path) if _is_local(path) else epath.Path(path).exists()
+
+
+def _rmtree(path: str) -> None:
+    if not _is_local(path):
+        epath.Path(path).rmtree(missing_ok=True)
+    elif os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+def _open_under(path: str) -> int:
+    """How many of this process's file descriptors are open on `path` or below (removed
+    files included); 0 where /proc cannot tell (not Linux, a cloud path)."""
+    if not _is_local(path) or not os.path.isdir("/proc/self/fd"):
+        return 0
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed since the listing
+            continue
+        if target.removesuffix(" (deleted)") == path or target.startswith(path + os.sep):
+            count += 1
+    return count
+
+
 PRODUCED_BY = "produced_by.json"
 _RECORDS: contextvars.ContextVar[dict] = contextvars.ContextVar("produced_by", default={})
 
@@ -129,8 +208,11 @@ def atomic_output_dir(dst: str, force: bool = False):
         yield tmp
         if dst in _RECORDS.get():
             write_json(os.path.join(tmp, PRODUCED_BY), _RECORDS.get()[dst])
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as error:
+        try:
+            remove_tree(tmp)
+        except PartialLeftBehind as left:
+            raise left from error
         raise
     old = None
     if os.path.exists(dst):
@@ -247,6 +329,8 @@ def is_disk_full(error: BaseException | None) -> bool:
     """Whether `error`, or an error that caused it, is a full disk: an OSError with ENOSPC,
     or the same reported as text by a native writer (TensorStore, ArrayRecord)."""
     while error is not None:
+        if isinstance(error, PartialLeftBehind):  # not clean: that is reported as itself
+            return False
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:
             return True
         if "No space left on device" in str(error):

@@ -16,6 +16,7 @@ the damage; the damaged folder is moved to WORKDIR/corrupt_checkpoints/) or stop
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from unialign_jax import files
 from unialign_jax.checkpoints import training_steps
 from unialign_jax.checkpoints.io import CheckpointError
 from unialign_jax.checkpoints.training_steps import CHECKPOINT_DIR, FINGERPRINT_KEY, StepCheck
@@ -138,12 +140,26 @@ class Checkpointer:
         finally:
             self.manager.close()
 
-    def discard_unfinished(self) -> None:
+    def discard_unfinished(self, rounds: int = 5) -> None:
         """Deletes the folders of saves that failed before committing (a full disk): they
-        are never restored, and they hold the space the next save needs."""
-        if jax.process_index() == 0:
-            for path in training_steps.uncommitted(self.workdir):
-                path.rmtree(missing_ok=True)
+        are never restored, and they hold the space the next save needs. Call after
+        `finish`. Writes Orbax no longer waits for can still make a folder (see
+        `files.remove_tree`), also one not there yet when listed: list again until none is
+        left; PartialLeftBehind when some still are after `rounds`."""
+        if jax.process_index() != 0:
+            return
+        for _ in range(rounds):
+            left = training_steps.uncommitted(self.workdir)
+            if not left:
+                return
+            for path in left:
+                files.remove_tree(str(path))
+        left = training_steps.uncommitted(self.workdir)
+        if not left:
+            return
+        raise files.PartialLeftBehind(
+            errno.EBUSY, f"could not remove the failed saves {[str(p) for p in left]}: "
+            "writers kept making them again; delete them by hand")
 
 
 def _absolute(path: str) -> str:
