@@ -121,12 +121,21 @@ class Planner:
         return rows
 
     def run(self, remat, micro, hlo=None) -> dict:
+        import jax
+
         program = self.args.program
         start = time.time()
-        if program == "train":
-            row, compiled = self.train(remat, micro)
-        else:
-            row, compiled = self.sample(program)
+        # A topology compile has no TPU client to load a cached executable with (JAX warns
+        # and compiles anyway), and nothing runs it: keep the persistent cache out of it.
+        cache_was = jax.config.jax_enable_compilation_cache
+        jax.config.update("jax_enable_compilation_cache", False)
+        try:
+            if program == "train":
+                row, compiled = self.train(remat, micro)
+            else:
+                row, compiled = self.sample(program)
+        finally:
+            jax.config.update("jax_enable_compilation_cache", cache_was)
         row.update(topology=self.args.topology, device_kind=self.kind, chips=self.mesh.size,
                    mesh="x".join(str(self.mesh.shape[a]) for a in self.mesh.axis_names),
                    program=program, hbm_gib=self.hbm, libtpu=libtpu_version(),

@@ -113,3 +113,38 @@ def test_libtpu_is_silent_and_not_probed_on_a_host_without_tpu():
                          text=True, timeout=300, check=True)
     assert out.stdout.split() == ["True", "False"], "JAX loaded libtpu to look for a TPU"
     assert out.stderr == "", out.stderr
+
+
+
+def test_topology_compiles_keep_out_of_the_persistent_compilation_cache(tmp_path):
+    """A plan compiles for abstract chips: an executable it cached could never be loaded
+    (there is no TPU client; JAX warns and compiles again). So in a process whose CLI
+    switched the persistent cache on, two plans of the same program neither write to the
+    cache nor try to read from it, and leave it on."""
+    import subprocess
+    import sys
+
+    code = f"""
+import importlib.util, os, warnings
+import jax
+from unialign_jax import compilation_cache
+compilation_cache.enable({str(tmp_path / "cache")!r})
+spec = importlib.util.spec_from_file_location("tpu_plan", {os.path.join(REPO, "scripts", "tpu_plan.py")!r})
+plan = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(plan)
+args = plan.parse_args({["--topology", ONE_CHIP, "--mesh", "1,1,1", "--program", "sample-t2i",
+                         "--batch-size", "1", "--steps", "2", *TINY]!r})
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(2):
+        plan.Planner(args).run(None, args.micro_batch_per_device)
+print("WARNINGS", sum("compilation cache" in str(w.message) for w in caught))
+print("ENTRIES", len(os.listdir({str(tmp_path / "cache")!r})))
+print("ENABLED", jax.config.jax_enable_compilation_cache)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=900, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = dict(line.split(" ", 1) for line in out.stdout.splitlines()
+                 if line.split(" ", 1)[0] in ("WARNINGS", "ENTRIES", "ENABLED"))
+    assert found == {"WARNINGS": "0", "ENTRIES": "0", "ENABLED": "True"}, out.stdout
