@@ -2,8 +2,8 @@
 holds their layout and reader).
 
 They are computed once — `precompute`, driven by `unialign-data teacher` for Qwen or by the
-quickstart for its stand-in `ProjectionTeacher` — in `SHARDS/.teacher.partial/`, from
-which an interrupted run resumes, and published by one rename when complete.
+quickstart for its stand-in `ProjectionTeacher` — resumably, and published whole
+(`staged_arrays.py`).
 
 Text pooling: the release tokenises the captions of its local batch *together*, padded to
 the longest, and averages the embedding rows over every position, pads included
@@ -12,20 +12,16 @@ the longest, and averages the embedding rows over every position, pads included
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from typing import Protocol, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from unialign_jax.data.build.staged_arrays import StagedArrays
 from unialign_jax.data.format import stored_images
 from unialign_jax.data.format.records import decode_record, read_summary, record_files
-from unialign_jax.data.format.teacher_features import DTYPE, FOLDER, KEYS, META, teacher_dir
-from unialign_jax.files import write_json
+from unialign_jax.data.format.teacher_features import DTYPE, FOLDER, KEYS, META
 
-PROGRESS = "progress.json"
 POOLINGS = ("release", "clean")
 # The release's local batch per GPU (384 / 8): how many captions it pads together.
 RELEASE_TEXT_BATCH = 48
@@ -72,56 +68,21 @@ class ProjectionTeacher:
         return pool_text(rows, self.table[self.tokenizer.pad_token_id], self.pooling)
 
 
-class TeacherWriter:
-    """Fills the feature matrices in order, resumably; `finish()` publishes them."""
+class TeacherWriter(StagedArrays):
+    """The feature matrices, one row per record, filled in order; `finish()` publishes them."""
 
     def __init__(self, shard_dir: str, shards: list, dim: int, model: str, force: bool = False):
-        self.records = sum(s["records"] for s in shards)
-        self.final = teacher_dir(shard_dir)
-        self.staging = os.path.join(shard_dir, f".{FOLDER}.partial")
-        if os.path.exists(self.final) and not force:
-            raise FileExistsError(f"{self.final} exists; pass --force to recompute it")
-        identity = {"model": model, "dim": dim, "records": self.records, "shards": shards}
-        progress_path = os.path.join(self.staging, PROGRESS)
-        progress = None
-        if os.path.exists(progress_path) and not force:
-            with open(progress_path) as f:
-                progress = json.load(f)
-            if progress["identity"] != identity:
-                progress = None  # another model or another shard build: start over
-        if progress is None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            os.makedirs(self.staging)
-            for key in KEYS:
-                np.lib.format.open_memmap(self._path(key), "w+", DTYPE, (self.records, dim)).flush()
-            progress = {"identity": identity, "done": 0}
-            write_json(progress_path, progress)
-        self.identity, self.done = identity, progress["done"]
-        self._progress_path = progress_path
-        self._arrays = {k: np.load(self._path(k), mmap_mode="r+") for k in KEYS}
-
-    def _path(self, key: str) -> str:
-        return os.path.join(self.staging, f"{key}.npy")
+        records = sum(s["records"] for s in shards)
+        identity = {"model": model, "dim": dim, "records": records, "shards": shards}
+        super().__init__(shard_dir, FOLDER, META, {k: ((records, dim), DTYPE) for k in KEYS},
+                         identity, force)
 
     def append(self, image: np.ndarray, text: np.ndarray) -> None:
         """Stores the next rows (records `done`, `done + 1`, ...)."""
-        n = len(image)
-        if len(text) != n or self.done + n > self.records:
-            raise ValueError(f"{n} image / {len(text)} text rows at {self.done} of {self.records}")
-        for key, rows in zip(KEYS, (image, text)):
-            self._arrays[key][self.done:self.done + n] = rows
-            self._arrays[key].flush()
-        self.done += n
-        write_json(self._progress_path, {"identity": self.identity, "done": self.done})
+        super().append(dict(zip(KEYS, (image, text))))
 
     def finish(self) -> None:
-        if self.done != self.records:
-            raise RuntimeError(f"only {self.done} of {self.records} teacher rows were written")
-        self._arrays.clear()
-        os.remove(self._progress_path)
-        write_json(os.path.join(self.staging, META), {**self.identity, "dtype": "float16"})
-        shutil.rmtree(self.final, ignore_errors=True)
-        os.replace(self.staging, self.final)
+        super().finish({**self.identity, "dtype": np.dtype(DTYPE).name})
 
 
 def precompute(shard_dir: str, teacher: Teacher, batch_size: int = RELEASE_TEXT_BATCH,
