@@ -115,6 +115,31 @@ def test_libtpu_is_silent_and_not_probed_on_a_host_without_tpu():
     assert out.stderr == "", out.stderr
 
 
+# A JAX release without the chip count, or whose backend registry takes other arguments.
+MOVED_IN_JAX = {
+    "chip count gone": "from jax._src import hardware_utils as h\n"
+                       "del h.num_available_tpu_chips_and_device_id\n",
+    "registry changed": "from jax._src import xla_bridge as x\n"
+                        "def changed(name, factory, *, priority=0): raise TypeError('changed')\n"
+                        "x.register_backend_factory = changed\n",
+}
+
+
+@pytest.mark.parametrize("moved", sorted(MOVED_IN_JAX))
+def test_the_package_imports_when_a_jax_release_moves_what_keeps_libtpu_away(moved):
+    """Keeping libtpu away uses two names private to JAX; when either is gone or changed,
+    the package still imports (JAX then discovers its backends as it does alone)."""
+    import subprocess
+    import sys
+
+    code = MOVED_IN_JAX[moved] + "import unialign_jax\nprint(unialign_jax.__name__)\n"
+    env = {k: v for k, v in os.environ.items()
+           if k != "JAX_PLATFORMS" and not k.startswith("TPU_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["unialign_jax"]
+
 
 def test_topology_compiles_keep_out_of_the_persistent_compilation_cache(tmp_path):
     """A plan compiles for abstract chips: an executable it cached could never be loaded

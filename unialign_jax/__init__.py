@@ -11,7 +11,6 @@ import importlib
 import os
 
 import flax
-from jax._src import hardware_utils, xla_bridge
 
 flax.config.update("flax_always_shard_variable", False)
 
@@ -34,13 +33,26 @@ def _no_tpu_backend():
     raise RuntimeError("no TPU chip on this host's PCI bus (unialign_jax skipped loading libtpu)")
 
 
-if glob.glob("/sys/bus/pci/devices/*") and \
-        hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
-    for _key, _value in LIBTPU_HOST_ENV.items():
-        os.environ.setdefault(_key, _value)
-    if not os.environ.get("JAX_PLATFORMS"):
-        xla_bridge.register_backend_factory("tpu", _no_tpu_backend, priority=300,
-                                            fail_quietly=True)
+def _keep_libtpu_away_without_chips() -> None:
+    """The above. JAX has no public API for either step (its chip count and its backend
+    registry are in `jax._src`), so a JAX release that moves them leaves JAX's own behaviour
+    (libtpu probed and noisy on a CPU host) rather than breaking the import."""
+    try:
+        from jax._src import hardware_utils, xla_bridge
+
+        if not glob.glob("/sys/bus/pci/devices/*") or \
+                hardware_utils.num_available_tpu_chips_and_device_id()[0] != 0:
+            return
+        for key, value in LIBTPU_HOST_ENV.items():
+            os.environ.setdefault(key, value)
+        if not os.environ.get("JAX_PLATFORMS"):
+            xla_bridge.register_backend_factory("tpu", _no_tpu_backend, priority=300,
+                                                fail_quietly=True)
+    except (ImportError, AttributeError, TypeError):
+        return
+
+
+_keep_libtpu_away_without_chips()
 
 # Public loaders, imported on first use so that `import unialign_jax` stays light.
 _LOADERS = {
