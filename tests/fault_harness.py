@@ -80,7 +80,7 @@ def env(**extra) -> dict:
     """A subprocess environment: CPU, the shared compilation cache, quick XLA."""
     return dict(os.environ, JAX_PLATFORMS="cpu",
                 XLA_FLAGS="--xla_backend_optimization_level=0",
-                JAX_COMPILATION_CACHE_DIR=CACHE,
+                UNIALIGN_JAX_COMPILATION_CACHE=CACHE,
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
                 PYTHONPATH=os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH"))

@@ -87,3 +87,14 @@ def test_every_command_line_has_the_flags(module):
     for p in leaves:
         flags = {f for action in p._actions for f in action.option_strings}
         assert {"--compilation-cache", "--no-compilation-cache"} <= flags, p.prog
+
+
+def test_a_test_run_keeps_its_cache_out_of_the_home_folder_one_per_worker():
+    """conftest: the command lines these tests run in-process write to a cache of this
+    test process (one per pytest-xdist worker), not to ~/.cache."""
+    import tempfile
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    folder = cc.cache_dir()
+    assert os.path.dirname(folder) == os.path.abspath(tempfile.gettempdir())
+    assert os.path.basename(folder).startswith(f"unialign_jax_test_cache_{worker}_")

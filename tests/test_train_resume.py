@@ -59,7 +59,7 @@ def _all_tasks(corpus) -> str:
 def _env(corpus):
     return dict(os.environ, JAX_PLATFORMS="cpu",
                 XLA_FLAGS="--xla_backend_optimization_level=0",
-                JAX_COMPILATION_CACHE_DIR=corpus["cache"],
+                UNIALIGN_JAX_COMPILATION_CACHE=corpus["cache"],
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
