@@ -121,21 +121,15 @@ class Planner:
         return rows
 
     def run(self, remat, micro, hlo=None) -> dict:
-        import jax
+        from unialign_jax import compilation_cache
 
         program = self.args.program
         start = time.time()
-        # A topology compile has no TPU client to load a cached executable with (JAX warns
-        # and compiles anyway), and nothing runs it: keep the persistent cache out of it.
-        cache_was = jax.config.jax_enable_compilation_cache
-        jax.config.update("jax_enable_compilation_cache", False)
-        try:
+        with compilation_cache.writing_nothing():  # abstract chips: nothing could load it
             if program == "train":
                 row, compiled = self.train(remat, micro)
             else:
                 row, compiled = self.sample(program)
-        finally:
-            jax.config.update("jax_enable_compilation_cache", cache_was)
         row.update(topology=self.args.topology, device_kind=self.kind, chips=self.mesh.size,
                    mesh="x".join(str(self.mesh.shape[a]) for a in self.mesh.axis_names),
                    program=program, hbm_gib=self.hbm, libtpu=libtpu_version(),

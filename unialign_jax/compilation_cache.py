@@ -19,6 +19,7 @@ variable `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS` still overrides it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 ENV_VAR = "UNIALIGN_JAX_COMPILATION_CACHE"
@@ -54,6 +55,27 @@ def enable(folder: str | None) -> str | None:
     if folder is not None and "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     return folder
+
+
+@contextlib.contextmanager
+def writing_nothing():
+    """Compilations inside write no cache entry, even in a process already using the cache.
+
+    For programs compiled for a TPU topology (abstract chips, `scripts/tpu_plan.py`): with
+    no TPU client, their executables could never be loaded back (JAX warns and compiles
+    again). JAX decides once per process whether the cache is used, so switching the cache
+    off here would not hold after a first compilation; the minimum compile time of an entry
+    is read at every write, so it is raised past any compile instead. An entry never
+    written is never read: a later read is a quiet miss."""
+    import jax
+
+    name = "jax_persistent_cache_min_compile_time_secs"
+    was = getattr(jax.config, name)
+    jax.config.update(name, float("inf"))
+    try:
+        yield
+    finally:
+        jax.config.update(name, was)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
