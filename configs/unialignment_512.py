@@ -18,8 +18,10 @@ mix as "{..., 'compose': ('/data/compose',)}", its weight in data.task_weights, 
 
 `models.pipeline` is a folder converted with `unialign-convert pipeline` (SD3-medium: the
 transformer is ported to the UniAlignment layout; or the released UniAlignment weights).
-With 384 = 4 × chips × accumulation, use a chip count that divides 96 (8, 16, 32, 96) or
-change run.micro_batch_per_device (e.g. 1 or 2 on 64 or 128 chips; 6 on 64 chips).
+With 384 = 4 × chips × accumulation, use a chip count that divides 96 (8, 16, 32, 96) to
+contrast groups of 4 rows as the release does, or change run.micro_batch_per_device to a
+divisor of 384 / chips of at least 2 (6 on 64 chips, 3 on 128; a micro-batch of 1 is
+refused, as it leaves the per-chip contrastive loss no negatives).
 """
 
 from unialign_jax.runs.config import (ComputeConfig, DataConfig, LossConfig, MeshConfig,

@@ -4,6 +4,7 @@ overrides with types, clear errors, --help and --print-config listing every key.
 import dataclasses
 import os
 
+import numpy as np
 import pytest
 
 from unialign_jax import configlib
@@ -131,6 +132,31 @@ def test_validate_reports_every_problem():
                  "optimizer.cosine_end_step (10) must be 0 (no decay), -1 (the last step) or a "
                  "step after the warmup"):
         assert part in text
+
+
+def test_a_contrastive_loss_without_negatives_is_refused():
+    """One row per device micro-batch leaves the per-device contrastive loss 0 (its
+    log-softmax over one pair); the config says so, unless the loss is global or off."""
+    import jax.numpy as jnp
+
+    from unialign_jax.diffusion.alignment_losses import contrastive_loss
+
+    rows = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3, 8)), jnp.float32)
+    assert float(contrastive_loss(rows, -rows, groups=4)) == 0.0   # four groups of one
+    base = dataclasses.replace(TrainConfig(), models=dataclasses.replace(
+        TrainConfig().models, tokenizer="/t"), data=dataclasses.replace(
+        TrainConfig().data, tasks={"t2i": ("/a",)}))
+
+    def with_(micro, **loss):
+        return dataclasses.replace(
+            base, run=dataclasses.replace(base.run, micro_batch_per_device=micro),
+            loss=dataclasses.replace(base.loss, **loss))
+
+    with pytest.raises(ValueError, match="leaves no negatives"):
+        with_(1).validate()
+    with_(2).validate()
+    with_(1, contrastive_scope="global").validate()
+    with_(1, contrastive_weight=0.0).validate()
 
 
 def test_cosine_end_minus_one_is_the_runs_last_step():

@@ -355,6 +355,14 @@ class TrainConfig(JsonConfig):
             problems.append("set models.tokenizer (a local T5 tokenizer folder) or "
                             "models.pipeline")
         problems += self.lora.problems()
+        if self.loss.contrastive_weight and self.loss.contrastive_scope == "device" \
+                and self.run.micro_batch_per_device < 2:
+            problems.append(
+                "loss.contrastive_scope='device' contrasts the rows of one device's "
+                "micro-batch, and run.micro_batch_per_device=1 leaves no negatives: the "
+                "contrastive loss would be 0 throughout. Use a micro-batch of at least 2 (the "
+                "release's is 4), loss.contrastive_scope='global', or "
+                "loss.contrastive_weight=0")
         if self.data.cached_latents and self.data.buckets:
             problems.append("data.cached_latents and data.buckets together are not supported "
                             "yet (a cache holds one latent shape); set one of them to False")
