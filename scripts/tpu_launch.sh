@@ -17,19 +17,20 @@
 #
 # PLAN: the per-chip settings that go before your overrides (yours win). Default:
 # RECOMMENDED_64, for unialignment_512 on a 64-chip slice (v5e-64, v6e-64, v5p with 64
-# chips): the config's micro-batch of 4 does not divide the 6 rows per chip of a 384 batch;
-# 1 row per chip (6 accumulation steps) is what scripts/tpu_plan.py has compiled for these
-# slices and it fits each chip with room to spare (README "TPU plan of the full-size step",
-# which gives the command that finds the largest micro-batch that fits). Other slice sizes
-# need a micro-batch that divides 384 / chips: plan it, then set PLAN; PLAN="" launches the
-# config as it is.
+# chips): the config's micro-batch of 4 does not divide the 6 rows per chip of a 384 batch,
+# so each chip takes its 6 rows in one pass (no accumulation). scripts/tpu_plan.py's sweep
+# compiled it for all three slices, t2i, edit and compose, under 16 GiB per chip (README
+# "TPU plan of the full-size step"). The contrastive loss then contrasts 6 rows per chip
+# where the release contrasts 4 (README "Fidelity"); slices whose chip count divides 96
+# keep the config's 4 exactly (PLAN=""). Other slice sizes need a micro-batch of at least
+# 2 that divides 384 / chips: plan it, then set PLAN.
 set -euo pipefail
 NAME=${1:?usage: tpu_launch.sh NAME ZONE WORKDIR [section.key=value ...]}
 ZONE=${2:?zone}
 WORKDIR=${3:?work dir, e.g. gs://BUCKET/run}
 shift 3
 CONFIG=${CONFIG:-unialignment_512}
-RECOMMENDED_64="run.micro_batch_per_device=1"
+RECOMMENDED_64="run.micro_batch_per_device=6"
 PLAN=${PLAN-$RECOMMENDED_64}
 overrides=""
 for arg in $PLAN "$@"; do overrides+=" $(printf '%q' "$arg")"; done
