@@ -146,7 +146,7 @@ def make_train_step(models: dict[str, SplitModel], frozen: FrozenModels, mesh: M
         params = optax.apply_updates(state.params, updates)
         ema = (update_ema(state.ema_params, params, optimizer.ema_decay) if use_ema
                else None)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         # Non-finite guard: such a step keeps the old parameters, moments and EMA (the
         # batch is consumed and the step counted); the trainer stops after
         # run.max_nonfinite_steps of them in a row.
