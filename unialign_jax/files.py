@@ -79,7 +79,7 @@ def remove_stale_partials(folder: str | os.PathLike, name: str | None = None,
             if match and (name is None or match.group(1) == name) \
                     and not _running(int(match.group(2))):
                 path = os.path.join(dirpath, entry)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                _rmtree(path)
                 removed += 1
         dirnames[:] = [d for d in dirnames if os.path.isdir(os.path.join(dirpath, d))]
         if not recursive:
