@@ -107,7 +107,6 @@ def _assert_same_state(a, b):
 def test_resume_is_exact(corpus, tmp_path):
     """Three tasks (t2i, edit, compose, t2i): the resumed run starts at the composition
     batch."""
-
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     tasks = _all_tasks(corpus)
     _train(corpus, straight, "run.num_steps=4", tasks)
